@@ -1,0 +1,158 @@
+//! Throughput of the backbone, in events/s (criterion's `thrpt`).
+//!
+//! `cargo bench --bench pipeline` (add `-- decode` or `-- end_to_end` to run one group).
+//!
+//! - `decode`: ~1.5 KB generated events through each step, against a baseline measured in the
+//!   same run: parsing the same bytes into a `serde_json::Value`, the cheapest way to read them
+//!   at all. Ratios against it show what decoding, Arrow and Parquet (zstd 1) add.
+//! - `end_to_end`: an in-process Kafka-protocol broker (librdkafka's mock cluster) holding
+//!   100 k events on 64 partitions → consumer group → decode → Arrow → Parquet files fsynced and
+//!   renamed → offsets committed. One iteration consumes the whole topic with a fresh group.
+//!   The bench also prints events per CPU-second of the whole process (broker included).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rdkafka::mocking::MockCluster;
+use telltale::config::{KafkaSourceConfig, PipelineConfig, RejectsConfig, SinkConfig, SourceConfig};
+use telltale::decode::{Decoder, DecoderConfig};
+use telltale::demo::TrafficGenerator;
+use telltale::event::{EventBatchBuilder, Provenance};
+use telltale::ingest::{self, Shutdown};
+use telltale::sink::{Table, write_parquet};
+use telltale::telemetry::Stats;
+
+const T0: i64 = 1_795_752_000_000;
+
+fn payloads(n: usize) -> Vec<Vec<u8>> {
+    TrafficGenerator::new(11, T0, 3_600_000, n as u64).malformed_every(None).take(n).map(|r| r.payload).collect()
+}
+
+fn cpu_seconds() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn decode(c: &mut Criterion) {
+    let n = 20_000;
+    let input = payloads(n);
+    let mean = input.iter().map(Vec::len).sum::<usize>() / n;
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(n as u64));
+    g.sample_size(20);
+    let decoder = Decoder::new(DecoderConfig::default());
+    let src = Provenance { format: "", topic: "bench", partition: 0, offset: 0 };
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SinkConfig::default();
+    let label = format!("{mean}B");
+
+    g.bench_function(BenchmarkId::new("baseline_serde_json_value", &label), |b| {
+        b.iter(|| {
+            for p in &input {
+                let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+                std::hint::black_box(v);
+            }
+        })
+    });
+    g.bench_function(BenchmarkId::new("decode", &label), |b| {
+        b.iter(|| {
+            for p in &input {
+                std::hint::black_box(decoder.decode(Some(p), None).unwrap());
+            }
+        })
+    });
+    g.bench_function(BenchmarkId::new("decode_arrow", &label), |b| {
+        let mut builder = EventBatchBuilder::new();
+        b.iter(|| {
+            for p in &input {
+                let d = decoder.decode(Some(p), None).unwrap();
+                builder.append(&d.event, &src);
+            }
+            std::hint::black_box(builder.finish())
+        })
+    });
+    g.bench_function(BenchmarkId::new("decode_arrow_parquet_zstd1", &label), |b| {
+        let mut builder = EventBatchBuilder::new();
+        let path = dir.path().join("bench.parquet");
+        b.iter(|| {
+            for p in &input {
+                let d = decoder.decode(Some(p), None).unwrap();
+                builder.append(&d.event, &src);
+            }
+            let batch = builder.finish();
+            write_parquet(&path, &batch, Table::Events, &sink).unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn end_to_end(c: &mut Criterion) {
+    let n: u64 = 100_000;
+    let partitions = 64;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("bench", partitions, 1).unwrap();
+    let servers = cluster.bootstrap_servers();
+    let producer = telltale::replay::producer(&servers, &[]).unwrap();
+    for r in TrafficGenerator::new(5, T0, 3_600_000, n).malformed_every(None).take(n as usize) {
+        telltale::replay::send(&producer, "bench", r.key.as_deref().map(str::as_bytes), &r.payload).unwrap();
+    }
+    telltale::replay::finish(&producer, n).unwrap();
+    drop(producer);
+
+    let mut g = c.benchmark_group("end_to_end");
+    g.throughput(Throughput::Elements(n));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(30));
+    let mut run = 0;
+    let (mut cpu_total, mut events_total) = (0.0, 0u64);
+    g.bench_function("kafka_to_parquet_zstd1", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                run += 1;
+                let dir = tempfile::tempdir().unwrap();
+                let config = PipelineConfig {
+                    name: "bench".into(),
+                    data_root: dir.path().to_owned(),
+                    source: SourceConfig::Kafka(KafkaSourceConfig {
+                        brokers: servers.clone(),
+                        topics: vec!["bench".into()],
+                        group_id: format!("bench-{run}"),
+                        start_from: "earliest".into(),
+                        properties: [("fetch.wait.max.ms".to_owned(), "10".to_owned())].into(),
+                    }),
+                    decode: DecoderConfig::default(),
+                    rejects: RejectsConfig { max_raw_bytes: 65536 },
+                    sink: SinkConfig { roll_size: 16 << 20, roll_interval: Duration::from_millis(500), ..SinkConfig::default() },
+                };
+                let stats = Arc::new(Stats::default());
+                let shutdown = Shutdown::new();
+                let (s2, sh2) = (stats.clone(), shutdown.clone());
+                let cpu0 = cpu_seconds();
+                let start = Instant::now();
+                let h = std::thread::spawn(move || ingest::run(&config, s2, sh2));
+                while stats.records_committed.load(Ordering::Relaxed) < n {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                total += start.elapsed();
+                cpu_total += cpu_seconds() - cpu0;
+                events_total += n;
+                shutdown.trigger();
+                h.join().unwrap().unwrap();
+            }
+            total
+        })
+    });
+    g.finish();
+    eprintln!(
+        "end_to_end: {:.0} events per CPU-second of the whole process (consumer, writer and in-process broker)",
+        events_total as f64 / cpu_total
+    );
+}
+
+criterion_group!(benches, decode, end_to_end);
+criterion_main!(benches);

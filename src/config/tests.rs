@@ -1,0 +1,146 @@
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn load(text: &str) -> Result<PipelineConfig, ConfigLoadError> {
+    PipelineConfig::from_str_with_env(text, "p.toml", &no_env)
+}
+
+const MINIMAL: &str = r#"
+[source]
+type = "kafka"
+brokers = "b:9092"
+topics = ["t"]
+"#;
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let c = load(MINIMAL).unwrap();
+    assert_eq!(c.name, "default");
+    assert_eq!(c.data_root, PathBuf::from("./telltale-data"));
+    assert_eq!(c.sink, SinkConfig::default());
+    assert_eq!(c.decode.format, Format::Auto);
+    let SourceConfig::Kafka(k) = c.source else { panic!("kafka source expected") };
+    assert_eq!((k.group_id.as_str(), k.start_from.as_str()), ("telltale", "earliest"));
+}
+
+#[test]
+fn reports_every_error_with_its_path() {
+    let text = r#"
+[pipeline]
+nmae = "x"
+
+[source]
+type = "kafka"
+topics = []
+start_from = "middle"
+
+[source.properties]
+"enable.auto.commit" = "true"
+
+[decode]
+format = "xml"
+max_field_bytes = "lots"
+
+[sink]
+roll_interval = "5x"
+queue_depth = 0
+"#;
+    let err = load(text).unwrap_err();
+    let ConfigLoadError::Invalid { errors, .. } = &err else { panic!("{err}") };
+    let got: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let expected = [
+        "pipeline.nmae: unknown key (did you mean `name`?)",
+        "source.brokers: is required (e.g. \"kafka-1:9092,kafka-2:9092\")",
+        "source.topics: at least one topic is required (e.g. topics = [\"llm-events\"])",
+        "source.start_from: \"middle\" is not one of: earliest, latest",
+        "source.properties.enable.auto.commit: cannot be set here: telltale commits offsets itself, after the data is durable",
+        "decode.format: unknown format \"xml\" (expected one of: auto, telltale, openai)",
+        "decode.max_field_bytes: \"lots\" is not a size (expected e.g. \"64KiB\", \"128MiB\")",
+        "sink.roll_interval: \"5x\" is not a duration (expected a unit of ms, s, m, h or d, e.g. \"30s\")",
+        "sink.queue_depth: 0 is out of range (expected 1 to 1024)",
+    ];
+    assert_eq!(got, expected);
+    let shown = err.to_string();
+    assert!(shown.starts_with("p.toml: 9 errors in pipeline config"), "{shown}");
+    assert!(shown.contains("\n  p.toml: sink.queue_depth: 0 is out of range"), "{shown}");
+}
+
+#[test]
+fn interpolates_environment_and_reports_unset_variables() {
+    let text = r#"
+[pipeline]
+data_root = "${ROOT:-/var/lib/telltale}"
+[source]
+type = "kafka"
+brokers = "${BROKERS}"
+topics = ["${TOPIC}"]
+"#;
+    let env = |k: &str| (k == "BROKERS").then(|| "k1:9092,k2:9092".to_owned());
+    let err = PipelineConfig::from_str_with_env(text, "p.toml", &env).unwrap_err().to_string();
+    assert!(err.contains("source.topics[0]: environment variable TOPIC is not set"), "{err}");
+    let env = |k: &str| match k {
+        "BROKERS" => Some("k1:9092,k2:9092".to_owned()),
+        "TOPIC" => Some("llm".to_owned()),
+        _ => None,
+    };
+    let c = PipelineConfig::from_str_with_env(text, "p.toml", &env).unwrap();
+    assert_eq!(c.data_root, PathBuf::from("/var/lib/telltale"));
+    let SourceConfig::Kafka(k) = c.source else { panic!() };
+    assert_eq!((k.brokers.as_str(), k.topics), ("k1:9092,k2:9092", vec!["llm".to_owned()]));
+}
+
+#[test]
+fn file_source_and_unknown_type() {
+    let c = load("[source]\ntype = \"file\"\npath = \"logs/*.jsonl.gz\"\n").unwrap();
+    assert_eq!(c.source, SourceConfig::File(FileSourceConfig { path: "logs/*.jsonl.gz".into() }));
+    let err = load("[source]\ntype = \"file\"\npath = \"x\"\nbrokers = \"b\"\n").unwrap_err().to_string();
+    assert!(err.contains("source.brokers: unknown key"), "{err}");
+    let err = load("[source]\ntype = \"kinesis\"\nbrokers = \"b\"\n").unwrap_err().to_string();
+    assert!(err.contains("source.type: unknown source type \"kinesis\" (expected \"kafka\" or \"file\")"), "{err}");
+    assert!(!err.contains("brokers"), "keys of an unknown source type are not reported: {err}");
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let err = load("[source\ntype = 1").unwrap_err().to_string();
+    assert!(err.starts_with("p.toml: not valid TOML"), "{err}");
+    assert!(err.contains("line 1"), "{err}");
+}
+
+/// Every shipped pipeline file loads (with the variables it documents unset).
+#[test]
+fn shipped_pipelines_load() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            PipelineConfig::from_str_with_env(&text, &path.display().to_string(), &no_env)
+                .unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected default.toml and demo.toml, found {seen} files");
+}
+
+/// The deliberately broken example gets exactly these messages.
+#[test]
+fn broken_example_reports_exact_errors() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/broken-pipeline.toml");
+    let err = PipelineConfig::load(std::path::Path::new(path)).unwrap_err();
+    let ConfigLoadError::Invalid { errors, .. } = err else { panic!("expected validation errors") };
+    let got: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        got,
+        [
+            "source.brokers: is required (e.g. \"kafka-1:9092,kafka-2:9092\")",
+            "source.group: unknown key (did you mean `group_id`?)",
+            "sink.roll_size: \"big\" is not a size (expected e.g. \"64KiB\", \"128MiB\")",
+            "sink.compression: unknown key (known keys: max_buffered, queue_depth, roll_interval, roll_size, row_group_rows, zstd_level)",
+        ]
+    );
+}

@@ -1,0 +1,219 @@
+//! `telltale demo`: the whole pipeline with nothing installed.
+//!
+//! Starts an in-process Kafka-protocol broker (librdkafka's mock cluster, which speaks the real
+//! wire protocol on a loopback port), produces generated traffic (with some malformed records)
+//! to it, runs the real pipeline from `pipelines/demo.toml` against it until every record is
+//! durable and committed, then prints a summary and example SQL results.
+//!
+//! The data directory is replaced on each run, but only if an earlier demo created it (it
+//! carries a `.telltale-demo` marker); any other non-empty directory is left alone.
+
+pub mod generator;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::mocking::MockCluster;
+
+use crate::config::PipelineConfig;
+use crate::ingest::{self, Shutdown};
+use crate::query::{self, OutputFormat};
+use crate::replay;
+use crate::telemetry::{Stats, StatsSnapshot};
+pub use generator::{GeneratedRecord, TrafficGenerator};
+
+/// The demo's pipeline file, shipped in `pipelines/demo.toml`.
+pub const DEMO_PIPELINE: &str = include_str!("../../pipelines/demo.toml");
+const MARKER: &str = ".telltale-demo";
+pub const DEMO_TOPIC: &str = "llm-events";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0} exists, is not empty and was not made by `telltale demo`; choose another --data-dir")]
+    NotADemoDir(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("in-process broker: {0}")]
+    Broker(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigLoadError),
+    #[error(transparent)]
+    Ingest(#[from] ingest::IngestError),
+    #[error(transparent)]
+    Replay(#[from] replay::ReplayError),
+    #[error(transparent)]
+    Query(#[from] query::QueryError),
+    #[error("the pipeline did not catch up within {0:?} ({1} of {2} records committed)")]
+    Timeout(Duration, u64, u64),
+}
+
+pub struct DemoOptions {
+    pub data_dir: PathBuf,
+    pub records: u64,
+    pub partitions: i32,
+    pub seed: u64,
+    pub timeout: Duration,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            data_dir: PathBuf::from("./telltale-data"),
+            records: 20_000,
+            partitions: 16,
+            seed: 7,
+            timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct DemoReport {
+    pub produced: u64,
+    pub malformed: u64,
+    pub stats: StatsSnapshot,
+    pub elapsed: Duration,
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), DemoError> {
+    let io = |source| DemoError::Io { path: dir.to_owned(), source };
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir).map_err(io)?.next().is_none();
+        if !empty {
+            if !dir.join(MARKER).exists() {
+                return Err(DemoError::NotADemoDir(dir.to_owned()));
+            }
+            std::fs::remove_dir_all(dir).map_err(io)?;
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(dir.join(MARKER), b"made by telltale demo; removed by the next run\n").map_err(io)
+}
+
+/// The demo pipeline config pointed at `brokers` and `data_dir`.
+pub fn demo_config(brokers: &str, data_dir: &Path) -> Result<PipelineConfig, DemoError> {
+    let dir = data_dir.display().to_string();
+    let env = |k: &str| match k {
+        "TELLTALE_DEMO_BROKERS" => Some(brokers.to_owned()),
+        "TELLTALE_DEMO_DATA" => Some(dir.clone()),
+        _ => None,
+    };
+    Ok(PipelineConfig::from_str_with_env(DEMO_PIPELINE, "pipelines/demo.toml", &env)?)
+}
+
+/// Runs the demo and prints its summary to `out`.
+pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoReport, DemoError> {
+    let started = Instant::now();
+    prepare_dir(&opts.data_dir)?;
+    let cluster = MockCluster::new(1)?;
+    cluster.create_topic(DEMO_TOPIC, opts.partitions, 1)?;
+    let brokers = cluster.bootstrap_servers();
+    let config = demo_config(&brokers, &opts.data_dir)?;
+    let w = |out: &mut (dyn Write + Send), s: String| {
+        let _ = writeln!(out, "{s}");
+    };
+    w(out, format!(
+        "telltale demo: in-process Kafka broker at {brokers} (librdkafka mock cluster), topic {DEMO_TOPIC} with {} partitions",
+        opts.partitions
+    ));
+
+    let stats = Arc::new(Stats::default());
+    let shutdown = Shutdown::new();
+    let pipeline = {
+        let (config, stats, shutdown) = (config.clone(), stats.clone(), shutdown.clone());
+        std::thread::spawn(move || ingest::run(&config, stats, shutdown))
+    };
+
+    // Produce on a blocking thread while the pipeline consumes.
+    let records = opts.records;
+    let seed = opts.seed;
+    let brokers_p = brokers.clone();
+    let produce_started = Instant::now();
+    let (produced, malformed) = tokio::task::spawn_blocking(move || -> Result<(u64, u64), DemoError> {
+        let producer = replay::producer(&brokers_p, &[])?;
+        let now = chrono::Utc::now().timestamp_millis();
+        // Two hours of traffic, ending now, so the data spans several hour partitions.
+        let span = 2 * 3600 * 1000;
+        let mut malformed = 0;
+        for rec in TrafficGenerator::new(seed, now - span, span, records).take(records as usize) {
+            malformed += u64::from(rec.expected_reject.is_some());
+            replay::send(&producer, DEMO_TOPIC, rec.key.as_deref().map(str::as_bytes), &rec.payload)?;
+        }
+        replay::finish(&producer, records)?;
+        Ok((records, malformed))
+    })
+    .await
+    .map_err(|e| DemoError::Io { path: "producer".into(), source: std::io::Error::other(e) })??;
+    let produce_elapsed = produce_started.elapsed();
+    w(out, format!(
+        "produced   {produced} records ({} valid, {malformed} malformed on purpose) in {:.1} s",
+        produced - malformed,
+        produce_elapsed.as_secs_f64()
+    ));
+
+    // Wait until everything produced is durable and committed.
+    let deadline = Instant::now() + opts.timeout;
+    while stats.records_committed.load(Ordering::Relaxed) < produced {
+        if Instant::now() > deadline || pipeline.is_finished() {
+            shutdown.trigger();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let caught_up = stats.records_committed.load(Ordering::Relaxed);
+    shutdown.trigger();
+    let snapshot = tokio::task::spawn_blocking(move || pipeline.join())
+        .await
+        .map_err(|e| DemoError::Io { path: "pipeline".into(), source: std::io::Error::other(e) })?
+        .map_err(|_| DemoError::Io { path: "pipeline".into(), source: std::io::Error::other("pipeline thread panicked") })??;
+    drop(cluster);
+    if caught_up < produced {
+        return Err(DemoError::Timeout(opts.timeout, caught_up, produced));
+    }
+    let elapsed = started.elapsed();
+    w(out, format!(
+        "pipeline   {} records → {} events + {} rejects in {} Parquet files ({:.1} MiB, zstd); offsets committed after each file was durable",
+        snapshot.records_in,
+        snapshot.events_written,
+        snapshot.rejects_written,
+        snapshot.files_written,
+        snapshot.bytes_written as f64 / (1 << 20) as f64
+    ));
+    w(out, format!("data       {}  (tables: {})", opts.data_dir.display(), query::table_names(&opts.data_dir)?.join(", ")));
+
+    let ctx = query::session(&opts.data_dir).await?;
+    for (title, sql) in DEMO_QUERIES {
+        w(out, format!("\n{title}\n  telltale sql --data-dir {} \"{}\"", opts.data_dir.display(), one_line(sql)));
+        let batches = query::query(&ctx, sql).await?;
+        let mut buf = Vec::new();
+        query::write_batches(&mut buf, &batches, OutputFormat::Table, 60)?;
+        let _ = out.write_all(&buf);
+    }
+    w(out, format!("\ndemo finished in {:.1} s", elapsed.as_secs_f64()));
+    Ok(DemoReport { produced, malformed, stats: snapshot, elapsed })
+}
+
+fn one_line(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The example queries the demo prints (also in the README).
+pub const DEMO_QUERIES: &[(&str, &str)] = &[
+    (
+        "Traffic per app, environment and prompt version:",
+        "SELECT app, environment, prompt_version, model, count(*) AS requests,
+                round(100.0 * avg(CASE WHEN status = 'error' THEN 1.0 ELSE 0.0 END), 2) AS error_pct,
+                round(approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)) AS p50_ms,
+                round(approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms)) AS p95_ms,
+                sum(input_tokens + coalesce(output_tokens, 0)) AS tokens
+         FROM events GROUP BY app, environment, prompt_version, model ORDER BY requests DESC",
+    ),
+    (
+        "Rejected records by reason (every one kept with its topic/partition/offset):",
+        "SELECT reason, count(*) AS records, min(topic || '/' || CAST(partition AS VARCHAR) || '@' || CAST(\"offset\" AS VARCHAR)) AS first_seen_at, min(error) AS example
+         FROM rejects GROUP BY reason ORDER BY records DESC",
+    ),
+];

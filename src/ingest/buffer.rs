@@ -1,0 +1,221 @@
+//! Per-partition buffers between decode and the sink: records are decoded straight into Arrow
+//! builders, and a partition's buffer becomes a [`SinkJob`] when it is big enough, old enough,
+//! or when memory for all buffers runs short.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::config::SinkConfig;
+use crate::decode::Decoder;
+use crate::event::{EventBatchBuilder, Provenance};
+use crate::rejects::{RejectBatchBuilder, RejectedRecord};
+use crate::sink::SinkJob;
+use crate::telemetry::Stats;
+
+/// One record from a source, borrowed from the source's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceRecord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// Broker (or file) timestamp in epoch milliseconds.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+struct PartitionBuffer {
+    topic: Arc<str>,
+    partition: i32,
+    first_offset: i64,
+    last_offset: i64,
+    records: u64,
+    bytes: u64,
+    opened: Instant,
+    events: EventBatchBuilder,
+    event_hours: Vec<i64>,
+    rejects: RejectBatchBuilder,
+    reject_hours: Vec<i64>,
+}
+
+/// Decodes records into per-partition buffers and cuts them into sink jobs.
+pub struct Accumulator {
+    decoder: Decoder,
+    config: SinkConfig,
+    max_raw_bytes: usize,
+    /// Whether buffers are also cut by age. Off for file sources, whose cuts must depend on
+    /// the input alone so that a rerun writes the same files.
+    roll_by_time: bool,
+    /// topic → partition → buffer; keyed by `Arc<str>` so lookups borrow the record's topic.
+    buffers: HashMap<Arc<str>, HashMap<i32, PartitionBuffer>>,
+    buffered_bytes: u64,
+    stats: Arc<Stats>,
+}
+
+impl Accumulator {
+    pub fn new(decoder: Decoder, config: SinkConfig, max_raw_bytes: usize, roll_by_time: bool, stats: Arc<Stats>) -> Self {
+        Accumulator {
+            decoder,
+            config,
+            max_raw_bytes,
+            roll_by_time,
+            buffers: HashMap::new(),
+            buffered_bytes: 0,
+            stats,
+        }
+    }
+
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buffered_bytes
+    }
+
+    /// Decodes and buffers one record; returns the jobs this record completed.
+    pub fn push(&mut self, rec: &SourceRecord<'_>, out: &mut Vec<SinkJob>) {
+        let size = rec.payload.map_or(0, <[u8]>::len) as u64;
+        self.stats.records_in.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
+
+        if !self.buffers.contains_key(rec.topic) {
+            self.buffers.insert(Arc::from(rec.topic), HashMap::new());
+        }
+        let parts = self.buffers.get_mut(rec.topic).expect("inserted above");
+        let buf = match parts.entry(rec.partition) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let topic: Arc<str> = Arc::from(rec.topic);
+                v.insert(PartitionBuffer {
+                    topic,
+                    partition: rec.partition,
+                    first_offset: rec.offset,
+                    last_offset: rec.offset,
+                    records: 0,
+                    bytes: 0,
+                    opened: Instant::now(),
+                    events: EventBatchBuilder::new(),
+                    event_hours: Vec::new(),
+                    rejects: RejectBatchBuilder::new(self.max_raw_bytes),
+                    reject_hours: Vec::new(),
+                })
+            }
+        };
+        if buf.records == 0 {
+            buf.first_offset = rec.offset;
+            buf.opened = Instant::now();
+        }
+        buf.last_offset = rec.offset;
+        buf.records += 1;
+        buf.bytes += size;
+        self.buffered_bytes += size;
+
+        match self.decoder.decode(rec.payload, rec.timestamp_ms) {
+            Ok(d) => {
+                let src = Provenance { format: d.format, topic: rec.topic, partition: rec.partition, offset: rec.offset };
+                buf.events.append(&d.event, &src);
+                buf.event_hours.push(d.event.timestamp_ms.div_euclid(HOUR_MS));
+                self.stats.events_decoded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                let r = RejectedRecord {
+                    topic: rec.topic,
+                    partition: rec.partition,
+                    offset: rec.offset,
+                    timestamp_ms: rec.timestamp_ms,
+                    key: rec.key,
+                    payload: rec.payload,
+                };
+                buf.rejects.append(&r, &err);
+                buf.reject_hours.push(rec.timestamp_ms.unwrap_or(0).div_euclid(HOUR_MS));
+                self.stats.records_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(topic = rec.topic, partition = rec.partition, offset = rec.offset, reason = err.reason.code(), "rejected record");
+            }
+        }
+
+        if buf.bytes >= self.config.roll_size {
+            let k = (buf.topic.clone(), buf.partition);
+            out.extend(self.cut(&k));
+        }
+        while self.buffered_bytes > self.config.max_buffered {
+            let Some(k) = self.largest() else { break };
+            out.extend(self.cut(&k));
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &PartitionBuffer> {
+        self.buffers.values().flat_map(HashMap::values)
+    }
+
+    fn largest(&self) -> Option<(Arc<str>, i32)> {
+        self.all().filter(|b| b.records > 0).max_by_key(|b| b.bytes).map(|b| (b.topic.clone(), b.partition))
+    }
+
+    fn cut(&mut self, key: &(Arc<str>, i32)) -> Option<SinkJob> {
+        let buf = self.buffers.get_mut(&key.0)?.get_mut(&key.1)?;
+        if buf.records == 0 {
+            return None;
+        }
+        self.buffered_bytes -= buf.bytes;
+        let job = SinkJob {
+            topic: buf.topic.clone(),
+            partition: buf.partition,
+            first_offset: buf.first_offset,
+            last_offset: buf.last_offset,
+            records: buf.records,
+            events: buf.events.finish(),
+            event_hours: std::mem::take(&mut buf.event_hours),
+            rejects: buf.rejects.finish(),
+            reject_hours: std::mem::take(&mut buf.reject_hours),
+        };
+        buf.records = 0;
+        buf.bytes = 0;
+        Some(job)
+    }
+
+    /// Jobs for buffers whose oldest record has waited `roll_interval`.
+    pub fn due(&mut self, now: Instant, out: &mut Vec<SinkJob>) {
+        if !self.roll_by_time {
+            return;
+        }
+        let interval = self.config.roll_interval;
+        let due: Vec<_> = self
+            .all()
+            .filter(|b| b.records > 0 && now.saturating_duration_since(b.opened) >= interval)
+            .map(|b| (b.topic.clone(), b.partition))
+            .collect();
+        for k in due {
+            out.extend(self.cut(&k));
+        }
+    }
+
+    /// The job for one partition's buffer, if it holds anything; the buffer is dropped.
+    pub fn take_partition(&mut self, topic: &str, partition: i32) -> Option<SinkJob> {
+        let topic = self.buffers.get_key_value(topic)?.0.clone();
+        let job = self.cut(&(topic.clone(), partition));
+        if let Some(parts) = self.buffers.get_mut(&topic) {
+            parts.remove(&partition);
+        }
+        job
+    }
+
+    /// Jobs for every non-empty buffer.
+    pub fn take_all(&mut self, out: &mut Vec<SinkJob>) {
+        let keys: Vec<_> = self.all().map(|b| (b.topic.clone(), b.partition)).collect();
+        for k in keys {
+            out.extend(self.cut(&k));
+        }
+    }
+
+    /// Time until the oldest buffer is due, for poll timeouts.
+    pub fn next_due(&self, now: Instant) -> Option<Duration> {
+        if !self.roll_by_time {
+            return None;
+        }
+        self.all()
+            .filter(|b| b.records > 0)
+            .map(|b| self.config.roll_interval.saturating_sub(now.saturating_duration_since(b.opened)))
+            .min()
+    }
+}

@@ -1,0 +1,163 @@
+//! The file source, for backfills and exports: JSON Lines, plain or gzip (detected from the
+//! magic bytes), from a path, a glob, or `-` (standard input).
+//!
+//! Each file is one "partition" of a topic named after it (`file-<stem>-<hash of its path>`),
+//! and a record's offset is its line index (0-based; blank lines are skipped but counted).
+//! Buffers are cut by size only, never by time, so the same file always yields the same
+//! batches and file names: rerunning an import rewrites its Parquet files instead of adding
+//! duplicates. A rejected line's record time is the file's modification time.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam_channel::bounded;
+use flate2::read::MultiGzDecoder;
+use tracing::info;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{Accumulator, IngestError, Shutdown, SourceRecord};
+use crate::config::PipelineConfig;
+use crate::decode::Decoder;
+use crate::sink::{NoCommit, Sink, SinkMsg, run_writer};
+use crate::telemetry::Stats;
+
+/// Expands a path or glob into the files to read, sorted.
+pub fn expand(pattern: &str) -> Result<Vec<PathBuf>, IngestError> {
+    if pattern == "-" {
+        return Ok(vec![PathBuf::from("-")]);
+    }
+    let paths = glob::glob(pattern).map_err(|e| IngestError::Pattern { pattern: pattern.to_owned(), message: e.to_string() })?;
+    let mut files = Vec::new();
+    for p in paths {
+        let p = p.map_err(|e| IngestError::Io { path: e.path().display().to_string(), source: e.into() })?;
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    if files.is_empty() {
+        return Err(IngestError::NoFiles(pattern.to_owned()));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The stable source name of a file: its stem plus a hash of its absolute path.
+pub fn source_name(path: &Path) -> String {
+    if path == Path::new("-") {
+        return "stdin".to_owned();
+    }
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let stem: String = path
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("input")
+        .split('.')
+        .next()
+        .unwrap_or("input")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .take(40)
+        .collect();
+    format!("file-{stem}-{:08x}", xxh3_64(abs.as_os_str().as_encoded_bytes()) as u32)
+}
+
+/// Opens a file (or stdin), decompressing gzip when the content starts with its magic bytes.
+pub fn open_lines(path: &Path) -> Result<Box<dyn BufRead + Send>, IngestError> {
+    let io = |source| IngestError::Io { path: path.display().to_string(), source };
+    let raw: Box<dyn Read + Send> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(File::open(path).map_err(io)?)
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, raw);
+    let gz = reader.fill_buf().map_err(io)?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gz { Box::new(BufReader::with_capacity(1 << 20, MultiGzDecoder::new(reader))) } else { Box::new(reader) })
+}
+
+pub fn run(config: &PipelineConfig, pattern: &str, stats: Arc<Stats>, shutdown: Shutdown) -> Result<(), IngestError> {
+    let files = expand(pattern)?;
+    let (tx, rx) = bounded(config.sink.queue_depth);
+    let sink = Sink::new(&config.data_root, config.sink.clone());
+    let recovery = Sink::new(&config.data_root, config.sink.clone());
+    let writer_stats = stats.clone();
+    let writer = thread::Builder::new()
+        .name("telltale-writer".into())
+        .spawn(move || run_writer(rx, sink, Arc::new(NoCommit), writer_stats, &|| true))
+        .map_err(|e| IngestError::Io { path: "writer thread".into(), source: e })?;
+
+    let mut acc = Accumulator::new(Decoder::new(config.decode.clone()), config.sink.clone(), config.rejects.max_raw_bytes, false, stats.clone());
+    let mut jobs = Vec::new();
+    let mut result = Ok(());
+    'files: for path in &files {
+        let topic = source_name(path);
+        // A previous run that died mid-file may have left batches that were never finished.
+        recovery.recover(&topic, 0, None)?;
+        let mtime = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64);
+        info!(file = %path.display(), source = %topic, "reading");
+        let mut reader = match open_lines(path) {
+            Ok(r) => r,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        let mut line = Vec::with_capacity(8192);
+        let mut index: i64 = -1;
+        loop {
+            if shutdown.is_triggered() {
+                break 'files;
+            }
+            line.clear();
+            let n = match reader.read_until(b'\n', &mut line) {
+                Ok(n) => n,
+                Err(source) => {
+                    result = Err(IngestError::Io { path: path.display().to_string(), source });
+                    break 'files;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            index += 1;
+            let mut end = line.len();
+            while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
+                end -= 1;
+            }
+            let payload = &line[..end];
+            if payload.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let rec = SourceRecord { topic: &topic, partition: 0, offset: index, timestamp_ms: mtime, key: None, payload: Some(payload) };
+            acc.push(&rec, &mut jobs);
+            for job in jobs.drain(..) {
+                if tx.send(SinkMsg::Job(job)).is_err() {
+                    result = Err(IngestError::WriterGone);
+                    break 'files;
+                }
+            }
+        }
+        if let Some(job) = acc.take_partition(&topic, 0)
+            && tx.send(SinkMsg::Job(job)).is_err()
+        {
+            result = Err(IngestError::WriterGone);
+            break;
+        }
+    }
+    if shutdown.is_triggered() {
+        // Interrupted mid-file: the partial batch is dropped rather than written under a name
+        // a rerun would not reproduce. Batches already written are rewritten by the rerun.
+        info!("interrupted; rerun the same command to finish (completed batches are rewritten, not duplicated)");
+    }
+    drop(tx);
+    let writer_result = writer.join().map_err(|_| IngestError::WriterGone)?;
+    result?;
+    writer_result?;
+    Ok(())
+}

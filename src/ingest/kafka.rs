@@ -1,0 +1,312 @@
+//! The Kafka source: one member of a consumer group.
+//!
+//! Offsets are never committed by librdkafka (`enable.auto.commit=false`): the writer thread
+//! commits `last + 1` of a batch only after its Parquet files are renamed into place.
+//!
+//! Rebalances (eager or cooperative): before partitions are revoked, their buffers are cut
+//! into jobs and the revoke callback waits until the writer has made every queued job durable
+//! and committed, so the next owner starts exactly where this one stopped. When a partition is
+//! assigned, the first record's offset is the resume position; batches written at or after it
+//! but never committed (a crash between rename and commit) are rolled back before anything
+//! new is buffered for that partition ([`Sink::recover`]).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError, bounded};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use super::{Accumulator, IngestError, Shutdown, SourceRecord};
+use crate::config::{KafkaSourceConfig, PipelineConfig};
+use crate::decode::Decoder;
+use crate::sink::{Committer, Sink, SinkJob, SinkMsg, run_writer};
+use crate::telemetry::Stats;
+
+/// How long a revoke waits for queued batches to become durable before giving the partitions
+/// up anyway (their next owner then rolls back what was not committed).
+const REVOKE_FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Core {
+    acc: Accumulator,
+    tx: Option<Sender<SinkMsg>>,
+    /// Jobs cut but not yet accepted by the writer queue.
+    outbox: VecDeque<SinkJob>,
+    scratch: Vec<SinkJob>,
+    paused: bool,
+    /// Partitions assigned since the last record seen from them: recovery pending.
+    unrecovered: HashSet<(String, i32)>,
+}
+
+impl Core {
+    /// Sends queued jobs without blocking; false when the writer is gone.
+    fn drain(&mut self) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        while let Some(job) = self.outbox.pop_front() {
+            match tx.try_send(SinkMsg::Job(job)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(SinkMsg::Job(job))) => {
+                    self.outbox.push_front(job);
+                    break;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Sends every queued job (blocking) and waits until the writer has made them durable.
+    fn flush_and_wait(&mut self, timeout: Duration) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        for job in self.outbox.drain(..) {
+            if tx.send(SinkMsg::Job(job)).is_err() {
+                return false;
+            }
+        }
+        let (ack_tx, ack_rx) = bounded(1);
+        if tx.send(SinkMsg::Barrier(ack_tx)).is_err() {
+            return false;
+        }
+        ack_rx.recv_timeout(timeout).is_ok()
+    }
+}
+
+struct Ctx {
+    core: Mutex<Core>,
+    sink: Sink,
+    stats: Arc<Stats>,
+}
+
+impl Ctx {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock already aborts the pipeline; the data is still valid.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                error!(facility = fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => info!(facility = fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Debug => debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, "kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let mut core = self.core();
+        let started = Instant::now();
+        for elem in tpl.elements() {
+            if let Some(job) = core.acc.take_partition(elem.topic(), elem.partition()) {
+                core.outbox.push_back(job);
+            }
+        }
+        if core.tx.is_none() {
+            return;
+        }
+        if core.flush_and_wait(REVOKE_FLUSH_TIMEOUT) {
+            info!(partitions = tpl.count(), elapsed = ?started.elapsed(), "partitions revoked after their batches were committed");
+        } else {
+            error!(partitions = tpl.count(), "partitions revoked before their batches were durable; the next owner will redo them");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut core = self.core();
+                core.paused = false;
+                for elem in tpl.elements() {
+                    core.unrecovered.insert((elem.topic().to_owned(), elem.partition()));
+                }
+                info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(err) => warn!(error = %err, "rebalance error"),
+        }
+    }
+}
+
+struct KafkaCommitter(Arc<BaseConsumer<Ctx>>);
+
+impl Committer for KafkaCommitter {
+    fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset)).map_err(|e| e.to_string())?;
+        self.0.commit(&tpl, CommitMode::Sync).map_err(|e| e.to_string())
+    }
+}
+
+/// The librdkafka configuration telltale uses, with the user's pass-through properties.
+pub fn client_config(k: &KafkaSourceConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        .set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &k.start_from)
+        .set("enable.partition.eof", "false")
+        // Bounds memory under a large backlog: librdkafka prefetches at most this much.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("client.id", "telltale");
+    for (key, value) in &k.properties {
+        c.set(key, value);
+    }
+    c
+}
+
+pub fn run(config: &PipelineConfig, k: &KafkaSourceConfig, stats: Arc<Stats>, shutdown: Shutdown) -> Result<(), IngestError> {
+    let kerr = |context: &str| {
+        let context = context.to_owned();
+        move |source| IngestError::Kafka { context, source }
+    };
+    let (tx, rx) = bounded(config.sink.queue_depth);
+    let sink = Sink::new(&config.data_root, config.sink.clone());
+    let ctx = Ctx {
+        core: Mutex::new(Core {
+            acc: Accumulator::new(
+                Decoder::new(config.decode.clone()),
+                config.sink.clone(),
+                config.rejects.max_raw_bytes,
+                true,
+                stats.clone(),
+            ),
+            tx: Some(tx),
+            outbox: VecDeque::new(),
+            scratch: Vec::new(),
+            paused: false,
+            unrecovered: HashSet::new(),
+        }),
+        sink: Sink::new(&config.data_root, config.sink.clone()),
+        stats: stats.clone(),
+    };
+    let consumer: Arc<BaseConsumer<Ctx>> =
+        Arc::new(client_config(k).create_with_context(ctx).map_err(kerr("cannot create consumer"))?);
+    let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(kerr("cannot subscribe"))?;
+    info!(brokers = %k.brokers, topics = ?k.topics, group = %k.group_id, root = %config.data_root.display(), "consuming");
+
+    let committer = Arc::new(KafkaCommitter(consumer.clone()));
+    let writer_stats = stats.clone();
+    let writer_shutdown = shutdown.clone();
+    let writer = thread::Builder::new()
+        .name("telltale-writer".into())
+        .spawn(move || run_writer(rx, sink, committer, writer_stats, &|| !writer_shutdown.is_triggered()))
+        .map_err(|e| IngestError::Io { path: "writer thread".into(), source: e })?;
+
+    let result = consume(&consumer, &shutdown);
+
+    // Shutdown: cut every buffer, make it durable and committed, then stop the writer.
+    let flushed = {
+        let mut core = consumer.context().core();
+        let mut jobs = std::mem::take(&mut core.scratch);
+        core.acc.take_all(&mut jobs);
+        core.outbox.extend(jobs);
+        let ok = core.tx.is_some() && core.flush_and_wait(Duration::from_secs(600));
+        core.tx = None;
+        ok
+    };
+    let writer_result = writer.join().unwrap_or(Err(crate::sink::SinkError::Io {
+        path: "writer thread".into(),
+        source: std::io::Error::other("writer thread panicked"),
+    }));
+    result?;
+    writer_result?;
+    if !flushed {
+        return Err(IngestError::WriterGone);
+    }
+    info!(committed = stats.records_committed.load(Ordering::Relaxed), "stopped after committing everything consumed");
+    // Dropping the last handle closes the consumer and leaves the group.
+    drop(consumer);
+    Ok(())
+}
+
+fn consume(consumer: &BaseConsumer<Ctx>, shutdown: &Shutdown) -> Result<(), IngestError> {
+    let ctx = consumer.context();
+    let mut last_error: Option<(String, Instant)> = None;
+    let mut next_roll_check = Instant::now();
+    while !shutdown.is_triggered() {
+        {
+            let mut core = ctx.core();
+            if !core.drain() {
+                return Err(IngestError::WriterGone);
+            }
+            let backlog = !core.outbox.is_empty();
+            if backlog != core.paused {
+                let assignment = consumer.assignment().map_err(|source| IngestError::Kafka { context: "assignment".into(), source })?;
+                let r = if backlog { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+                match r {
+                    Ok(()) => {
+                        core.paused = backlog;
+                        if backlog {
+                            ctx.stats.backpressure_pauses.fetch_add(1, Ordering::Relaxed);
+                            debug!("writer queue full; partitions paused");
+                        }
+                    }
+                    Err(err) => warn!(error = %err, "failed to pause/resume partitions"),
+                }
+            }
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) => {
+                let mut core = ctx.core();
+                let topic = m.topic();
+                let partition = m.partition();
+                if !core.unrecovered.is_empty() && core.unrecovered.remove(&(topic.to_owned(), partition)) {
+                    let rolled = ctx.sink.recover(topic, partition, Some(m.offset()))?;
+                    ctx.stats.batches_rolled_back.fetch_add(rolled as u64, Ordering::Relaxed);
+                }
+                let rec = SourceRecord {
+                    topic,
+                    partition,
+                    offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    key: m.key(),
+                    payload: m.payload(),
+                };
+                let mut jobs = std::mem::take(&mut core.scratch);
+                core.acc.push(&rec, &mut jobs);
+                core.outbox.extend(jobs.drain(..));
+                core.scratch = jobs;
+            }
+            Some(Err(err)) => {
+                // Transient broker errors repeat on every poll; log each distinct one every 10 s.
+                let text = err.to_string();
+                let quiet = last_error.as_ref().is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(10));
+                if !quiet {
+                    warn!(error = %text, "kafka consumer error");
+                    last_error = Some((text, Instant::now()));
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_roll_check {
+            let mut core = ctx.core();
+            let mut jobs = std::mem::take(&mut core.scratch);
+            core.acc.due(now, &mut jobs);
+            core.outbox.extend(jobs.drain(..));
+            core.scratch = jobs;
+            next_roll_check = now + Duration::from_millis(100);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! telltale watches production LLM traffic as it streams past.
+//!
+//! ```text
+//!  Kafka topic(s) ──► ingest ──► decode ──► per-partition ──► sink ──► Parquet: events, rejects
+//!  or JSONL files     consumer   telltale /  Arrow buffers     writer    <root>/<table>/date=…/hour=…/
+//!                     group      openai /                      thread    then commit offsets
+//!                                auto                                     │
+//!                                  │ bad record                          ▼
+//!                                  └──► rejects (reason, coordinates)   telltale sql (DataFusion)
+//! ```
+//!
+//! Delivery: at-least-once from Kafka, exactly-once into Parquet: a batch's files are renamed
+//! into place before its offsets are committed, and a batch written but not committed when the
+//! process died is rolled back when its partition is next assigned ([`sink`]).
+//!
+//! Modules, in data-flow order: [`ingest`] (Kafka and file sources), [`decode`] (wire formats
+//! → [`event::LlmEvent`]), [`event`] and [`rejects`] (the tables' rows), [`sink`] (Parquet and
+//! the commit protocol), [`query`] (SQL). [`config`] turns pipeline files into typed config;
+//! [`demo`] is the self-contained `telltale demo`; [`telemetry`] is telltale's own logs and counters.
+
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod event;
+pub mod ingest;
+pub mod query;
+pub mod rejects;
+pub mod replay;
+pub mod sink;
+pub mod telemetry;

@@ -1,0 +1,274 @@
+//! The `telltale` command line: parse arguments, load config, run.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use telltale::config::{PipelineConfig, SourceConfig};
+use telltale::ingest::{self, Shutdown};
+use telltale::query::{self, OutputFormat};
+use telltale::telemetry::{self, Stats};
+use telltale::{demo, replay};
+
+#[derive(Parser)]
+#[command(name = "telltale", version, about = "Watches production LLM traffic: Kafka in, Parquet and SQL out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline until interrupted (Kafka) or until its input ends (files).
+    #[command(after_help = "Examples:\n  telltale run --pipeline pipelines/default.toml\n  \
+        telltale run --pipeline pipelines/default.toml --source 'file:logs/*.jsonl.gz'\n\n\
+        SIGINT/SIGTERM: buffers are written, offsets committed, exit 0. A second signal exits at once.")]
+    Run {
+        /// The pipeline file (TOML).
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// Read from files instead of the pipeline's source: file:PATH, file:GLOB or file:- (stdin).
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Send JSON Lines files (plain or gzip) to a Kafka topic, one record per line.
+    #[command(after_help = "Example:\n  telltale replay 'exports/*.jsonl.gz' --topic llm-events --brokers 127.0.0.1:9092 --rate 5000")]
+    Replay {
+        /// A file, a glob, or - for stdin.
+        input: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, env = "KAFKA_BROKERS")]
+        brokers: String,
+        /// Records per second (default: as fast as the broker takes them).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// A top-level JSON field whose value becomes the record key (e.g. session_id).
+        #[arg(long)]
+        key_field: Option<String>,
+        /// A librdkafka producer property, KEY=VALUE (repeatable).
+        #[arg(short = 'X', value_parser = parse_kv)]
+        property: Vec<(String, String)>,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Run SQL over the Parquet tables (events, rejects, …) with DataFusion.
+    #[command(after_help = "Examples:\n  telltale sql \"SELECT count(*) FROM events\"\n  \
+        telltale sql --format csv \"SELECT app, model, count(*) FROM events GROUP BY 1, 2\" > counts.csv\n  \
+        echo \"SELECT reason, count(*) FROM rejects GROUP BY 1\" | telltale sql --data-dir /data/telltale")]
+    Sql {
+        /// The statement; read from stdin when absent.
+        sql: Option<String>,
+        /// The data root (default: ./telltale-data, or the pipeline's data_root with --pipeline).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Take the data root from this pipeline file.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+        #[arg(long, short, value_enum, default_value = "table")]
+        format: OutputFormat,
+        /// Table format: cut cells longer than this many characters.
+        #[arg(long, default_value_t = 60)]
+        max_width: usize,
+    },
+    /// Validate a pipeline file, then check the broker and the data root.
+    #[command(after_help = "Example:\n  telltale check --pipeline pipelines/default.toml")]
+    Check {
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// Only validate the file; connect to nothing.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Run the whole pipeline on generated traffic with an in-process broker; no setup needed.
+    #[command(after_help = "Example:\n  telltale demo\n  telltale sql \"SELECT app, count(*) FROM events GROUP BY app\"")]
+    Demo {
+        /// Where the demo writes its tables (replaced on each run if a demo made it).
+        #[arg(long, default_value = "./telltale-data")]
+        data_dir: PathBuf,
+        /// Records to generate.
+        #[arg(long, default_value_t = 20_000)]
+        records: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    telemetry::init_logging("info");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    if let Err(err) = runtime.block_on(dispatch(cli.command)) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run { pipeline, source } => run(&pipeline, source.as_deref()).await,
+        Command::Replay { input, topic, brokers, rate, key_field, property, quiet } => {
+            if rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
+                bail!("--rate must be a positive number of records per second");
+            }
+            let opts = replay::ReplayOptions { input, topic, brokers, rate, key_field, properties: property, progress: !quiet };
+            let report = tokio::task::spawn_blocking(move || replay::replay(&opts)).await??;
+            eprintln!(
+                "sent {} records ({:.1} MiB) in {:.1} s ({:.0} records/s)",
+                report.records,
+                report.bytes as f64 / (1 << 20) as f64,
+                report.elapsed.as_secs_f64(),
+                report.records as f64 / report.elapsed.as_secs_f64().max(1e-9)
+            );
+            Ok(())
+        }
+        Command::Sql { sql, data_dir, pipeline, format, max_width } => {
+            let root = match (data_dir, pipeline) {
+                (Some(d), _) => d,
+                (None, Some(p)) => PipelineConfig::load(&p)?.data_root,
+                (None, None) => PathBuf::from("./telltale-data"),
+            };
+            let sql = match sql {
+                Some(s) => s,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s).context("reading SQL from stdin")?;
+                    s
+                }
+            };
+            if sql.trim().is_empty() {
+                bail!("no SQL given (pass it as an argument or on stdin)");
+            }
+            if !root.exists() {
+                eprintln!("note: {} does not exist yet; tables are empty (run `telltale demo` or `telltale run` first)", root.display());
+            }
+            let batches = query::run_sql(&root, &sql).await?;
+            let mut out = std::io::stdout().lock();
+            query::write_batches(&mut out, &batches, format, max_width)?;
+            out.flush()?;
+            Ok(())
+        }
+        Command::Check { pipeline, offline } => check(&pipeline, offline).await,
+        Command::Demo { data_dir, records, seed } => {
+            let opts = demo::DemoOptions { data_dir, records, seed, ..Default::default() };
+            let mut out = std::io::stdout();
+            demo::run(opts, &mut out).await?;
+            Ok(())
+        }
+    }
+}
+
+/// First signal: graceful shutdown. Second: exit at once.
+fn install_signals(shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            count += 1;
+            if count == 1 {
+                tracing::info!("shutting down: writing buffers and committing offsets (signal again to exit at once)");
+                shutdown.trigger();
+            } else {
+                eprintln!("exiting without flushing; uncommitted records will be read again on restart");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn run(pipeline: &Path, source: Option<&str>) -> Result<()> {
+    let mut config = PipelineConfig::load(pipeline)?;
+    if let Some(s) = source {
+        let path = s.strip_prefix("file:").with_context(|| format!("--source {s:?}: expected file:PATH, file:GLOB or file:-"))?;
+        config = config.with_file_source(path);
+    }
+    std::fs::create_dir_all(&config.data_root).with_context(|| format!("creating data root {}", config.data_root.display()))?;
+    let stats = Arc::new(Stats::default());
+    let shutdown = Shutdown::new();
+    install_signals(shutdown.clone());
+    let snap = tokio::task::spawn_blocking(move || ingest::run(&config, stats, shutdown)).await??;
+    eprintln!(
+        "done: {} records read, {} events and {} rejects written to {} files",
+        snap.records_in, snap.events_written, snap.rejects_written, snap.files_written
+    );
+    Ok(())
+}
+
+async fn check(pipeline: &Path, offline: bool) -> Result<()> {
+    let config = PipelineConfig::load(pipeline)?;
+    println!("ok   {}: valid pipeline {:?}", pipeline.display(), config.name);
+    if offline {
+        return Ok(());
+    }
+    let mut failures = 0;
+    let root = &config.data_root;
+    let probe = root.join(".telltale-write-probe");
+    match std::fs::create_dir_all(root).and_then(|_| std::fs::write(&probe, b"probe")).and_then(|_| std::fs::remove_file(&probe)) {
+        Ok(()) => println!("ok   data root {} is writable", root.display()),
+        Err(e) => {
+            failures += 1;
+            println!("FAIL data root {} is not writable: {e}", root.display());
+        }
+    }
+    match &config.source {
+        SourceConfig::Kafka(k) => {
+            let k = k.clone();
+            let result = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+                let consumer: BaseConsumer = ingest::kafka::client_config(&k).create()?;
+                let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+                let mut lines = vec![format!("ok   brokers {} reachable ({} broker(s))", k.brokers, md.brokers().len())];
+                for t in &k.topics {
+                    match md.topics().iter().find(|mt| mt.name() == t) {
+                        Some(mt) if mt.error().is_none() => lines.push(format!("ok   topic {t}: {} partitions", mt.partitions().len())),
+                        _ => lines.push(format!("FAIL topic {t} does not exist on {}", k.brokers)),
+                    }
+                }
+                Ok(lines)
+            })
+            .await?;
+            match result {
+                Ok(lines) => {
+                    for l in lines {
+                        failures += usize::from(l.starts_with("FAIL"));
+                        println!("{l}");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    println!("FAIL cannot reach brokers: {e:#}");
+                }
+            }
+        }
+        SourceConfig::File(f) => match ingest::file::expand(&f.path) {
+            Ok(files) => println!("ok   {} input file(s) match {:?}", files.len(), f.path),
+            Err(e) => {
+                failures += 1;
+                println!("FAIL {e}");
+            }
+        },
+    }
+    if failures > 0 {
+        bail!("{failures} check(s) failed");
+    }
+    Ok(())
+}

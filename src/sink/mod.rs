@@ -1,0 +1,357 @@
+//! Arrow batches → Parquet files under a Hive layout, with a commit protocol that makes
+//! at-least-once input exactly-once on disk.
+//!
+//! In: a [`SinkJob`] — the decoded rows of one source partition over an offset range
+//! `first..=last`, for each table. Out: Parquet files (zstd) at
+//! `<root>/<table>/date=YYYY-MM-DD/hour=HH/part-<topic>-<partition>-<first>-<last>.parquet`,
+//! then a call to the [`Committer`] with `last + 1`.
+//!
+//! The protocol, per job:
+//! 1. write a manifest `<root>/_txn/<topic>/<partition>/<first>-<last>.json` naming every file
+//!    the job will produce (fsync file and directory);
+//! 2. write each file as `<name>.tmp` beside its final name and fsync it;
+//! 3. rename each to its final name and fsync the directories;
+//! 4. commit `last + 1` to the source (Kafka), then delete the manifest.
+//!
+//! A crash anywhere leaves either a committed job (its manifest, if still there, is stale) or
+//! an uncommitted one whose files may be partly visible. When a partition is (re)assigned,
+//! [`Sink::recover`] compares each manifest with the position the source resumes from: a job
+//! at or after it was not committed, so its files are deleted and its records, which Kafka
+//! delivers again, are written anew. Readers ignore `*.tmp` (they list `*.parquet` only).
+//! Names are deterministic, so a rerun over the same input rewrites the same files.
+//!
+//! On a write error (disk full, permissions) the writer retries with backoff and commits
+//! nothing: the bounded queue fills, the consumer pauses, nothing is lost.
+
+mod parquet_file;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::compute::take_record_batch;
+use arrow::array::UInt32Array;
+use crossbeam_channel::Receiver;
+use tracing::{debug, error, info, warn};
+
+use crate::config::SinkConfig;
+use crate::telemetry::Stats;
+
+pub use parquet_file::write_parquet;
+
+/// The tables this stage writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Table {
+    Events,
+    Rejects,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Events => "events",
+            Table::Rejects => "rejects",
+        }
+    }
+}
+
+/// The rows of one source partition over `first_offset..=last_offset`.
+pub struct SinkJob {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    /// Records the job covers (valid + rejected).
+    pub records: u64,
+    pub events: RecordBatch,
+    /// Hour (since the epoch) each event row is filed under.
+    pub event_hours: Vec<i64>,
+    pub rejects: RecordBatch,
+    pub reject_hours: Vec<i64>,
+}
+
+/// Messages to the writer thread.
+pub enum SinkMsg {
+    Job(SinkJob),
+    /// Answered once every job sent before it is durable and committed.
+    Barrier(crossbeam_channel::Sender<()>),
+}
+
+/// Where durable progress is recorded: Kafka's consumer group, or nowhere for files.
+pub trait Committer: Send + Sync {
+    fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), String>;
+}
+
+/// For sources whose progress needs no recording (files: a rerun rewrites the same files).
+pub struct NoCommit;
+
+impl Committer for NoCommit {
+    fn commit(&self, _: &str, _: i32, _: i64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot encode Parquet: {source}")]
+    Parquet { path: PathBuf, source: parquet::errors::ParquetError },
+    #[error("cannot split batch by hour: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+    move |source| SinkError::Io { path: path.to_owned(), source }
+}
+
+/// What a finished job wrote.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub files: Vec<PathBuf>,
+    pub bytes: u64,
+}
+
+/// Writes jobs under a data root.
+pub struct Sink {
+    root: PathBuf,
+    config: SinkConfig,
+}
+
+fn hour_dir(hour: i64) -> String {
+    let t = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default();
+    t.format("date=%Y-%m-%d/hour=%H").to_string()
+}
+
+/// Groups row indices by hour; `None` when every row is in one hour (the common case).
+fn split_by_hour(hours: &[i64]) -> Option<BTreeMap<i64, Vec<u32>>> {
+    let first = *hours.first()?;
+    if hours.iter().all(|h| *h == first) {
+        return None;
+    }
+    let mut groups: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+    for (i, h) in hours.iter().enumerate() {
+        groups.entry(*h).or_default().push(i as u32);
+    }
+    Some(groups)
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+impl Sink {
+    pub fn new(root: impl Into<PathBuf>, config: SinkConfig) -> Sink {
+        Sink { root: root.into(), config }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn txn_dir(&self, topic: &str, partition: i32) -> PathBuf {
+        self.root.join("_txn").join(topic).join(partition.to_string())
+    }
+
+    /// The files a job will produce, each with the rows that go into it.
+    fn plan(&self, job: &SinkJob) -> Result<Vec<(PathBuf, Table, RecordBatch)>, SinkError> {
+        let name = format!("part-{}-{}-{}-{}.parquet", job.topic, job.partition, job.first_offset, job.last_offset);
+        let mut files = Vec::new();
+        for (table, batch, hours) in [
+            (Table::Events, &job.events, &job.event_hours),
+            (Table::Rejects, &job.rejects, &job.reject_hours),
+        ] {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let dir = self.root.join(table.name());
+            match split_by_hour(hours) {
+                None => files.push((dir.join(hour_dir(hours[0])).join(&name), table, batch.clone())),
+                Some(groups) => {
+                    for (hour, rows) in groups {
+                        let part = take_record_batch(batch, &UInt32Array::from(rows))?;
+                        files.push((dir.join(hour_dir(hour)).join(&name), table, part));
+                    }
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    /// Steps 1–3 of the protocol: after this returns, the job's files are durable and visible.
+    pub fn write(&self, job: &SinkJob) -> Result<Written, SinkError> {
+        let files = self.plan(job)?;
+        let txn_dir = self.txn_dir(&job.topic, job.partition);
+        fs::create_dir_all(&txn_dir).map_err(io_err(&txn_dir))?;
+        let manifest = txn_dir.join(format!("{}-{}.json", job.first_offset, job.last_offset));
+        let listed: Vec<String> = files
+            .iter()
+            .map(|(p, _, _)| p.strip_prefix(&self.root).unwrap_or(p).to_string_lossy().into_owned())
+            .collect();
+        let body = serde_json::json!({ "first_offset": job.first_offset, "last_offset": job.last_offset, "files": listed });
+        write_durably(&manifest, body.to_string().as_bytes())?;
+
+        let mut written = Written::default();
+        let mut dirs = BTreeSet::new();
+        for (path, table, batch) in &files {
+            let dir = path.parent().expect("planned files live in a partition directory");
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            let tmp = tmp_name(path);
+            written.bytes += write_parquet(&tmp, batch, *table, &self.config)?;
+            dirs.insert(dir.to_owned());
+        }
+        for (path, _, _) in &files {
+            fs::rename(tmp_name(path), path).map_err(io_err(path))?;
+            written.files.push(path.clone());
+        }
+        for dir in &dirs {
+            fsync_dir(dir)?;
+        }
+        Ok(written)
+    }
+
+    /// Step 4's clean-up: the job is committed, its manifest is no longer needed.
+    pub fn forget(&self, job: &SinkJob) {
+        let manifest = self
+            .txn_dir(&job.topic, job.partition)
+            .join(format!("{}-{}.json", job.first_offset, job.last_offset));
+        if let Err(err) = fs::remove_file(&manifest) {
+            warn!(path = %manifest.display(), error = %err, "failed to remove committed manifest");
+        }
+    }
+
+    /// Undoes jobs of `topic`/`partition` that were written but not committed, given the offset
+    /// the source resumes from (`None`: nothing was ever committed). Returns the number of
+    /// uncommitted jobs rolled back.
+    pub fn recover(&self, topic: &str, partition: i32, resume_from: Option<i64>) -> Result<usize, SinkError> {
+        let dir = self.txn_dir(topic, partition);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(SinkError::Io { path: dir, source: e }),
+        };
+        let mut rolled_back = 0;
+        for entry in entries {
+            let path = entry.map_err(io_err(&dir))?.path();
+            let Some((first, last)) = manifest_range(&path) else { continue };
+            let committed = resume_from.is_some_and(|pos| last < pos);
+            let straddles = resume_from.is_some_and(|pos| first < pos && pos <= last);
+            if committed {
+                debug!(path = %path.display(), "removing stale manifest of a committed job");
+            } else if straddles {
+                // The resume position was moved by hand into the middle of a job: its earlier
+                // records will not come again, so keep its files rather than lose them.
+                warn!(topic, partition, first, last, resume_from, "resume position inside a written job; keeping its files");
+            } else {
+                let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+                let files = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("files").cloned())
+                    .and_then(|f| serde_json::from_value::<Vec<String>>(f).ok())
+                    .unwrap_or_default();
+                for rel in files {
+                    let p = self.root.join(rel);
+                    for candidate in [tmp_name(&p), p] {
+                        match fs::remove_file(&candidate) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(SinkError::Io { path: candidate, source: e }),
+                        }
+                    }
+                }
+                info!(topic, partition, first, last, "rolled back files of an uncommitted batch; its records will be written again");
+                rolled_back += 1;
+            }
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        fsync_dir(&dir)?;
+        Ok(rolled_back)
+    }
+}
+
+fn manifest_range(path: &Path) -> Option<(i64, i64)> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(".json")?;
+    let (a, b) = stem.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+/// Writes a small file atomically: temp name, fsync, rename, fsync the directory.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
+    let tmp = tmp_name(path);
+    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    fsync_dir(path.parent().expect("a file path has a parent"))
+}
+
+/// The writer thread: writes each job, then commits it. Runs until the channel closes.
+///
+/// A failing write is retried with backoff for as long as `keep_trying` says so; the job is
+/// never committed before it is durable.
+pub fn run_writer(
+    rx: Receiver<SinkMsg>,
+    sink: Sink,
+    committer: Arc<dyn Committer>,
+    stats: Arc<Stats>,
+    keep_trying: &dyn Fn() -> bool,
+) -> Result<(), SinkError> {
+    for msg in rx {
+        let job = match msg {
+            SinkMsg::Job(job) => job,
+            SinkMsg::Barrier(ack) => {
+                let _ = ack.send(());
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let written = loop {
+            match sink.write(&job) {
+                Ok(w) => break w,
+                Err(err) => {
+                    stats.sink_errors.fetch_add(1, Ordering::Relaxed);
+                    if !keep_trying() {
+                        error!(error = %err, "giving up writing a batch at shutdown; its offsets stay uncommitted");
+                        return Err(err);
+                    }
+                    error!(error = %err, retry_in = ?backoff, "failed to write a batch; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        };
+        stats.files_written.fetch_add(written.files.len() as u64, Ordering::Relaxed);
+        stats.bytes_written.fetch_add(written.bytes, Ordering::Relaxed);
+        stats.events_written.fetch_add(job.events.num_rows() as u64, Ordering::Relaxed);
+        stats.rejects_written.fetch_add(job.rejects.num_rows() as u64, Ordering::Relaxed);
+        match committer.commit(&job.topic, job.partition, job.last_offset + 1) {
+            Ok(()) => {
+                sink.forget(&job);
+                stats.records_committed.fetch_add(job.records, Ordering::Relaxed);
+            }
+            Err(err) => {
+                // Typically the partition was revoked meanwhile; its next owner rolls this
+                // job back and writes it again.
+                stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(topic = %job.topic, partition = job.partition, error = %err, "failed to commit offsets");
+            }
+        }
+        debug!(topic = %job.topic, partition = job.partition, first = job.first_offset, last = job.last_offset,
+            files = written.files.len(), elapsed = ?started.elapsed(), "batch durable");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

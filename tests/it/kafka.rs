@@ -1,0 +1,135 @@
+//! The pipeline against a real Kafka-protocol broker, with telltale as a child process.
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+use crate::support::*;
+
+/// Valid and malformed records in, each exactly once in Parquet out; SIGTERM exits 0 with
+/// everything committed; `telltale sql` reads the result.
+#[test]
+fn consumes_topic_into_events_and_rejects() {
+    let broker = Broker::start();
+    broker.topic("llm", 3);
+    let records = traffic(1, 1500, Some(50));
+    broker.produce("llm", &records);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline_file(dir.path(), &broker.servers, "llm", "basic", "roll_size = \"256KiB\"\nroll_interval = \"300ms\"");
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&pipeline, &log);
+    broker.wait_caught_up("basic", "llm", 3, Duration::from_secs(60));
+    let status = terminate(&mut child);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit {status}; log:\n{stderr}");
+    assert!(stderr.contains("done: 1500 records read"), "{stderr}");
+
+    let root = dir.path().join("data");
+    assert_exactly_once(&root, &records, false);
+    assert!(files_with_suffix(&root, ".tmp").is_empty());
+
+    // The same answer through the CLI, as a user would ask it.
+    let out = telltale()
+        .args(["sql", "--format", "csv", "--data-dir"])
+        .arg(&root)
+        .arg("SELECT count(*) AS n, count(DISTINCT event_id) AS ids FROM events")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let valid = records.iter().filter(|r| r.event_id.is_some()).count();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("n,ids\n{valid},{valid}\n"));
+
+    // Rejects keep their Kafka coordinates and raw bytes.
+    let bad = scalar(&root, "SELECT count(*) FROM rejects WHERE topic = 'llm' AND \"offset\" >= 0 AND raw_size = length(raw) AND NOT raw_truncated");
+    assert_eq!(bad, records.iter().filter(|r| r.expected_reject.is_some()).count() as i64);
+}
+
+/// kill -9 at random points, restart each time: nothing lost, nothing duplicated, lag zero.
+#[test]
+fn kill_dash_nine_loses_and_duplicates_nothing() {
+    let broker = Broker::start();
+    let partitions = 4;
+    broker.topic("crash", partitions);
+    let dir = tempfile::tempdir().unwrap();
+    // Small, frequent batches: many commit windows for the kills to land in.
+    let pipeline = pipeline_file(dir.path(), &broker.servers, "crash", "crash", "roll_size = \"48KiB\"\nroll_interval = \"150ms\"");
+    let log = dir.path().join("run.log");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(42);
+    let mut all = Vec::new();
+    let rounds = 5;
+    for round in 0..rounds {
+        let chunk = traffic(100 + round, 800, Some(40));
+        broker.produce("crash", &chunk);
+        all.extend(chunk);
+        let mut child = spawn_run(&pipeline, &log);
+        let wait = rng.random_range(400..2500);
+        std::thread::sleep(Duration::from_millis(wait));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let last = traffic(999, 800, Some(40));
+    broker.produce("crash", &last);
+    all.extend(last);
+    let mut child = spawn_run(&pipeline, &log);
+    broker.wait_caught_up("crash", "crash", partitions, Duration::from_secs(120));
+    let status = terminate(&mut child);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit {status}; log:\n{stderr}");
+
+    let root = dir.path().join("data");
+    assert_exactly_once(&root, &all, false);
+    assert!(files_with_suffix(&root, ".tmp").is_empty(), "temporary files of rolled-back batches are removed");
+    let lag = broker.lag("crash", "crash", partitions);
+    assert!(lag.iter().all(|(c, h)| c == h), "consumer lag is zero: {lag:?}");
+}
+
+/// Two processes share the partitions; one leaves; the survivor takes over; exactly once.
+#[test]
+fn rebalance_between_two_processes_is_exactly_once() {
+    let broker = Broker::start();
+    let partitions = 6;
+    broker.topic("shared", partitions);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline_file(dir.path(), &broker.servers, "shared", "pair", "roll_size = \"64KiB\"\nroll_interval = \"200ms\"");
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let mut all = traffic(7, 1200, Some(60));
+    broker.produce("shared", &all);
+    let mut a = spawn_run(&pipeline, &log_a);
+    let mut b = spawn_run(&pipeline, &log_b);
+    // Wait until both members hold partitions at the same time.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let la = std::fs::read_to_string(&log_a).unwrap_or_default();
+        let lb = std::fs::read_to_string(&log_b).unwrap_or_default();
+        if last_assignment(&la).is_some_and(|n| n > 0 && n < partitions)
+            && last_assignment(&lb).is_some_and(|n| n > 0 && n < partitions)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two members never shared the partitions:\nA:\n{la}\nB:\n{lb}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let more = traffic(8, 1200, Some(60));
+    broker.produce("shared", &more);
+    all.extend(more);
+    // A leaves the group cleanly while traffic flows; B takes over its partitions.
+    let status = terminate(&mut a);
+    assert!(status.success(), "A exit {status}");
+    let last = traffic(9, 1200, Some(60));
+    broker.produce("shared", &last);
+    all.extend(last);
+    broker.wait_caught_up("pair", "shared", partitions, Duration::from_secs(120));
+    let lb = std::fs::read_to_string(&log_b).unwrap();
+    assert_eq!(last_assignment(&lb), Some(partitions), "B ends up with every partition:\n{lb}");
+    let status = terminate(&mut b);
+    assert!(status.success(), "B exit {status}");
+    assert_exactly_once(&dir.path().join("data"), &all, false);
+}
+
+/// The partition count of the last "partitions assigned" line in a log.
+fn last_assignment(log: &str) -> Option<i32> {
+    log.lines()
+        .filter(|l| l.contains("partitions assigned"))
+        .filter_map(|l| l.split("partitions=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .next_back()
+}

@@ -1,0 +1,5 @@
+//! Integration tests: one binary (see STYLE.md), real broker, real files.
+
+mod cli;
+mod kafka;
+mod support;
