@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rdkafka::mocking::MockCluster;
-use telltale::config::{KafkaSourceConfig, PipelineConfig, RejectsConfig, SinkConfig, SourceConfig};
+use telltale::config::{
+    KafkaSourceConfig, PipelineConfig, RejectsConfig, SinkConfig, SourceConfig,
+};
 use telltale::decode::{Decoder, DecoderConfig};
 use telltale::demo::TrafficGenerator;
 use telltale::event::{EventBatchBuilder, Provenance};
@@ -27,7 +29,11 @@ use telltale::telemetry::Stats;
 const T0: i64 = 1_795_752_000_000;
 
 fn payloads(n: usize) -> Vec<Vec<u8>> {
-    TrafficGenerator::new(11, T0, 3_600_000, n as u64).malformed_every(None).take(n).map(|r| r.payload).collect()
+    TrafficGenerator::new(11, T0, 3_600_000, n as u64)
+        .malformed_every(None)
+        .take(n)
+        .map(|r| r.payload)
+        .collect()
 }
 
 fn cpu_seconds() -> f64 {
@@ -45,7 +51,12 @@ fn decode(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n as u64));
     g.sample_size(20);
     let decoder = Decoder::new(DecoderConfig::default());
-    let src = Provenance { format: "", topic: "bench", partition: 0, offset: 0 };
+    let src = Provenance {
+        format: "",
+        topic: "bench",
+        partition: 0,
+        offset: 0,
+    };
     let dir = tempfile::tempdir().unwrap();
     let sink = SinkConfig::default();
     let label = format!("{mean}B");
@@ -75,18 +86,21 @@ fn decode(c: &mut Criterion) {
             std::hint::black_box(builder.finish())
         })
     });
-    g.bench_function(BenchmarkId::new("decode_arrow_parquet_zstd1", &label), |b| {
-        let mut builder = EventBatchBuilder::new();
-        let path = dir.path().join("bench.parquet");
-        b.iter(|| {
-            for p in &input {
-                let d = decoder.decode(Some(p), None).unwrap();
-                builder.append(&d.event, &src);
-            }
-            let batch = builder.finish();
-            write_parquet(&path, &batch, Table::Events, &sink).unwrap()
-        })
-    });
+    g.bench_function(
+        BenchmarkId::new("decode_arrow_parquet_zstd1", &label),
+        |b| {
+            let mut builder = EventBatchBuilder::new();
+            let path = dir.path().join("bench.parquet");
+            b.iter(|| {
+                for p in &input {
+                    let d = decoder.decode(Some(p), None).unwrap();
+                    builder.append(&d.event, &src);
+                }
+                let batch = builder.finish();
+                write_parquet(&path, &batch, Table::Events, &sink).unwrap()
+            })
+        },
+    );
     g.finish();
 }
 
@@ -97,8 +111,17 @@ fn end_to_end(c: &mut Criterion) {
     cluster.create_topic("bench", partitions, 1).unwrap();
     let servers = cluster.bootstrap_servers();
     let producer = telltale::replay::producer(&servers, &[]).unwrap();
-    for r in TrafficGenerator::new(5, T0, 3_600_000, n).malformed_every(None).take(n as usize) {
-        telltale::replay::send(&producer, "bench", r.key.as_deref().map(str::as_bytes), &r.payload).unwrap();
+    for r in TrafficGenerator::new(5, T0, 3_600_000, n)
+        .malformed_every(None)
+        .take(n as usize)
+    {
+        telltale::replay::send(
+            &producer,
+            "bench",
+            r.key.as_deref().map(str::as_bytes),
+            &r.payload,
+        )
+        .unwrap();
     }
     telltale::replay::finish(&producer, n).unwrap();
     drop(producer);
@@ -126,8 +149,14 @@ fn end_to_end(c: &mut Criterion) {
                         properties: [("fetch.wait.max.ms".to_owned(), "10".to_owned())].into(),
                     }),
                     decode: DecoderConfig::default(),
-                    rejects: RejectsConfig { max_raw_bytes: 65536 },
-                    sink: SinkConfig { roll_size: 16 << 20, roll_interval: Duration::from_millis(500), ..SinkConfig::default() },
+                    rejects: RejectsConfig {
+                        max_raw_bytes: 65536,
+                    },
+                    sink: SinkConfig {
+                        roll_size: 16 << 20,
+                        roll_interval: Duration::from_millis(500),
+                        ..SinkConfig::default()
+                    },
                 };
                 let stats = Arc::new(Stats::default());
                 let shutdown = Shutdown::new();

@@ -13,8 +13,8 @@ use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, Float64Builder, Int32Builder, Int64Builder, MapBuilder, MapFieldNames,
-    RecordBatch, StringBuilder, TimestampMillisecondBuilder,
+    ArrayRef, Float64Builder, Int32Builder, Int64Builder, MapBuilder, MapFieldNames, RecordBatch,
+    StringBuilder, TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
@@ -107,7 +107,11 @@ impl LlmEvent<'_> {
             feedback: self.feedback,
             feedback_for: oo(self.feedback_for),
             expected: oo(self.expected),
-            attributes: self.attributes.into_iter().map(|(k, v)| (o(k), o(v))).collect(),
+            attributes: self
+                .attributes
+                .into_iter()
+                .map(|(k, v)| (o(k), o(v)))
+                .collect(),
         }
     }
 
@@ -219,8 +223,15 @@ pub fn event_schema() -> SchemaRef {
 }
 
 /// Columns holding long, mostly unique text: dictionary encoding only costs time on them.
-pub const EVENT_TEXT_COLUMNS: &[&str] =
-    &["event_id", "input", "input_messages", "output", "system", "expected", "session_id"];
+pub const EVENT_TEXT_COLUMNS: &[&str] = &[
+    "event_id",
+    "input",
+    "input_messages",
+    "output",
+    "system",
+    "expected",
+    "session_id",
+];
 
 /// Accumulates events into Arrow column builders.
 pub struct EventBatchBuilder {
@@ -339,13 +350,17 @@ impl EventBatchBuilder {
         self.feedback_for.append_option(e.feedback_for.as_deref());
         self.expected.append_option(e.expected.as_deref());
         if e.attributes.is_empty() {
-            self.attributes.append(false).expect("map builder keys and values stay aligned");
+            self.attributes
+                .append(false)
+                .expect("map builder keys and values stay aligned");
         } else {
             for (k, v) in &e.attributes {
                 self.attributes.keys().append_value(k);
                 self.attributes.values().append_value(v);
             }
-            self.attributes.append(true).expect("map builder keys and values stay aligned");
+            self.attributes
+                .append(true)
+                .expect("map builder keys and values stay aligned");
         }
         self.source_format.append_value(src.format);
         self.source_topic.append_value(src.topic);
@@ -356,8 +371,18 @@ impl EventBatchBuilder {
 
     /// Takes the accumulated rows as a batch and leaves the builder empty.
     pub fn finish(&mut self) -> RecordBatch {
-        let [app, environment, operation, provider, model, response_model, prompt_id, prompt_version, variant, experiment] =
-            &mut self.dims;
+        let [
+            app,
+            environment,
+            operation,
+            provider,
+            model,
+            response_model,
+            prompt_id,
+            prompt_version,
+            variant,
+            experiment,
+        ] = &mut self.dims;
         let [input, input_messages, output, system] = &mut self.texts;
         let [it, ot, crt, cwt, rt] = &mut self.tokens;
         let columns: Vec<ArrayRef> = vec![
@@ -422,9 +447,21 @@ mod tests {
             attributes: vec![("region".into(), "eu".into())],
             ..Default::default()
         };
-        let src = Provenance { format: "telltale", topic: "t", partition: 3, offset: 42 };
+        let src = Provenance {
+            format: "telltale",
+            topic: "t",
+            partition: 3,
+            offset: 42,
+        };
         b.append(&e, &src);
-        b.append(&LlmEvent { event_id: "b".into(), status: "error".into(), ..Default::default() }, &src);
+        b.append(
+            &LlmEvent {
+                event_id: "b".into(),
+                status: "error".into(),
+                ..Default::default()
+            },
+            &src,
+        );
         let batch = b.finish();
         assert_eq!(batch.num_rows(), 2);
         assert_eq!(batch.schema(), event_schema());
@@ -440,12 +477,27 @@ mod tests {
     /// The published JSON Schema and the Parquet columns describe the same fields.
     #[test]
     fn json_schema_matches_columns() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/llm_event.v1.schema.json");
-        let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let mut documented: Vec<&str> = schema["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/llm_event.v1.schema.json"
+        );
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut documented: Vec<&str> = schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         documented.sort_unstable();
         // Columns that telltale derives rather than reads.
-        let derived = ["input_messages", "source_format", "source_topic", "source_partition", "source_offset"];
+        let derived = [
+            "input_messages",
+            "source_format",
+            "source_topic",
+            "source_partition",
+            "source_offset",
+        ];
         let schema_ref = event_schema();
         let mut columns: Vec<&str> = schema_ref
             .fields()
@@ -455,6 +507,9 @@ mod tests {
             .collect();
         columns.sort_unstable();
         assert_eq!(documented, columns);
-        assert_eq!(schema["required"], serde_json::json!(["event_id", "timestamp"]));
+        assert_eq!(
+            schema["required"],
+            serde_json::json!(["event_id", "timestamp"])
+        );
     }
 }

@@ -16,7 +16,11 @@ use telltale::telemetry::{self, Stats};
 use telltale::{demo, replay};
 
 #[derive(Parser)]
-#[command(name = "telltale", version, about = "Watches production LLM traffic: Kafka in, Parquet and SQL out")]
+#[command(
+    name = "telltale",
+    version,
+    about = "Watches production LLM traffic: Kafka in, Parquet and SQL out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,9 +29,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline until interrupted (Kafka) or until its input ends (files).
-    #[command(after_help = "Examples:\n  telltale run --pipeline pipelines/default.toml\n  \
+    #[command(
+        after_help = "Examples:\n  telltale run --pipeline pipelines/default.toml\n  \
         telltale run --pipeline pipelines/default.toml --source 'file:logs/*.jsonl.gz'\n\n\
-        SIGINT/SIGTERM: buffers are written, offsets committed, exit 0. A second signal exits at once.")]
+        SIGINT/SIGTERM: buffers are written, offsets committed, exit 0. A second signal exits at once."
+    )]
     Run {
         /// The pipeline file (TOML).
         #[arg(long, short)]
@@ -37,7 +43,9 @@ enum Command {
         source: Option<String>,
     },
     /// Send JSON Lines files (plain or gzip) to a Kafka topic, one record per line.
-    #[command(after_help = "Example:\n  telltale replay 'exports/*.jsonl.gz' --topic llm-events --brokers 127.0.0.1:9092 --rate 5000")]
+    #[command(
+        after_help = "Example:\n  telltale replay 'exports/*.jsonl.gz' --topic llm-events --brokers 127.0.0.1:9092 --rate 5000"
+    )]
     Replay {
         /// A file, a glob, or - for stdin.
         input: String,
@@ -59,9 +67,11 @@ enum Command {
         quiet: bool,
     },
     /// Run SQL over the Parquet tables (events, rejects, …) with DataFusion.
-    #[command(after_help = "Examples:\n  telltale sql \"SELECT count(*) FROM events\"\n  \
+    #[command(
+        after_help = "Examples:\n  telltale sql \"SELECT count(*) FROM events\"\n  \
         telltale sql --format csv \"SELECT app, model, count(*) FROM events GROUP BY 1, 2\" > counts.csv\n  \
-        echo \"SELECT reason, count(*) FROM rejects GROUP BY 1\" | telltale sql --data-dir /data/telltale")]
+        echo \"SELECT reason, count(*) FROM rejects GROUP BY 1\" | telltale sql --data-dir /data/telltale"
+    )]
     Sql {
         /// The statement; read from stdin when absent.
         sql: Option<String>,
@@ -87,7 +97,9 @@ enum Command {
         offline: bool,
     },
     /// Run the whole pipeline on generated traffic with an in-process broker; no setup needed.
-    #[command(after_help = "Example:\n  telltale demo\n  telltale sql \"SELECT app, count(*) FROM events GROUP BY app\"")]
+    #[command(
+        after_help = "Example:\n  telltale demo\n  telltale sql \"SELECT app, count(*) FROM events GROUP BY app\""
+    )]
     Demo {
         /// Where the demo writes its tables (replaced on each run if a demo made it).
         #[arg(long, default_value = "./telltale-data")]
@@ -108,7 +120,12 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 fn main() {
     let cli = Cli::parse();
-    telemetry::init_logging("info");
+    // The demo prints its own summary; its logs would only interleave with it.
+    telemetry::init_logging(if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -123,11 +140,27 @@ fn main() {
 async fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Run { pipeline, source } => run(&pipeline, source.as_deref()).await,
-        Command::Replay { input, topic, brokers, rate, key_field, property, quiet } => {
+        Command::Replay {
+            input,
+            topic,
+            brokers,
+            rate,
+            key_field,
+            property,
+            quiet,
+        } => {
             if rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
                 bail!("--rate must be a positive number of records per second");
             }
-            let opts = replay::ReplayOptions { input, topic, brokers, rate, key_field, properties: property, progress: !quiet };
+            let opts = replay::ReplayOptions {
+                input,
+                topic,
+                brokers,
+                rate,
+                key_field,
+                properties: property,
+                progress: !quiet,
+            };
             let report = tokio::task::spawn_blocking(move || replay::replay(&opts)).await??;
             eprintln!(
                 "sent {} records ({:.1} MiB) in {:.1} s ({:.0} records/s)",
@@ -138,7 +171,13 @@ async fn dispatch(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Sql { sql, data_dir, pipeline, format, max_width } => {
+        Command::Sql {
+            sql,
+            data_dir,
+            pipeline,
+            format,
+            max_width,
+        } => {
             let root = match (data_dir, pipeline) {
                 (Some(d), _) => d,
                 (None, Some(p)) => PipelineConfig::load(&p)?.data_root,
@@ -148,7 +187,9 @@ async fn dispatch(command: Command) -> Result<()> {
                 Some(s) => s,
                 None => {
                     let mut s = String::new();
-                    std::io::stdin().read_to_string(&mut s).context("reading SQL from stdin")?;
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading SQL from stdin")?;
                     s
                 }
             };
@@ -156,7 +197,10 @@ async fn dispatch(command: Command) -> Result<()> {
                 bail!("no SQL given (pass it as an argument or on stdin)");
             }
             if !root.exists() {
-                eprintln!("note: {} does not exist yet; tables are empty (run `telltale demo` or `telltale run` first)", root.display());
+                eprintln!(
+                    "note: {} does not exist yet; tables are empty (run `telltale demo` or `telltale run` first)",
+                    root.display()
+                );
             }
             let batches = query::run_sql(&root, &sql).await?;
             let mut out = std::io::stdout().lock();
@@ -165,8 +209,17 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Check { pipeline, offline } => check(&pipeline, offline).await,
-        Command::Demo { data_dir, records, seed } => {
-            let opts = demo::DemoOptions { data_dir, records, seed, ..Default::default() };
+        Command::Demo {
+            data_dir,
+            records,
+            seed,
+        } => {
+            let opts = demo::DemoOptions {
+                data_dir,
+                records,
+                seed,
+                ..Default::default()
+            };
             let mut out = std::io::stdout();
             demo::run(opts, &mut out).await?;
             Ok(())
@@ -177,7 +230,8 @@ async fn dispatch(command: Command) -> Result<()> {
 /// First signal: graceful shutdown. Second: exit at once.
 fn install_signals(shutdown: Shutdown) {
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let mut count = 0;
         loop {
             tokio::select! {
@@ -186,10 +240,14 @@ fn install_signals(shutdown: Shutdown) {
             }
             count += 1;
             if count == 1 {
-                tracing::info!("shutting down: writing buffers and committing offsets (signal again to exit at once)");
+                tracing::info!(
+                    "shutting down: writing buffers and committing offsets (signal again to exit at once)"
+                );
                 shutdown.trigger();
             } else {
-                eprintln!("exiting without flushing; uncommitted records will be read again on restart");
+                eprintln!(
+                    "exiting without flushing; uncommitted records will be read again on restart"
+                );
                 std::process::exit(130);
             }
         }
@@ -199,10 +257,13 @@ fn install_signals(shutdown: Shutdown) {
 async fn run(pipeline: &Path, source: Option<&str>) -> Result<()> {
     let mut config = PipelineConfig::load(pipeline)?;
     if let Some(s) = source {
-        let path = s.strip_prefix("file:").with_context(|| format!("--source {s:?}: expected file:PATH, file:GLOB or file:-"))?;
+        let path = s
+            .strip_prefix("file:")
+            .with_context(|| format!("--source {s:?}: expected file:PATH, file:GLOB or file:-"))?;
         config = config.with_file_source(path);
     }
-    std::fs::create_dir_all(&config.data_root).with_context(|| format!("creating data root {}", config.data_root.display()))?;
+    std::fs::create_dir_all(&config.data_root)
+        .with_context(|| format!("creating data root {}", config.data_root.display()))?;
     let stats = Arc::new(Stats::default());
     let shutdown = Shutdown::new();
     install_signals(shutdown.clone());
@@ -216,14 +277,21 @@ async fn run(pipeline: &Path, source: Option<&str>) -> Result<()> {
 
 async fn check(pipeline: &Path, offline: bool) -> Result<()> {
     let config = PipelineConfig::load(pipeline)?;
-    println!("ok   {}: valid pipeline {:?}", pipeline.display(), config.name);
+    println!(
+        "ok   {}: valid pipeline {:?}",
+        pipeline.display(),
+        config.name
+    );
     if offline {
         return Ok(());
     }
     let mut failures = 0;
     let root = &config.data_root;
     let probe = root.join(".telltale-write-probe");
-    match std::fs::create_dir_all(root).and_then(|_| std::fs::write(&probe, b"probe")).and_then(|_| std::fs::remove_file(&probe)) {
+    match std::fs::create_dir_all(root)
+        .and_then(|_| std::fs::write(&probe, b"probe"))
+        .and_then(|_| std::fs::remove_file(&probe))
+    {
         Ok(()) => println!("ok   data root {} is writable", root.display()),
         Err(e) => {
             failures += 1;
@@ -236,10 +304,17 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
             let result = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
                 let consumer: BaseConsumer = ingest::kafka::client_config(&k).create()?;
                 let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
-                let mut lines = vec![format!("ok   brokers {} reachable ({} broker(s))", k.brokers, md.brokers().len())];
+                let mut lines = vec![format!(
+                    "ok   brokers {} reachable ({} broker(s))",
+                    k.brokers,
+                    md.brokers().len()
+                )];
                 for t in &k.topics {
                     match md.topics().iter().find(|mt| mt.name() == t) {
-                        Some(mt) if mt.error().is_none() => lines.push(format!("ok   topic {t}: {} partitions", mt.partitions().len())),
+                        Some(mt) if mt.error().is_none() => lines.push(format!(
+                            "ok   topic {t}: {} partitions",
+                            mt.partitions().len()
+                        )),
                         _ => lines.push(format!("FAIL topic {t} does not exist on {}", k.brokers)),
                     }
                 }

@@ -3,8 +3,8 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMillisecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, RecordBatch,
+    StringBuilder, TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
@@ -18,7 +18,11 @@ static REJECT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("topic", DataType::Utf8, false),
         Field::new("partition", DataType::Int32, false),
         Field::new("offset", DataType::Int64, false),
-        Field::new("record_timestamp", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), true),
+        Field::new(
+            "record_timestamp",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
         Field::new("key", DataType::Binary, true),
         Field::new("raw", DataType::Binary, true),
         Field::new("raw_size", DataType::Int64, false),
@@ -92,9 +96,11 @@ impl RejectBatchBuilder {
         self.partition.append_value(rec.partition);
         self.offset.append_value(rec.offset);
         self.timestamp.append_option(rec.timestamp_ms);
-        self.key.append_option(rec.key.map(|k| &k[..k.len().min(self.max_raw_bytes)]));
+        self.key
+            .append_option(rec.key.map(|k| &k[..k.len().min(self.max_raw_bytes)]));
         let size = rec.payload.map_or(0, <[u8]>::len);
-        self.raw.append_option(rec.payload.map(|p| &p[..size.min(self.max_raw_bytes)]));
+        self.raw
+            .append_option(rec.payload.map(|p| &p[..size.min(self.max_raw_bytes)]));
         self.raw_size.append_value(size as i64);
         self.raw_truncated.append_value(size > self.max_raw_bytes);
         self.len += 1;
@@ -115,6 +121,7 @@ impl RejectBatchBuilder {
             Arc::new(self.raw_truncated.finish()),
         ];
         self.len = 0;
-        RecordBatch::try_new(reject_schema(), columns).expect("builder columns follow reject_schema()")
+        RecordBatch::try_new(reject_schema(), columns)
+            .expect("builder columns follow reject_schema()")
     }
 }

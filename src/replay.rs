@@ -20,8 +20,14 @@ pub enum ReplayError {
     Input(#[from] IngestError),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("{failed} of {sent} records were not acknowledged by the broker (first error: {first_error})")]
-    Undelivered { sent: u64, failed: u64, first_error: String },
+    #[error(
+        "{failed} of {sent} records were not acknowledged by the broker (first error: {first_error})"
+    )]
+    Undelivered {
+        sent: u64,
+        failed: u64,
+        first_error: String,
+    },
 }
 
 /// Counts delivery failures reported by librdkafka's delivery callbacks.
@@ -51,7 +57,10 @@ impl ProducerContext for DeliveryCounter {
 }
 
 /// An idempotent producer with delivery accounting.
-pub fn producer(brokers: &str, properties: &[(String, String)]) -> Result<BaseProducer<DeliveryCounter>, KafkaError> {
+pub fn producer(
+    brokers: &str,
+    properties: &[(String, String)],
+) -> Result<BaseProducer<DeliveryCounter>, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -65,7 +74,12 @@ pub fn producer(brokers: &str, properties: &[(String, String)]) -> Result<BasePr
 }
 
 /// Sends one record, waiting for queue space when librdkafka's local queue is full.
-pub fn send(producer: &BaseProducer<DeliveryCounter>, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> Result<(), KafkaError> {
+pub fn send(
+    producer: &BaseProducer<DeliveryCounter>,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+) -> Result<(), KafkaError> {
     let mut record = BaseRecord::to(topic).payload(payload);
     if let Some(k) = key {
         record = record.key(k);
@@ -88,8 +102,17 @@ pub fn finish(producer: &BaseProducer<DeliveryCounter>, sent: u64) -> Result<(),
     let ctx = producer.context();
     let failed = ctx.failed.load(Ordering::Relaxed);
     if failed > 0 {
-        let first_error = ctx.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
-        return Err(ReplayError::Undelivered { sent, failed, first_error });
+        let first_error = ctx
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        return Err(ReplayError::Undelivered {
+            sent,
+            failed,
+            first_error,
+        });
     }
     Ok(())
 }
@@ -128,8 +151,10 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {human_pos} records ({per_sec}) {msg}")
-                .expect("the template is valid"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} {human_pos} records ({per_sec}) {msg}",
+            )
+            .expect("the template is valid"),
         );
         b.enable_steady_tick(Duration::from_millis(200));
         Some(b)
@@ -149,7 +174,10 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
             line.clear();
             let n = reader
                 .read_until(b'\n', &mut line)
-                .map_err(|source| IngestError::Io { path: path.display().to_string(), source })?;
+                .map_err(|source| IngestError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?;
             if n == 0 {
                 break;
             }
@@ -186,5 +214,9 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    Ok(ReplayReport { records, bytes, elapsed: started.elapsed() })
+    Ok(ReplayReport {
+        records,
+        bytes,
+        elapsed: started.elapsed(),
+    })
 }

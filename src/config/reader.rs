@@ -14,7 +14,10 @@ pub struct Errors(pub Vec<ConfigError>);
 
 impl Errors {
     pub fn push(&mut self, path: &str, message: impl Into<String>) {
-        self.0.push(ConfigError { path: path.to_owned(), message: message.into() });
+        self.0.push(ConfigError {
+            path: path.to_owned(),
+            message: message.into(),
+        });
     }
 }
 
@@ -25,7 +28,11 @@ pub struct Obj {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn type_name(v: &toml::Value) -> &'static str {
@@ -42,7 +49,11 @@ fn type_name(v: &toml::Value) -> &'static str {
 
 impl Obj {
     pub fn new(path: impl Into<String>, map: toml::Table) -> Obj {
-        Obj { path: path.into(), map, known: Vec::new() }
+        Obj {
+            path: path.into(),
+            map,
+            known: Vec::new(),
+        }
     }
 
     pub fn path_of(&self, key: &str) -> String {
@@ -62,7 +73,10 @@ impl Obj {
         match self.take(key)? {
             toml::Value::String(s) => Some(s),
             other => {
-                e.push(&self.path_of(key), format!("expected a string, got {}", type_name(&other)));
+                e.push(
+                    &self.path_of(key),
+                    format!("expected a string, got {}", type_name(&other)),
+                );
                 None
             }
         }
@@ -72,7 +86,12 @@ impl Obj {
         self.string(e, key).unwrap_or_else(|| default.to_owned())
     }
 
-    pub fn required_string(&mut self, e: &mut Errors, key: &'static str, hint: &str) -> Option<String> {
+    pub fn required_string(
+        &mut self,
+        e: &mut Errors,
+        key: &'static str,
+        hint: &str,
+    ) -> Option<String> {
         let present = self.has(key);
         let v = self.string(e, key);
         if !present {
@@ -88,15 +107,27 @@ impl Obj {
         })
     }
 
-    pub fn integer(&mut self, e: &mut Errors, key: &'static str, min: i64, max: i64) -> Option<i64> {
+    pub fn integer(
+        &mut self,
+        e: &mut Errors,
+        key: &'static str,
+        min: i64,
+        max: i64,
+    ) -> Option<i64> {
         match self.take(key)? {
             toml::Value::Integer(i) if (min..=max).contains(&i) => Some(i),
             toml::Value::Integer(i) => {
-                e.push(&self.path_of(key), format!("{i} is out of range (expected {min} to {max})"));
+                e.push(
+                    &self.path_of(key),
+                    format!("{i} is out of range (expected {min} to {max})"),
+                );
                 None
             }
             other => {
-                e.push(&self.path_of(key), format!("expected an integer, got {}", type_name(&other)));
+                e.push(
+                    &self.path_of(key),
+                    format!("expected an integer, got {}", type_name(&other)),
+                );
                 None
             }
         }
@@ -111,13 +142,19 @@ impl Obj {
                 for (i, item) in items.into_iter().enumerate() {
                     match item {
                         toml::Value::String(s) => out.push(s),
-                        other => e.push(&format!("{path}[{i}]"), format!("expected a string, got {}", type_name(&other))),
+                        other => e.push(
+                            &format!("{path}[{i}]"),
+                            format!("expected a string, got {}", type_name(&other)),
+                        ),
                     }
                 }
                 Some(out)
             }
             other => {
-                e.push(&path, format!("expected a list of strings, got {}", type_name(&other)));
+                e.push(
+                    &path,
+                    format!("expected a list of strings, got {}", type_name(&other)),
+                );
                 None
             }
         }
@@ -149,7 +186,10 @@ impl Obj {
                     }
                 }
             }
-            Some(other) => e.push(&path, format!("expected a table, got {}", type_name(&other))),
+            Some(other) => e.push(
+                &path,
+                format!("expected a table, got {}", type_name(&other)),
+            ),
         }
         out
     }
@@ -163,7 +203,13 @@ impl Obj {
                 default
             }),
             Some(other) => {
-                e.push(&path, format!("expected a duration string such as \"30s\", got {}", type_name(&other)));
+                e.push(
+                    &path,
+                    format!(
+                        "expected a duration string such as \"30s\", got {}",
+                        type_name(&other)
+                    ),
+                );
                 default
             }
         }
@@ -179,7 +225,13 @@ impl Obj {
             }),
             Some(toml::Value::Integer(i)) if i >= 0 => i as u64,
             Some(other) => {
-                e.push(&path, format!("expected a size string such as \"128MiB\", got {}", type_name(&other)));
+                e.push(
+                    &path,
+                    format!(
+                        "expected a size string such as \"128MiB\", got {}",
+                        type_name(&other)
+                    ),
+                );
                 default
             }
         }
@@ -191,7 +243,10 @@ impl Obj {
         match self.take(key)? {
             toml::Value::Table(t) => Some(Obj::new(path, t)),
             other => {
-                e.push(&path, format!("expected a table, got {}", type_name(&other)));
+                e.push(
+                    &path,
+                    format!("expected a table, got {}", type_name(&other)),
+                );
                 None
             }
         }
@@ -228,7 +283,9 @@ impl Obj {
 /// Parses "250ms", "30s", "5m", "1h", "2d".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num
         .parse()
@@ -239,7 +296,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
-        _ => return Err(format!("{s:?} is not a duration (expected a unit of ms, s, m, h or d, e.g. \"30s\")")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration (expected a unit of ms, s, m, h or d, e.g. \"30s\")"
+            ));
+        }
     };
     Ok(Duration::from_secs_f64(secs))
 }
@@ -247,7 +308,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses "512", "64KiB", "128MiB", "1GiB", "10MB", "1GB".
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num
         .parse()
@@ -260,7 +323,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KB" | "kB" => 1e3,
         "MB" => 1e6,
         "GB" => 1e9,
-        _ => return Err(format!("{s:?} is not a size (expected a unit of B, KiB, MiB, GiB, KB, MB or GB)")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size (expected a unit of B, KiB, MiB, GiB, KB, MB or GB)"
+            ));
+        }
     };
     Ok((value * mult) as u64)
 }
@@ -297,7 +364,9 @@ fn interpolate_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Stri
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
         let expr = &after[..end];
         let (name, default) = match expr.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -331,8 +400,16 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
-        assert!(parse_duration("5x").unwrap_err().contains("expected a unit"));
-        assert!(parse_duration("soon").unwrap_err().contains("is not a duration"));
+        assert!(
+            parse_duration("5x")
+                .unwrap_err()
+                .contains("expected a unit")
+        );
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("is not a duration")
+        );
         assert_eq!(parse_size("128MiB").unwrap(), 128 << 20);
         assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
         assert_eq!(parse_size("512").unwrap(), 512);
@@ -344,7 +421,15 @@ mod tests {
         let env = |k: &str| (k == "HOST").then(|| "kafka:9092".to_owned());
         assert_eq!(interpolate_str("${HOST}", &env).unwrap(), "kafka:9092");
         assert_eq!(interpolate_str("x-${MISSING:-d}-y", &env).unwrap(), "x-d-y");
-        assert!(interpolate_str("${MISSING}", &env).unwrap_err().contains("MISSING is not set"));
-        assert!(interpolate_str("${HOST", &env).unwrap_err().contains("unclosed"));
+        assert!(
+            interpolate_str("${MISSING}", &env)
+                .unwrap_err()
+                .contains("MISSING is not set")
+        );
+        assert!(
+            interpolate_str("${HOST", &env)
+                .unwrap_err()
+                .contains("unclosed")
+        );
     }
 }

@@ -22,8 +22,13 @@ fn minimal_file_gets_defaults() {
     assert_eq!(c.data_root, PathBuf::from("./telltale-data"));
     assert_eq!(c.sink, SinkConfig::default());
     assert_eq!(c.decode.format, Format::Auto);
-    let SourceConfig::Kafka(k) = c.source else { panic!("kafka source expected") };
-    assert_eq!((k.group_id.as_str(), k.start_from.as_str()), ("telltale", "earliest"));
+    let SourceConfig::Kafka(k) = c.source else {
+        panic!("kafka source expected")
+    };
+    assert_eq!(
+        (k.group_id.as_str(), k.start_from.as_str()),
+        ("telltale", "earliest")
+    );
 }
 
 #[test]
@@ -49,7 +54,9 @@ roll_interval = "5x"
 queue_depth = 0
 "#;
     let err = load(text).unwrap_err();
-    let ConfigLoadError::Invalid { errors, .. } = &err else { panic!("{err}") };
+    let ConfigLoadError::Invalid { errors, .. } = &err else {
+        panic!("{err}")
+    };
     let got: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     let expected = [
         "pipeline.nmae: unknown key (did you mean `name`?)",
@@ -64,8 +71,14 @@ queue_depth = 0
     ];
     assert_eq!(got, expected);
     let shown = err.to_string();
-    assert!(shown.starts_with("p.toml: 9 errors in pipeline config"), "{shown}");
-    assert!(shown.contains("\n  p.toml: sink.queue_depth: 0 is out of range"), "{shown}");
+    assert!(
+        shown.starts_with("p.toml: 9 errors in pipeline config"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("\n  p.toml: sink.queue_depth: 0 is out of range"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -79,8 +92,13 @@ brokers = "${BROKERS}"
 topics = ["${TOPIC}"]
 "#;
     let env = |k: &str| (k == "BROKERS").then(|| "k1:9092,k2:9092".to_owned());
-    let err = PipelineConfig::from_str_with_env(text, "p.toml", &env).unwrap_err().to_string();
-    assert!(err.contains("source.topics[0]: environment variable TOPIC is not set"), "{err}");
+    let err = PipelineConfig::from_str_with_env(text, "p.toml", &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("source.topics[0]: environment variable TOPIC is not set"),
+        "{err}"
+    );
     let env = |k: &str| match k {
         "BROKERS" => Some("k1:9092,k2:9092".to_owned()),
         "TOPIC" => Some("llm".to_owned()),
@@ -88,19 +106,41 @@ topics = ["${TOPIC}"]
     };
     let c = PipelineConfig::from_str_with_env(text, "p.toml", &env).unwrap();
     assert_eq!(c.data_root, PathBuf::from("/var/lib/telltale"));
-    let SourceConfig::Kafka(k) = c.source else { panic!() };
-    assert_eq!((k.brokers.as_str(), k.topics), ("k1:9092,k2:9092", vec!["llm".to_owned()]));
+    let SourceConfig::Kafka(k) = c.source else {
+        panic!()
+    };
+    assert_eq!(
+        (k.brokers.as_str(), k.topics),
+        ("k1:9092,k2:9092", vec!["llm".to_owned()])
+    );
 }
 
 #[test]
 fn file_source_and_unknown_type() {
     let c = load("[source]\ntype = \"file\"\npath = \"logs/*.jsonl.gz\"\n").unwrap();
-    assert_eq!(c.source, SourceConfig::File(FileSourceConfig { path: "logs/*.jsonl.gz".into() }));
-    let err = load("[source]\ntype = \"file\"\npath = \"x\"\nbrokers = \"b\"\n").unwrap_err().to_string();
+    assert_eq!(
+        c.source,
+        SourceConfig::File(FileSourceConfig {
+            path: "logs/*.jsonl.gz".into()
+        })
+    );
+    let err = load("[source]\ntype = \"file\"\npath = \"x\"\nbrokers = \"b\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("source.brokers: unknown key"), "{err}");
-    let err = load("[source]\ntype = \"kinesis\"\nbrokers = \"b\"\n").unwrap_err().to_string();
-    assert!(err.contains("source.type: unknown source type \"kinesis\" (expected \"kafka\" or \"file\")"), "{err}");
-    assert!(!err.contains("brokers"), "keys of an unknown source type are not reported: {err}");
+    let err = load("[source]\ntype = \"kinesis\"\nbrokers = \"b\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "source.type: unknown source type \"kinesis\" (expected \"kafka\" or \"file\")"
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("brokers"),
+        "keys of an unknown source type are not reported: {err}"
+    );
 }
 
 #[test]
@@ -124,15 +164,23 @@ fn shipped_pipelines_load() {
             seen += 1;
         }
     }
-    assert!(seen >= 2, "expected default.toml and demo.toml, found {seen} files");
+    assert!(
+        seen >= 2,
+        "expected default.toml and demo.toml, found {seen} files"
+    );
 }
 
 /// The deliberately broken example gets exactly these messages.
 #[test]
 fn broken_example_reports_exact_errors() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/broken-pipeline.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/broken-pipeline.toml"
+    );
     let err = PipelineConfig::load(std::path::Path::new(path)).unwrap_err();
-    let ConfigLoadError::Invalid { errors, .. } = err else { panic!("expected validation errors") };
+    let ConfigLoadError::Invalid { errors, .. } = err else {
+        panic!("expected validation errors")
+    };
     let got: Vec<String> = errors.iter().map(ToString::to_string).collect();
     assert_eq!(
         got,
@@ -140,7 +188,7 @@ fn broken_example_reports_exact_errors() {
             "source.brokers: is required (e.g. \"kafka-1:9092,kafka-2:9092\")",
             "source.group: unknown key (did you mean `group_id`?)",
             "sink.roll_size: \"big\" is not a size (expected e.g. \"64KiB\", \"128MiB\")",
-            "sink.compression: unknown key (known keys: max_buffered, queue_depth, roll_interval, roll_size, row_group_rows, zstd_level)",
+            "sink.compression: unknown key (known keys: debug_commit_delay, max_buffered, queue_depth, roll_interval, roll_size, row_group_rows, zstd_level)",
         ]
     );
 }

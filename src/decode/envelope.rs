@@ -93,12 +93,24 @@ pub struct Envelope<'a> {
 }
 
 /// Parses a nested value, reporting a type error with its path (`response.usage.prompt_tokens`).
-fn nested<'a, T: Deserialize<'a>>(raw: &'a RawValue, field: &str, format: &'static str) -> Result<T, DecodeError> {
+fn nested<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    field: &str,
+    format: &'static str,
+) -> Result<T, DecodeError> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." { field.to_owned() } else { format!("{field}.{path}") };
-        DecodeError::new(RejectReason::WrongType, format, format!("`{path}`: {}", e.into_inner()))
+        let path = if path == "." {
+            field.to_owned()
+        } else {
+            format!("{field}.{path}")
+        };
+        DecodeError::new(
+            RejectReason::WrongType,
+            format,
+            format!("`{path}`: {}", e.into_inner()),
+        )
     })
 }
 
@@ -118,12 +130,22 @@ fn classify(err: serde_json::Error, text: &str) -> DecodeError {
             };
             DecodeError::new(RejectReason::WrongType, "unknown", msg)
         }
-        _ => DecodeError::new(RejectReason::InvalidJson, "unknown", format!("not valid JSON: {err}")),
+        _ => DecodeError::new(
+            RejectReason::InvalidJson,
+            "unknown",
+            format!("not valid JSON: {err}"),
+        ),
     }
 }
 
 fn required<T>(v: Option<T>, field: &str, format: &'static str) -> Result<T, DecodeError> {
-    v.ok_or_else(|| DecodeError::new(RejectReason::MissingField, format, format!("`{field}` is required")))
+    v.ok_or_else(|| {
+        DecodeError::new(
+            RejectReason::MissingField,
+            format,
+            format!("`{field}` is required"),
+        )
+    })
 }
 
 fn non_empty(v: Option<Cow<'_, str>>) -> Option<Cow<'_, str>> {
@@ -136,18 +158,29 @@ fn status<'a>(
     format: &'static str,
 ) -> Result<Cow<'a, str>, DecodeError> {
     match given {
-        None => Ok(Cow::Borrowed(if error_type.is_some() { "error" } else { "ok" })),
+        None => Ok(Cow::Borrowed(if error_type.is_some() {
+            "error"
+        } else {
+            "ok"
+        })),
         Some(s) if s.eq_ignore_ascii_case("ok") => Ok(Cow::Borrowed("ok")),
         Some(s) if s.eq_ignore_ascii_case("error") => Ok(Cow::Borrowed("error")),
         Some(s) => Err(DecodeError::new(
             RejectReason::InvalidValue,
             format,
-            format!("`status` must be \"ok\" or \"error\", got {:?}", text::short(&s)),
+            format!(
+                "`status` must be \"ok\" or \"error\", got {:?}",
+                text::short(&s)
+            ),
         )),
     }
 }
 
-fn non_negative(name: &str, v: Option<i64>, format: &'static str) -> Result<Option<i64>, DecodeError> {
+fn non_negative(
+    name: &str,
+    v: Option<i64>,
+    format: &'static str,
+) -> Result<Option<i64>, DecodeError> {
     match v {
         Some(n) if n < 0 => Err(DecodeError::new(
             RejectReason::InvalidValue,
@@ -158,7 +191,11 @@ fn non_negative(name: &str, v: Option<i64>, format: &'static str) -> Result<Opti
     }
 }
 
-fn non_negative_f(name: &str, v: Option<f64>, format: &'static str) -> Result<Option<f64>, DecodeError> {
+fn non_negative_f(
+    name: &str,
+    v: Option<f64>,
+    format: &'static str,
+) -> Result<Option<f64>, DecodeError> {
     match v {
         Some(x) if !(x >= 0.0 && x.is_finite()) => Err(DecodeError::new(
             RejectReason::InvalidValue,
@@ -189,7 +226,8 @@ impl<'a> Envelope<'a> {
     pub fn into_native(self, _text: &'a str) -> Result<LlmEvent<'a>, DecodeError> {
         const F: &str = "telltale";
         let event_id = required(non_empty(self.event_id), "event_id", F)?;
-        let timestamp_ms = text::timestamp_ms(required(self.timestamp, "timestamp", F)?, "timestamp", F)?;
+        let timestamp_ms =
+            text::timestamp_ms(required(self.timestamp, "timestamp", F)?, "timestamp", F)?;
         let (input, input_messages, system_from_messages) = match self.input {
             Some(raw) => text::text_or_messages(raw, "input", F, false)?,
             None => (None, None, None),
@@ -247,7 +285,11 @@ impl<'a> Envelope<'a> {
         })
     }
 
-    pub fn into_openai(self, text: &'a str, broker_timestamp_ms: Option<i64>) -> Result<LlmEvent<'a>, DecodeError> {
+    pub fn into_openai(
+        self,
+        text: &'a str,
+        broker_timestamp_ms: Option<i64>,
+    ) -> Result<LlmEvent<'a>, DecodeError> {
         const F: &str = "openai";
         let request: OaRequest<'a> = match self.request {
             Some(raw) if !is_null(raw) => nested(raw, "request", F)?,
@@ -286,9 +328,19 @@ impl<'a> Envelope<'a> {
 
         let (input, input_messages, system, operation) = if let Some(raw) = request.messages {
             let conv = text::conversation(raw, "request.messages", F)?;
-            (conv.last_user, Some(Cow::Borrowed(raw.get())), conv.system, "chat")
+            (
+                conv.last_user,
+                Some(Cow::Borrowed(raw.get())),
+                conv.system,
+                "chat",
+            )
         } else if let Some(raw) = request.prompt {
-            (text::text_or_messages(raw, "request.prompt", F, false)?.0, None, None, "text_completion")
+            (
+                text::text_or_messages(raw, "request.prompt", F, false)?.0,
+                None,
+                None,
+                "text_completion",
+            )
         } else {
             (None, None, None, "chat")
         };
@@ -297,7 +349,9 @@ impl<'a> Envelope<'a> {
         let (output, finish_reason) = match choice {
             Some(c) => {
                 let out = match (c.message, c.text) {
-                    (Some(m), _) => text::text_or_messages(m, "response.choices[0].message", F, true)?.0,
+                    (Some(m), _) => {
+                        text::text_or_messages(m, "response.choices[0].message", F, true)?.0
+                    }
                     (None, Some(t)) => text::json_string(t),
                     (None, None) => None,
                 };
@@ -344,13 +398,21 @@ impl<'a> Envelope<'a> {
             system,
             latency_ms: non_negative_f("latency_ms", self.latency_ms.or(meta.latency_ms), F)?,
             ttft_ms: non_negative_f("ttft_ms", self.ttft_ms.or(meta.ttft_ms), F)?,
-            input_tokens: non_negative("usage.prompt_tokens", usage.prompt_tokens.or(usage.input_tokens), F)?,
+            input_tokens: non_negative(
+                "usage.prompt_tokens",
+                usage.prompt_tokens.or(usage.input_tokens),
+                F,
+            )?,
             output_tokens: non_negative(
                 "usage.completion_tokens",
                 usage.completion_tokens.or(usage.output_tokens),
                 F,
             )?,
-            cache_read_tokens: non_negative("usage.prompt_tokens_details.cached_tokens", cache_read, F)?,
+            cache_read_tokens: non_negative(
+                "usage.prompt_tokens_details.cached_tokens",
+                cache_read,
+                F,
+            )?,
             cache_write_tokens: non_negative(
                 "usage.cache_creation_input_tokens",
                 usage.cache_creation_input_tokens,
@@ -358,7 +420,9 @@ impl<'a> Envelope<'a> {
             )?,
             reasoning_tokens: non_negative(
                 "usage.completion_tokens_details.reasoning_tokens",
-                usage.completion_tokens_details.and_then(|d| d.reasoning_tokens),
+                usage
+                    .completion_tokens_details
+                    .and_then(|d| d.reasoning_tokens),
                 F,
             )?,
             cost_usd: non_negative_f("cost_usd", self.cost_usd.or(meta.cost_usd), F)?,
@@ -391,7 +455,9 @@ fn error_type<'a>(raw: &'a RawValue, format: &'static str) -> Result<Cow<'a, str
     }
     let e: OaError<'a> = nested(raw, "error", format)?;
     let pick = |r: Option<&'a RawValue>| r.filter(|r| !is_null(r)).map(text::any_as_text);
-    Ok(pick(e.kind).or(pick(e.code)).unwrap_or(Cow::Borrowed("error")))
+    Ok(pick(e.kind)
+        .or(pick(e.code))
+        .unwrap_or(Cow::Borrowed("error")))
 }
 
 #[derive(Deserialize, Default)]
@@ -508,11 +574,15 @@ impl<'a> Metadata<'a> {
                     DecodeError::new(
                         RejectReason::WrongType,
                         format,
-                        format!("`metadata.{field}` must be a string, got {}", short(value.get())),
+                        format!(
+                            "`metadata.{field}` must be a string, got {}",
+                            short(value.get())
+                        ),
                     )
                 })
             };
-            let number = |field: &str| -> Result<f64, DecodeError> { nested_number(value, field, format) };
+            let number =
+                |field: &str| -> Result<f64, DecodeError> { nested_number(value, field, format) };
             match key.as_ref() {
                 "event_id" => self.event_id = Some(string("event_id")?),
                 "timestamp" => self.timestamp = Some(value),
@@ -543,7 +613,10 @@ fn nested_number(raw: &RawValue, field: &str, format: &'static str) -> Result<f6
         DecodeError::new(
             RejectReason::WrongType,
             format,
-            format!("`metadata.{field}` must be a number, got {}", short(raw.get())),
+            format!(
+                "`metadata.{field}` must be a number, got {}",
+                short(raw.get())
+            ),
         )
     })?;
     Ok(v)

@@ -89,7 +89,11 @@ pub struct DecodeError {
 
 impl DecodeError {
     fn new(reason: RejectReason, format: &'static str, message: impl Into<String>) -> Self {
-        DecodeError { reason, message: message.into(), format }
+        DecodeError {
+            reason,
+            message: message.into(),
+            format,
+        }
     }
 }
 
@@ -118,7 +122,11 @@ pub struct DecoderConfig {
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        DecoderConfig { format: Format::Auto, max_record_bytes: 4 << 20, max_field_bytes: 1 << 20 }
+        DecoderConfig {
+            format: Format::Auto,
+            max_record_bytes: 4 << 20,
+            max_field_bytes: 1 << 20,
+        }
     }
 }
 
@@ -143,7 +151,13 @@ impl Decoder {
         let unknown = "unknown";
         let bytes = match payload {
             Some(b) if !b.iter().all(u8::is_ascii_whitespace) => b,
-            _ => return Err(DecodeError::new(RejectReason::EmptyRecord, unknown, "record has no payload")),
+            _ => {
+                return Err(DecodeError::new(
+                    RejectReason::EmptyRecord,
+                    unknown,
+                    "record has no payload",
+                ));
+            }
         };
         if bytes.len() > self.config.max_record_bytes {
             return Err(DecodeError::new(
@@ -160,7 +174,10 @@ impl Decoder {
             DecodeError::new(
                 RejectReason::InvalidUtf8,
                 unknown,
-                format!("payload is not UTF-8: invalid byte at offset {}", e.valid_up_to()),
+                format!(
+                    "payload is not UTF-8: invalid byte at offset {}",
+                    e.valid_up_to()
+                ),
             )
         })?;
         let envelope = Envelope::parse(text)?;

@@ -140,14 +140,25 @@ pub(super) fn text_or_messages<'a>(
     field: &str,
     format: &'static str,
     pick_assistant: bool,
-) -> Result<(Option<Cow<'a, str>>, Option<Cow<'a, str>>, Option<Cow<'a, str>>), DecodeError> {
+) -> Result<
+    (
+        Option<Cow<'a, str>>,
+        Option<Cow<'a, str>>,
+        Option<Cow<'a, str>>,
+    ),
+    DecodeError,
+> {
     let s = raw.get();
     match s.as_bytes().first() {
         Some(b'"') => Ok((json_string(raw), None, None)),
         Some(b'n') => Ok((None, None, None)),
         Some(b'[') => {
             let conv = conversation(raw, field, format)?;
-            let text = if pick_assistant { conv.last_assistant } else { conv.last_user };
+            let text = if pick_assistant {
+                conv.last_assistant
+            } else {
+                conv.last_user
+            };
             Ok((text, Some(Cow::Borrowed(s)), conv.system))
         }
         Some(b'{') => {
@@ -159,13 +170,20 @@ pub(super) fn text_or_messages<'a>(
         _ => Err(DecodeError::new(
             RejectReason::WrongType,
             format,
-            format!("`{field}` must be a string, a message or a list of messages, got {}", short(s)),
+            format!(
+                "`{field}` must be a string, a message or a list of messages, got {}",
+                short(s)
+            ),
         )),
     }
 }
 
 /// Event time: an RFC 3339 string, or an integer number of milliseconds since the epoch.
-pub(super) fn timestamp_ms(raw: &RawValue, field: &str, format: &'static str) -> Result<i64, DecodeError> {
+pub(super) fn timestamp_ms(
+    raw: &RawValue,
+    field: &str,
+    format: &'static str,
+) -> Result<i64, DecodeError> {
     let s = raw.get();
     let bad = |msg: String| DecodeError::new(RejectReason::InvalidValue, format, msg);
     if let Some(text) = json_string(raw) {
@@ -188,7 +206,10 @@ pub(super) fn timestamp_ms(raw: &RawValue, field: &str, format: &'static str) ->
             return Err(DecodeError::new(
                 RejectReason::WrongType,
                 format,
-                format!("`{field}` must be an RFC 3339 string or epoch milliseconds, got {}", short(s)),
+                format!(
+                    "`{field}` must be an RFC 3339 string or epoch milliseconds, got {}",
+                    short(s)
+                ),
             ));
         }
     };
@@ -252,7 +273,10 @@ pub(super) fn object_entries(raw: &RawValue) -> Option<Vec<(Cow<'_, str>, &RawVa
                 fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                     f.write_str("an object")
                 }
-                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Self::Value, A::Error> {
                     let mut out = Vec::new();
                     while let Some(k) = m.next_key::<KeyStr<'de>>()? {
                         out.push((k.0, m.next_value::<&'de RawValue>()?));
@@ -282,7 +306,9 @@ pub(super) fn object_entries(raw: &RawValue) -> Option<Vec<(Cow<'_, str>, &RawVa
             d.deserialize_str(V)
         }
     }
-    serde_json::from_str::<Entries<'_>>(raw.get()).ok().map(|e| e.0)
+    serde_json::from_str::<Entries<'_>>(raw.get())
+        .ok()
+        .map(|e| e.0)
 }
 
 /// The start of a JSON value, for error messages.

@@ -157,8 +157,15 @@ pub struct GeneratedRecord {
 }
 
 /// The malformed kinds, cycled through in order.
-const MALFORMED: &[&str] =
-    &["invalid_json", "missing_field", "wrong_type", "invalid_utf8", "invalid_value", "not_an_object", "empty_record"];
+const MALFORMED: &[&str] = &[
+    "invalid_json",
+    "missing_field",
+    "wrong_type",
+    "invalid_utf8",
+    "invalid_value",
+    "not_an_object",
+    "empty_record",
+];
 
 pub struct TrafficGenerator {
     rng: SmallRng,
@@ -256,17 +263,28 @@ impl TrafficGenerator {
 
         let n = self.rng.random_range(1000..99999);
         let prompt = self.pick(app.prompts).replace("{n}", &n.to_string());
-        let extra_words = (self.words_prompt.sample(&mut self.rng) as usize).saturating_sub(prompt.split_whitespace().count());
+        let extra_words = (self.words_prompt.sample(&mut self.rng) as usize)
+            .saturating_sub(prompt.split_whitespace().count());
         let prompt = if extra_words > 8 {
-            format!("{prompt} {}", self.text(app.sentences, extra_words.min(600)))
+            format!(
+                "{prompt} {}",
+                self.text(app.sentences, extra_words.min(600))
+            )
         } else {
             prompt
         };
         let response_words = (self.words_response.sample(&mut self.rng) as usize).clamp(5, 1200);
         let output = self.text(app.sentences, response_words);
-        let input_tokens = ((prompt.split_whitespace().count() + app.system.split_whitespace().count()) as f64 * 1.33) as i64 + 8;
+        let input_tokens = ((prompt.split_whitespace().count()
+            + app.system.split_whitespace().count()) as f64
+            * 1.33) as i64
+            + 8;
         let output_tokens = (output.split_whitespace().count() as f64 * 1.33) as i64 + 1;
-        let cached = if self.rng.random_bool(0.3) { (input_tokens / 2 / 64) * 64 } else { 0 };
+        let cached = if self.rng.random_bool(0.3) {
+            (input_tokens / 2 / 64) * 64
+        } else {
+            0
+        };
         let (overhead, per_out, per_in) = latency_profile(model);
         let ttft = (overhead + per_in * input_tokens as f64) * self.noise.sample(&mut self.rng);
         let mut latency = ttft + per_out * output_tokens as f64 * self.noise.sample(&mut self.rng);
@@ -287,10 +305,13 @@ impl TrafficGenerator {
             30..=32 => "content_filter",
             _ => "stop",
         };
-        let feedback = (error_type.is_none() && self.rng.random_bool(0.04)).then(|| if self.rng.random_bool(0.8) { 1.0 } else { 0.0 });
+        let feedback = (error_type.is_none() && self.rng.random_bool(0.04))
+            .then(|| if self.rng.random_bool(0.8) { 1.0 } else { 0.0 });
         let user = format!("u-{}", self.rng.random_range(0..500));
         let session = format!("s-{}-{}", self.run_tag, self.rng.random_range(0..3000));
-        let timestamp = chrono::DateTime::from_timestamp_millis(ts).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let timestamp = chrono::DateTime::from_timestamp_millis(ts)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
 
         let openai = self.rng.random_bool(self.openai_share);
         let event_id = if openai {
@@ -393,7 +414,12 @@ impl TrafficGenerator {
             "not_an_object" => format!(r#"["{id}", {ts}]"#).into_bytes(),
             _ => Vec::new(),
         };
-        GeneratedRecord { payload, key: None, event_id: None, expected_reject: Some(kind) }
+        GeneratedRecord {
+            payload,
+            key: None,
+            event_id: None,
+            expected_reject: Some(kind),
+        }
     }
 }
 

@@ -32,10 +32,15 @@ pub const DEMO_TOPIC: &str = "llm-events";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("{0} exists, is not empty and was not made by `telltale demo`; choose another --data-dir")]
+    #[error(
+        "{0} exists, is not empty and was not made by `telltale demo`; choose another --data-dir"
+    )]
     NotADemoDir(PathBuf),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("in-process broker: {0}")]
     Broker(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
@@ -79,7 +84,10 @@ pub struct DemoReport {
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), DemoError> {
-    let io = |source| DemoError::Io { path: dir.to_owned(), source };
+    let io = |source| DemoError::Io {
+        path: dir.to_owned(),
+        source,
+    };
     if dir.exists() {
         let empty = std::fs::read_dir(dir).map_err(io)?.next().is_none();
         if !empty {
@@ -90,7 +98,11 @@ fn prepare_dir(dir: &Path) -> Result<(), DemoError> {
         }
     }
     std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::write(dir.join(MARKER), b"made by telltale demo; removed by the next run\n").map_err(io)
+    std::fs::write(
+        dir.join(MARKER),
+        b"made by telltale demo; removed by the next run\n",
+    )
+    .map_err(io)
 }
 
 /// The demo pipeline config pointed at `brokers` and `data_dir`.
@@ -101,7 +113,11 @@ pub fn demo_config(brokers: &str, data_dir: &Path) -> Result<PipelineConfig, Dem
         "TELLTALE_DEMO_DATA" => Some(dir.clone()),
         _ => None,
     };
-    Ok(PipelineConfig::from_str_with_env(DEMO_PIPELINE, "pipelines/demo.toml", &env)?)
+    Ok(PipelineConfig::from_str_with_env(
+        DEMO_PIPELINE,
+        "pipelines/demo.toml",
+        &env,
+    )?)
 }
 
 /// Runs the demo and prints its summary to `out`.
@@ -115,10 +131,13 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     let w = |out: &mut (dyn Write + Send), s: String| {
         let _ = writeln!(out, "{s}");
     };
-    w(out, format!(
-        "telltale demo: in-process Kafka broker at {brokers} (librdkafka mock cluster), topic {DEMO_TOPIC} with {} partitions",
-        opts.partitions
-    ));
+    w(
+        out,
+        format!(
+            "telltale demo: in-process Kafka broker at {brokers} (librdkafka mock cluster), topic {DEMO_TOPIC} with {} partitions",
+            opts.partitions
+        ),
+    );
 
     let stats = Arc::new(Stats::default());
     let shutdown = Shutdown::new();
@@ -132,27 +151,40 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     let seed = opts.seed;
     let brokers_p = brokers.clone();
     let produce_started = Instant::now();
-    let (produced, malformed) = tokio::task::spawn_blocking(move || -> Result<(u64, u64), DemoError> {
-        let producer = replay::producer(&brokers_p, &[])?;
-        let now = chrono::Utc::now().timestamp_millis();
-        // Two hours of traffic, ending now, so the data spans several hour partitions.
-        let span = 2 * 3600 * 1000;
-        let mut malformed = 0;
-        for rec in TrafficGenerator::new(seed, now - span, span, records).take(records as usize) {
-            malformed += u64::from(rec.expected_reject.is_some());
-            replay::send(&producer, DEMO_TOPIC, rec.key.as_deref().map(str::as_bytes), &rec.payload)?;
-        }
-        replay::finish(&producer, records)?;
-        Ok((records, malformed))
-    })
-    .await
-    .map_err(|e| DemoError::Io { path: "producer".into(), source: std::io::Error::other(e) })??;
+    let (produced, malformed) =
+        tokio::task::spawn_blocking(move || -> Result<(u64, u64), DemoError> {
+            let producer = replay::producer(&brokers_p, &[])?;
+            let now = chrono::Utc::now().timestamp_millis();
+            // Two hours of traffic, ending now, so the data spans several hour partitions.
+            let span = 2 * 3600 * 1000;
+            let mut malformed = 0;
+            for rec in TrafficGenerator::new(seed, now - span, span, records).take(records as usize)
+            {
+                malformed += u64::from(rec.expected_reject.is_some());
+                replay::send(
+                    &producer,
+                    DEMO_TOPIC,
+                    rec.key.as_deref().map(str::as_bytes),
+                    &rec.payload,
+                )?;
+            }
+            replay::finish(&producer, records)?;
+            Ok((records, malformed))
+        })
+        .await
+        .map_err(|e| DemoError::Io {
+            path: "producer".into(),
+            source: std::io::Error::other(e),
+        })??;
     let produce_elapsed = produce_started.elapsed();
-    w(out, format!(
-        "produced   {produced} records ({} valid, {malformed} malformed on purpose) in {:.1} s",
-        produced - malformed,
-        produce_elapsed.as_secs_f64()
-    ));
+    w(
+        out,
+        format!(
+            "produced   {produced} records ({} valid, {malformed} malformed on purpose) in {:.1} s",
+            produced - malformed,
+            produce_elapsed.as_secs_f64()
+        ),
+    );
 
     // Wait until everything produced is durable and committed.
     let deadline = Instant::now() + opts.timeout;
@@ -167,33 +199,64 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     shutdown.trigger();
     let snapshot = tokio::task::spawn_blocking(move || pipeline.join())
         .await
-        .map_err(|e| DemoError::Io { path: "pipeline".into(), source: std::io::Error::other(e) })?
-        .map_err(|_| DemoError::Io { path: "pipeline".into(), source: std::io::Error::other("pipeline thread panicked") })??;
+        .map_err(|e| DemoError::Io {
+            path: "pipeline".into(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|_| DemoError::Io {
+            path: "pipeline".into(),
+            source: std::io::Error::other("pipeline thread panicked"),
+        })??;
     drop(cluster);
     if caught_up < produced {
         return Err(DemoError::Timeout(opts.timeout, caught_up, produced));
     }
     let elapsed = started.elapsed();
-    w(out, format!(
-        "pipeline   {} records → {} events + {} rejects in {} Parquet files ({:.1} MiB, zstd); offsets committed after each file was durable",
-        snapshot.records_in,
-        snapshot.events_written,
-        snapshot.rejects_written,
-        snapshot.files_written,
-        snapshot.bytes_written as f64 / (1 << 20) as f64
-    ));
-    w(out, format!("data       {}  (tables: {})", opts.data_dir.display(), query::table_names(&opts.data_dir)?.join(", ")));
+    w(
+        out,
+        format!(
+            "pipeline   {} records → {} events + {} rejects in {} Parquet files ({:.1} MiB, zstd); offsets committed after each file was durable",
+            snapshot.records_in,
+            snapshot.events_written,
+            snapshot.rejects_written,
+            snapshot.files_written,
+            snapshot.bytes_written as f64 / (1 << 20) as f64
+        ),
+    );
+    w(
+        out,
+        format!(
+            "data       {}  (tables: {})",
+            opts.data_dir.display(),
+            query::table_names(&opts.data_dir)?.join(", ")
+        ),
+    );
 
     let ctx = query::session(&opts.data_dir).await?;
     for (title, sql) in DEMO_QUERIES {
-        w(out, format!("\n{title}\n  telltale sql --data-dir {} \"{}\"", opts.data_dir.display(), one_line(sql)));
+        w(
+            out,
+            format!(
+                "\n{title}\n  telltale sql --data-dir {} \"{}\"",
+                opts.data_dir.display(),
+                one_line(sql)
+            ),
+        );
         let batches = query::query(&ctx, sql).await?;
         let mut buf = Vec::new();
         query::write_batches(&mut buf, &batches, OutputFormat::Table, 60)?;
         let _ = out.write_all(&buf);
     }
-    w(out, format!("\ndemo finished in {:.1} s", elapsed.as_secs_f64()));
-    Ok(DemoReport { produced, malformed, stats: snapshot, elapsed })
+    w(
+        out,
+        format!("\ndemo finished in {:.1} s", elapsed.as_secs_f64()),
+    );
+    Ok(DemoReport {
+        produced,
+        malformed,
+        stats: snapshot,
+        elapsed,
+    })
 }
 
 fn one_line(sql: &str) -> String {
@@ -206,8 +269,8 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
         "Traffic per app, environment and prompt version:",
         "SELECT app, environment, prompt_version, model, count(*) AS requests,
                 round(100.0 * avg(CASE WHEN status = 'error' THEN 1.0 ELSE 0.0 END), 2) AS error_pct,
-                round(approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)) AS p50_ms,
-                round(approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms)) AS p95_ms,
+                CAST(approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS BIGINT) AS p50_ms,
+                CAST(approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS BIGINT) AS p95_ms,
                 sum(input_tokens + coalesce(output_tokens, 0)) AS tokens
          FROM events GROUP BY app, environment, prompt_version, model ORDER BY requests DESC",
     ),

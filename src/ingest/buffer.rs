@@ -57,7 +57,13 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
-    pub fn new(decoder: Decoder, config: SinkConfig, max_raw_bytes: usize, roll_by_time: bool, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        decoder: Decoder,
+        config: SinkConfig,
+        max_raw_bytes: usize,
+        roll_by_time: bool,
+        stats: Arc<Stats>,
+    ) -> Self {
         Accumulator {
             decoder,
             config,
@@ -113,9 +119,15 @@ impl Accumulator {
 
         match self.decoder.decode(rec.payload, rec.timestamp_ms) {
             Ok(d) => {
-                let src = Provenance { format: d.format, topic: rec.topic, partition: rec.partition, offset: rec.offset };
+                let src = Provenance {
+                    format: d.format,
+                    topic: rec.topic,
+                    partition: rec.partition,
+                    offset: rec.offset,
+                };
                 buf.events.append(&d.event, &src);
-                buf.event_hours.push(d.event.timestamp_ms.div_euclid(HOUR_MS));
+                buf.event_hours
+                    .push(d.event.timestamp_ms.div_euclid(HOUR_MS));
                 self.stats.events_decoded.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) => {
@@ -128,9 +140,16 @@ impl Accumulator {
                     payload: rec.payload,
                 };
                 buf.rejects.append(&r, &err);
-                buf.reject_hours.push(rec.timestamp_ms.unwrap_or(0).div_euclid(HOUR_MS));
+                buf.reject_hours
+                    .push(rec.timestamp_ms.unwrap_or(0).div_euclid(HOUR_MS));
                 self.stats.records_rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(topic = rec.topic, partition = rec.partition, offset = rec.offset, reason = err.reason.code(), "rejected record");
+                tracing::debug!(
+                    topic = rec.topic,
+                    partition = rec.partition,
+                    offset = rec.offset,
+                    reason = err.reason.code(),
+                    "rejected record"
+                );
             }
         }
 
@@ -149,7 +168,10 @@ impl Accumulator {
     }
 
     fn largest(&self) -> Option<(Arc<str>, i32)> {
-        self.all().filter(|b| b.records > 0).max_by_key(|b| b.bytes).map(|b| (b.topic.clone(), b.partition))
+        self.all()
+            .filter(|b| b.records > 0)
+            .max_by_key(|b| b.bytes)
+            .map(|b| (b.topic.clone(), b.partition))
     }
 
     fn cut(&mut self, key: &(Arc<str>, i32)) -> Option<SinkJob> {
@@ -215,7 +237,11 @@ impl Accumulator {
         }
         self.all()
             .filter(|b| b.records > 0)
-            .map(|b| self.config.roll_interval.saturating_sub(now.saturating_duration_since(b.opened)))
+            .map(|b| {
+                self.config
+                    .roll_interval
+                    .saturating_sub(now.saturating_duration_since(b.opened))
+            })
             .min()
     }
 }

@@ -29,10 +29,16 @@ pub fn expand(pattern: &str) -> Result<Vec<PathBuf>, IngestError> {
     if pattern == "-" {
         return Ok(vec![PathBuf::from("-")]);
     }
-    let paths = glob::glob(pattern).map_err(|e| IngestError::Pattern { pattern: pattern.to_owned(), message: e.to_string() })?;
+    let paths = glob::glob(pattern).map_err(|e| IngestError::Pattern {
+        pattern: pattern.to_owned(),
+        message: e.to_string(),
+    })?;
     let mut files = Vec::new();
     for p in paths {
-        let p = p.map_err(|e| IngestError::Io { path: e.path().display().to_string(), source: e.into() })?;
+        let p = p.map_err(|e| IngestError::Io {
+            path: e.path().display().to_string(),
+            source: e.into(),
+        })?;
         if p.is_file() {
             files.push(p);
         }
@@ -58,15 +64,27 @@ pub fn source_name(path: &Path) -> String {
         .next()
         .unwrap_or("input")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(40)
         .collect();
-    format!("file-{stem}-{:08x}", xxh3_64(abs.as_os_str().as_encoded_bytes()) as u32)
+    format!(
+        "file-{stem}-{:08x}",
+        xxh3_64(abs.as_os_str().as_encoded_bytes()) as u32
+    )
 }
 
 /// Opens a file (or stdin), decompressing gzip when the content starts with its magic bytes.
 pub fn open_lines(path: &Path) -> Result<Box<dyn BufRead + Send>, IngestError> {
-    let io = |source| IngestError::Io { path: path.display().to_string(), source };
+    let io = |source| IngestError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let raw: Box<dyn Read + Send> = if path == Path::new("-") {
         Box::new(std::io::stdin())
     } else {
@@ -74,10 +92,22 @@ pub fn open_lines(path: &Path) -> Result<Box<dyn BufRead + Send>, IngestError> {
     };
     let mut reader = BufReader::with_capacity(1 << 20, raw);
     let gz = reader.fill_buf().map_err(io)?.starts_with(&[0x1f, 0x8b]);
-    Ok(if gz { Box::new(BufReader::with_capacity(1 << 20, MultiGzDecoder::new(reader))) } else { Box::new(reader) })
+    Ok(if gz {
+        Box::new(BufReader::with_capacity(
+            1 << 20,
+            MultiGzDecoder::new(reader),
+        ))
+    } else {
+        Box::new(reader)
+    })
 }
 
-pub fn run(config: &PipelineConfig, pattern: &str, stats: Arc<Stats>, shutdown: Shutdown) -> Result<(), IngestError> {
+pub fn run(
+    config: &PipelineConfig,
+    pattern: &str,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+) -> Result<(), IngestError> {
     let files = expand(pattern)?;
     let (tx, rx) = bounded(config.sink.queue_depth);
     let sink = Sink::new(&config.data_root, config.sink.clone());
@@ -86,9 +116,18 @@ pub fn run(config: &PipelineConfig, pattern: &str, stats: Arc<Stats>, shutdown: 
     let writer = thread::Builder::new()
         .name("telltale-writer".into())
         .spawn(move || run_writer(rx, sink, Arc::new(NoCommit), writer_stats, &|| true))
-        .map_err(|e| IngestError::Io { path: "writer thread".into(), source: e })?;
+        .map_err(|e| IngestError::Io {
+            path: "writer thread".into(),
+            source: e,
+        })?;
 
-    let mut acc = Accumulator::new(Decoder::new(config.decode.clone()), config.sink.clone(), config.rejects.max_raw_bytes, false, stats.clone());
+    let mut acc = Accumulator::new(
+        Decoder::new(config.decode.clone()),
+        config.sink.clone(),
+        config.rejects.max_raw_bytes,
+        false,
+        stats.clone(),
+    );
     let mut jobs = Vec::new();
     let mut result = Ok(());
     'files: for path in &files {
@@ -118,7 +157,10 @@ pub fn run(config: &PipelineConfig, pattern: &str, stats: Arc<Stats>, shutdown: 
             let n = match reader.read_until(b'\n', &mut line) {
                 Ok(n) => n,
                 Err(source) => {
-                    result = Err(IngestError::Io { path: path.display().to_string(), source });
+                    result = Err(IngestError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    });
                     break 'files;
                 }
             };
@@ -134,7 +176,14 @@ pub fn run(config: &PipelineConfig, pattern: &str, stats: Arc<Stats>, shutdown: 
             if payload.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let rec = SourceRecord { topic: &topic, partition: 0, offset: index, timestamp_ms: mtime, key: None, payload: Some(payload) };
+            let rec = SourceRecord {
+                topic: &topic,
+                partition: 0,
+                offset: index,
+                timestamp_ms: mtime,
+                key: None,
+                payload: Some(payload),
+            };
             acc.push(&rec, &mut jobs);
             for job in jobs.drain(..) {
                 if tx.send(SinkMsg::Job(job)).is_err() {
@@ -153,7 +202,9 @@ pub fn run(config: &PipelineConfig, pattern: &str, stats: Arc<Stats>, shutdown: 
     if shutdown.is_triggered() {
         // Interrupted mid-file: the partial batch is dropped rather than written under a name
         // a rerun would not reproduce. Batches already written are rewritten by the rerun.
-        info!("interrupted; rerun the same command to finish (completed batches are rewritten, not duplicated)");
+        info!(
+            "interrupted; rerun the same command to finish (completed batches are rewritten, not duplicated)"
+        );
     }
     drop(tx);
     let writer_result = writer.join().map_err(|_| IngestError::WriterGone)?;

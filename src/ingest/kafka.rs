@@ -11,8 +11,8 @@
 //! new is buffered for that partition ([`Sink::recover`]).
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -95,11 +95,16 @@ impl Ctx {
 impl ClientContext for Ctx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
                 error!(facility = fac, "librdkafka: {log_message}")
             }
             RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {log_message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => info!(facility = fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(facility = fac, "librdkafka: {log_message}")
+            }
             RDKafkaLogLevel::Debug => debug!(facility = fac, "librdkafka: {log_message}"),
         }
     }
@@ -111,7 +116,9 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
         let mut core = self.core();
         let started = Instant::now();
         for elem in tpl.elements() {
@@ -125,7 +132,10 @@ impl ConsumerContext for Ctx {
         if core.flush_and_wait(REVOKE_FLUSH_TIMEOUT) {
             info!(partitions = tpl.count(), elapsed = ?started.elapsed(), "partitions revoked after their batches were committed");
         } else {
-            error!(partitions = tpl.count(), "partitions revoked before their batches were durable; the next owner will redo them");
+            error!(
+                partitions = tpl.count(),
+                "partitions revoked before their batches were durable; the next owner will redo them"
+            );
         }
     }
 
@@ -135,7 +145,8 @@ impl ConsumerContext for Ctx {
                 let mut core = self.core();
                 core.paused = false;
                 for elem in tpl.elements() {
-                    core.unrecovered.insert((elem.topic().to_owned(), elem.partition()));
+                    core.unrecovered
+                        .insert((elem.topic().to_owned(), elem.partition()));
                 }
                 info!(partitions = tpl.count(), "partitions assigned");
             }
@@ -150,8 +161,11 @@ struct KafkaCommitter(Arc<BaseConsumer<Ctx>>);
 impl Committer for KafkaCommitter {
     fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), String> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset)).map_err(|e| e.to_string())?;
-        self.0.commit(&tpl, CommitMode::Sync).map_err(|e| e.to_string())
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset))
+            .map_err(|e| e.to_string())?;
+        self.0
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -173,7 +187,12 @@ pub fn client_config(k: &KafkaSourceConfig) -> ClientConfig {
     c
 }
 
-pub fn run(config: &PipelineConfig, k: &KafkaSourceConfig, stats: Arc<Stats>, shutdown: Shutdown) -> Result<(), IngestError> {
+pub fn run(
+    config: &PipelineConfig,
+    k: &KafkaSourceConfig,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+) -> Result<(), IngestError> {
     let kerr = |context: &str| {
         let context = context.to_owned();
         move |source| IngestError::Kafka { context, source }
@@ -198,10 +217,15 @@ pub fn run(config: &PipelineConfig, k: &KafkaSourceConfig, stats: Arc<Stats>, sh
         sink: Sink::new(&config.data_root, config.sink.clone()),
         stats: stats.clone(),
     };
-    let consumer: Arc<BaseConsumer<Ctx>> =
-        Arc::new(client_config(k).create_with_context(ctx).map_err(kerr("cannot create consumer"))?);
+    let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
+        client_config(k)
+            .create_with_context(ctx)
+            .map_err(kerr("cannot create consumer"))?,
+    );
     let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).map_err(kerr("cannot subscribe"))?;
+    consumer
+        .subscribe(&topics)
+        .map_err(kerr("cannot subscribe"))?;
     info!(brokers = %k.brokers, topics = ?k.topics, group = %k.group_id, root = %config.data_root.display(), "consuming");
 
     let committer = Arc::new(KafkaCommitter(consumer.clone()));
@@ -209,8 +233,15 @@ pub fn run(config: &PipelineConfig, k: &KafkaSourceConfig, stats: Arc<Stats>, sh
     let writer_shutdown = shutdown.clone();
     let writer = thread::Builder::new()
         .name("telltale-writer".into())
-        .spawn(move || run_writer(rx, sink, committer, writer_stats, &|| !writer_shutdown.is_triggered()))
-        .map_err(|e| IngestError::Io { path: "writer thread".into(), source: e })?;
+        .spawn(move || {
+            run_writer(rx, sink, committer, writer_stats, &|| {
+                !writer_shutdown.is_triggered()
+            })
+        })
+        .map_err(|e| IngestError::Io {
+            path: "writer thread".into(),
+            source: e,
+        })?;
 
     let result = consume(&consumer, &shutdown);
 
@@ -233,7 +264,10 @@ pub fn run(config: &PipelineConfig, k: &KafkaSourceConfig, stats: Arc<Stats>, sh
     if !flushed {
         return Err(IngestError::WriterGone);
     }
-    info!(committed = stats.records_committed.load(Ordering::Relaxed), "stopped after committing everything consumed");
+    info!(
+        committed = stats.records_committed.load(Ordering::Relaxed),
+        "stopped after committing everything consumed"
+    );
     // Dropping the last handle closes the consumer and leaves the group.
     drop(consumer);
     Ok(())
@@ -251,13 +285,22 @@ fn consume(consumer: &BaseConsumer<Ctx>, shutdown: &Shutdown) -> Result<(), Inge
             }
             let backlog = !core.outbox.is_empty();
             if backlog != core.paused {
-                let assignment = consumer.assignment().map_err(|source| IngestError::Kafka { context: "assignment".into(), source })?;
-                let r = if backlog { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+                let assignment = consumer.assignment().map_err(|source| IngestError::Kafka {
+                    context: "assignment".into(),
+                    source,
+                })?;
+                let r = if backlog {
+                    consumer.pause(&assignment)
+                } else {
+                    consumer.resume(&assignment)
+                };
                 match r {
                     Ok(()) => {
                         core.paused = backlog;
                         if backlog {
-                            ctx.stats.backpressure_pauses.fetch_add(1, Ordering::Relaxed);
+                            ctx.stats
+                                .backpressure_pauses
+                                .fetch_add(1, Ordering::Relaxed);
                             debug!("writer queue full; partitions paused");
                         }
                     }
@@ -271,9 +314,13 @@ fn consume(consumer: &BaseConsumer<Ctx>, shutdown: &Shutdown) -> Result<(), Inge
                 let mut core = ctx.core();
                 let topic = m.topic();
                 let partition = m.partition();
-                if !core.unrecovered.is_empty() && core.unrecovered.remove(&(topic.to_owned(), partition)) {
+                if !core.unrecovered.is_empty()
+                    && core.unrecovered.remove(&(topic.to_owned(), partition))
+                {
                     let rolled = ctx.sink.recover(topic, partition, Some(m.offset()))?;
-                    ctx.stats.batches_rolled_back.fetch_add(rolled as u64, Ordering::Relaxed);
+                    ctx.stats
+                        .batches_rolled_back
+                        .fetch_add(rolled as u64, Ordering::Relaxed);
                 }
                 let rec = SourceRecord {
                     topic,
@@ -291,7 +338,9 @@ fn consume(consumer: &BaseConsumer<Ctx>, shutdown: &Shutdown) -> Result<(), Inge
             Some(Err(err)) => {
                 // Transient broker errors repeat on every poll; log each distinct one every 10 s.
                 let text = err.to_string();
-                let quiet = last_error.as_ref().is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(10));
+                let quiet = last_error
+                    .as_ref()
+                    .is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(10));
                 if !quiet {
                     warn!(error = %text, "kafka consumer error");
                     last_error = Some((text, Instant::now()));

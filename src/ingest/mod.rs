@@ -28,9 +28,15 @@ pub use buffer::{Accumulator, SourceRecord};
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("kafka: {context}: {source}")]
-    Kafka { context: String, source: rdkafka::error::KafkaError },
+    Kafka {
+        context: String,
+        source: rdkafka::error::KafkaError,
+    },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no input files match {0:?}")]
     NoFiles(String),
     #[error("invalid file pattern {pattern:?}: {message}")]
@@ -59,7 +65,11 @@ impl Shutdown {
 
 /// Runs the pipeline until the source ends (files) or `shutdown` is triggered (Kafka).
 /// Blocking: call it from a dedicated thread or `spawn_blocking`.
-pub fn run(config: &PipelineConfig, stats: Arc<Stats>, shutdown: Shutdown) -> Result<StatsSnapshot, IngestError> {
+pub fn run(
+    config: &PipelineConfig,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+) -> Result<StatsSnapshot, IngestError> {
     match &config.source {
         SourceConfig::Kafka(k) => kafka::run(config, k, stats.clone(), shutdown)?,
         SourceConfig::File(f) => file::run(config, &f.path, stats.clone(), shutdown)?,

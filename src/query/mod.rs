@@ -22,7 +22,10 @@ pub use output::{OutputFormat, write_batches};
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
     #[error("{0}")]
@@ -43,7 +46,12 @@ pub fn table_names(root: &Path) -> Result<Vec<String>, QueryError> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
-        Err(source) => return Err(QueryError::Io { path: root.display().to_string(), source }),
+        Err(source) => {
+            return Err(QueryError::Io {
+                path: root.display().to_string(),
+                source,
+            });
+        }
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -60,7 +68,10 @@ pub fn table_names(root: &Path) -> Result<Vec<String>, QueryError> {
 pub async fn session(root: &Path) -> Result<SessionContext, QueryError> {
     let ctx = SessionContext::new();
     let root = if root.exists() {
-        std::fs::canonicalize(root).map_err(|source| QueryError::Io { path: root.display().to_string(), source })?
+        std::fs::canonicalize(root).map_err(|source| QueryError::Io {
+            path: root.display().to_string(),
+            source,
+        })?
     } else {
         root.to_owned()
     };
@@ -78,20 +89,32 @@ pub async fn session(root: &Path) -> Result<SessionContext, QueryError> {
         }
         let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
             .with_file_extension(".parquet")
-            .with_table_partition_cols(vec![("date".to_owned(), DataType::Utf8), ("hour".to_owned(), DataType::Utf8)]);
+            .with_table_partition_cols(vec![
+                ("date".to_owned(), DataType::Utf8),
+                ("hour".to_owned(), DataType::Utf8),
+            ]);
         let url = format!("file://{}/", dir.display());
         if schema.is_some() && !dir.exists() {
             // An empty table with the known schema: register over an empty in-memory batch.
             let schema = schema.expect("checked above");
             let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
-            fields.push(Arc::new(arrow::datatypes::Field::new("date", DataType::Utf8, true)));
-            fields.push(Arc::new(arrow::datatypes::Field::new("hour", DataType::Utf8, true)));
+            fields.push(Arc::new(arrow::datatypes::Field::new(
+                "date",
+                DataType::Utf8,
+                true,
+            )));
+            fields.push(Arc::new(arrow::datatypes::Field::new(
+                "hour",
+                DataType::Utf8,
+                true,
+            )));
             let full = Arc::new(arrow::datatypes::Schema::new(fields));
             let mem = datafusion::datasource::MemTable::try_new(full, vec![vec![]])?;
             ctx.register_table(name.as_str(), Arc::new(mem))?;
             continue;
         }
-        ctx.register_listing_table(name.as_str(), url, options, schema, None).await?;
+        ctx.register_listing_table(name.as_str(), url, options, schema, None)
+            .await?;
     }
     Ok(ctx)
 }

@@ -34,8 +34,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
-use arrow::compute::take_record_batch;
 use arrow::array::UInt32Array;
+use arrow::compute::take_record_batch;
 use crossbeam_channel::Receiver;
 use tracing::{debug, error, info, warn};
 
@@ -99,15 +99,24 @@ impl Committer for NoCommit {
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: cannot encode Parquet: {source}")]
-    Parquet { path: PathBuf, source: parquet::errors::ParquetError },
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
     #[error("cannot split batch by hour: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
-    move |source| SinkError::Io { path: path.to_owned(), source }
+    move |source| SinkError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// What a finished job wrote.
@@ -142,12 +151,17 @@ fn split_by_hour(hours: &[i64]) -> Option<BTreeMap<i64, Vec<u32>>> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 impl Sink {
     pub fn new(root: impl Into<PathBuf>, config: SinkConfig) -> Sink {
-        Sink { root: root.into(), config }
+        Sink {
+            root: root.into(),
+            config,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -155,12 +169,18 @@ impl Sink {
     }
 
     fn txn_dir(&self, topic: &str, partition: i32) -> PathBuf {
-        self.root.join("_txn").join(topic).join(partition.to_string())
+        self.root
+            .join("_txn")
+            .join(topic)
+            .join(partition.to_string())
     }
 
     /// The files a job will produce, each with the rows that go into it.
     fn plan(&self, job: &SinkJob) -> Result<Vec<(PathBuf, Table, RecordBatch)>, SinkError> {
-        let name = format!("part-{}-{}-{}-{}.parquet", job.topic, job.partition, job.first_offset, job.last_offset);
+        let name = format!(
+            "part-{}-{}-{}-{}.parquet",
+            job.topic, job.partition, job.first_offset, job.last_offset
+        );
         let mut files = Vec::new();
         for (table, batch, hours) in [
             (Table::Events, &job.events, &job.event_hours),
@@ -171,7 +191,11 @@ impl Sink {
             }
             let dir = self.root.join(table.name());
             match split_by_hour(hours) {
-                None => files.push((dir.join(hour_dir(hours[0])).join(&name), table, batch.clone())),
+                None => files.push((
+                    dir.join(hour_dir(hours[0])).join(&name),
+                    table,
+                    batch.clone(),
+                )),
                 Some(groups) => {
                     for (hour, rows) in groups {
                         let part = take_record_batch(batch, &UInt32Array::from(rows))?;
@@ -191,7 +215,12 @@ impl Sink {
         let manifest = txn_dir.join(format!("{}-{}.json", job.first_offset, job.last_offset));
         let listed: Vec<String> = files
             .iter()
-            .map(|(p, _, _)| p.strip_prefix(&self.root).unwrap_or(p).to_string_lossy().into_owned())
+            .map(|(p, _, _)| {
+                p.strip_prefix(&self.root)
+                    .unwrap_or(p)
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         let body = serde_json::json!({ "first_offset": job.first_offset, "last_offset": job.last_offset, "files": listed });
         write_durably(&manifest, body.to_string().as_bytes())?;
@@ -199,11 +228,16 @@ impl Sink {
         let mut written = Written::default();
         let mut dirs = BTreeSet::new();
         for (path, table, batch) in &files {
-            let dir = path.parent().expect("planned files live in a partition directory");
+            let dir = path
+                .parent()
+                .expect("planned files live in a partition directory");
             fs::create_dir_all(dir).map_err(io_err(dir))?;
             let tmp = tmp_name(path);
             written.bytes += write_parquet(&tmp, batch, *table, &self.config)?;
             dirs.insert(dir.to_owned());
+        }
+        if !self.config.debug_commit_delay.is_zero() {
+            std::thread::sleep(self.config.debug_commit_delay);
         }
         for (path, _, _) in &files {
             fs::rename(tmp_name(path), path).map_err(io_err(path))?;
@@ -228,17 +262,29 @@ impl Sink {
     /// Undoes jobs of `topic`/`partition` that were written but not committed, given the offset
     /// the source resumes from (`None`: nothing was ever committed). Returns the number of
     /// uncommitted jobs rolled back.
-    pub fn recover(&self, topic: &str, partition: i32, resume_from: Option<i64>) -> Result<usize, SinkError> {
+    pub fn recover(
+        &self,
+        topic: &str,
+        partition: i32,
+        resume_from: Option<i64>,
+    ) -> Result<usize, SinkError> {
         let dir = self.txn_dir(topic, partition);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(SinkError::Io { path: dir, source: e }),
+            Err(e) => {
+                return Err(SinkError::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
         };
         let mut rolled_back = 0;
         for entry in entries {
             let path = entry.map_err(io_err(&dir))?.path();
-            let Some((first, last)) = manifest_range(&path) else { continue };
+            let Some((first, last)) = manifest_range(&path) else {
+                continue;
+            };
             let committed = resume_from.is_some_and(|pos| last < pos);
             let straddles = resume_from.is_some_and(|pos| first < pos && pos <= last);
             if committed {
@@ -246,7 +292,14 @@ impl Sink {
             } else if straddles {
                 // The resume position was moved by hand into the middle of a job: its earlier
                 // records will not come again, so keep its files rather than lose them.
-                warn!(topic, partition, first, last, resume_from, "resume position inside a written job; keeping its files");
+                warn!(
+                    topic,
+                    partition,
+                    first,
+                    last,
+                    resume_from,
+                    "resume position inside a written job; keeping its files"
+                );
             } else {
                 let text = fs::read_to_string(&path).map_err(io_err(&path))?;
                 let files = serde_json::from_str::<serde_json::Value>(&text)
@@ -260,11 +313,22 @@ impl Sink {
                         match fs::remove_file(&candidate) {
                             Ok(()) => {}
                             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                            Err(e) => return Err(SinkError::Io { path: candidate, source: e }),
+                            Err(e) => {
+                                return Err(SinkError::Io {
+                                    path: candidate,
+                                    source: e,
+                                });
+                            }
                         }
                     }
                 }
-                info!(topic, partition, first, last, "rolled back files of an uncommitted batch; its records will be written again");
+                info!(
+                    topic,
+                    partition,
+                    first,
+                    last,
+                    "rolled back files of an uncommitted batch; its records will be written again"
+                );
                 rolled_back += 1;
             }
             fs::remove_file(&path).map_err(io_err(&path))?;
@@ -290,7 +354,9 @@ fn tmp_name(path: &Path) -> PathBuf {
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     let tmp = tmp_name(path);
     let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
     fsync_dir(path.parent().expect("a file path has a parent"))
 }
@@ -331,14 +397,27 @@ pub fn run_writer(
                 }
             }
         };
-        stats.files_written.fetch_add(written.files.len() as u64, Ordering::Relaxed);
-        stats.bytes_written.fetch_add(written.bytes, Ordering::Relaxed);
-        stats.events_written.fetch_add(job.events.num_rows() as u64, Ordering::Relaxed);
-        stats.rejects_written.fetch_add(job.rejects.num_rows() as u64, Ordering::Relaxed);
+        stats
+            .files_written
+            .fetch_add(written.files.len() as u64, Ordering::Relaxed);
+        stats
+            .bytes_written
+            .fetch_add(written.bytes, Ordering::Relaxed);
+        stats
+            .events_written
+            .fetch_add(job.events.num_rows() as u64, Ordering::Relaxed);
+        stats
+            .rejects_written
+            .fetch_add(job.rejects.num_rows() as u64, Ordering::Relaxed);
+        if !sink.config.debug_commit_delay.is_zero() {
+            std::thread::sleep(sink.config.debug_commit_delay);
+        }
         match committer.commit(&job.topic, job.partition, job.last_offset + 1) {
             Ok(()) => {
                 sink.forget(&job);
-                stats.records_committed.fetch_add(job.records, Ordering::Relaxed);
+                stats
+                    .records_committed
+                    .fetch_add(job.records, Ordering::Relaxed);
             }
             Err(err) => {
                 // Typically the partition was revoked meanwhile; its next owner rolls this

@@ -22,7 +22,10 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
         .set_created_by(format!("telltale {}", env!("CARGO_PKG_VERSION")))
         .set_key_value_metadata(Some(vec![
             KeyValue::new("telltale.table".into(), table.name().to_owned()),
-            KeyValue::new("telltale.schema_version".into(), EVENT_SCHEMA_VERSION.to_owned()),
+            KeyValue::new(
+                "telltale.schema_version".into(),
+                EVENT_SCHEMA_VERSION.to_owned(),
+            ),
         ]));
     let long_text: &[&str] = match table {
         Table::Events => EVENT_TEXT_COLUMNS,
@@ -39,10 +42,19 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
 }
 
 /// Writes `batch` to `path` and fsyncs it; returns the file's size.
-pub fn write_parquet(path: &Path, batch: &RecordBatch, table: Table, config: &SinkConfig) -> Result<u64, SinkError> {
+pub fn write_parquet(
+    path: &Path,
+    batch: &RecordBatch,
+    table: Table,
+    config: &SinkConfig,
+) -> Result<u64, SinkError> {
     let file = fs::File::create(path).map_err(io_err(path))?;
-    let pq = |source| SinkError::Parquet { path: path.to_owned(), source };
-    let mut writer = ArrowWriter::try_new(&file, batch.schema(), Some(properties(table, config))).map_err(pq)?;
+    let pq = |source| SinkError::Parquet {
+        path: path.to_owned(),
+        source,
+    };
+    let mut writer =
+        ArrowWriter::try_new(&file, batch.schema(), Some(properties(table, config))).map_err(pq)?;
     writer.write(batch).map_err(pq)?;
     writer.close().map_err(pq)?;
     file.sync_all().map_err(io_err(path))?;

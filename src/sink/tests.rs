@@ -10,15 +10,42 @@ fn job(first: i64, timestamps: &[i64], rejects: usize) -> SinkJob {
     let mut b = EventBatchBuilder::new();
     let mut hours = Vec::new();
     for (i, ts) in timestamps.iter().enumerate() {
-        let e = LlmEvent { event_id: format!("e{}", first + i as i64).into(), timestamp_ms: *ts, status: "ok".into(), ..Default::default() };
-        b.append(&e, &Provenance { format: "telltale", topic: "t", partition: 0, offset: first + i as i64 });
+        let e = LlmEvent {
+            event_id: format!("e{}", first + i as i64).into(),
+            timestamp_ms: *ts,
+            status: "ok".into(),
+            ..Default::default()
+        };
+        b.append(
+            &e,
+            &Provenance {
+                format: "telltale",
+                topic: "t",
+                partition: 0,
+                offset: first + i as i64,
+            },
+        );
         hours.push(ts.div_euclid(HOUR));
     }
     let mut r = RejectBatchBuilder::new(16);
-    let err = DecodeError { reason: RejectReason::InvalidJson, message: "bad".into(), format: "unknown" };
+    let err = DecodeError {
+        reason: RejectReason::InvalidJson,
+        message: "bad".into(),
+        format: "unknown",
+    };
     for i in 0..rejects {
         let off = first + timestamps.len() as i64 + i as i64;
-        r.append(&RejectedRecord { topic: "t", partition: 0, offset: off, timestamp_ms: Some(T0), key: None, payload: Some(b"{oops") }, &err);
+        r.append(
+            &RejectedRecord {
+                topic: "t",
+                partition: 0,
+                offset: off,
+                timestamp_ms: Some(T0),
+                key: None,
+                payload: Some(b"{oops"),
+            },
+            &err,
+        );
     }
     let n = timestamps.len() + rejects;
     SinkJob {
@@ -53,7 +80,10 @@ fn parquet_files(root: &Path) -> Vec<String> {
 
 fn rows_in(path: &Path) -> usize {
     let f = fs::File::open(path).unwrap();
-    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap();
     r.map(|b| b.unwrap().num_rows()).sum()
 }
 
@@ -73,9 +103,27 @@ fn writes_hive_partitioned_files_named_by_offsets() {
             "rejects/date=2026-11-27/hour=04/part-t-0-100-104.parquet",
         ]
     );
-    assert_eq!(rows_in(&dir.path().join("events/date=2026-11-27/hour=04/part-t-0-100-104.parquet")), 2);
-    assert_eq!(rows_in(&dir.path().join("events/date=2026-11-27/hour=05/part-t-0-100-104.parquet")), 1);
-    assert_eq!(rows_in(&dir.path().join("rejects/date=2026-11-27/hour=04/part-t-0-100-104.parquet")), 2);
+    assert_eq!(
+        rows_in(
+            &dir.path()
+                .join("events/date=2026-11-27/hour=04/part-t-0-100-104.parquet")
+        ),
+        2
+    );
+    assert_eq!(
+        rows_in(
+            &dir.path()
+                .join("events/date=2026-11-27/hour=05/part-t-0-100-104.parquet")
+        ),
+        1
+    );
+    assert_eq!(
+        rows_in(
+            &dir.path()
+                .join("rejects/date=2026-11-27/hour=04/part-t-0-100-104.parquet")
+        ),
+        2
+    );
     sink.forget(&j);
     assert!(!dir.path().join("_txn/t/0/100-104.json").exists());
 }
@@ -88,7 +136,11 @@ fn rewriting_the_same_job_replaces_its_files() {
     sink.write(&j).unwrap();
     sink.write(&j).unwrap();
     let files = parquet_files(dir.path());
-    assert_eq!(files.iter().filter(|f| f.ends_with(".parquet")).count(), 1, "{files:?}");
+    assert_eq!(
+        files.iter().filter(|f| f.ends_with(".parquet")).count(),
+        1,
+        "{files:?}"
+    );
 }
 
 #[test]
@@ -100,12 +152,17 @@ fn recover_rolls_back_uncommitted_jobs_only() {
     sink.write(&committed).unwrap();
     sink.write(&uncommitted).unwrap();
     // A crash left a half-written temp file of the uncommitted job too.
-    let tmp = dir.path().join("events/date=2026-11-27/hour=04/part-t-0-2-3.parquet.tmp");
+    let tmp = dir
+        .path()
+        .join("events/date=2026-11-27/hour=04/part-t-0-2-3.parquet.tmp");
     fs::write(&tmp, b"partial").unwrap();
 
     // The group resumes at offset 2: the first job was committed, the second was not.
     assert_eq!(sink.recover("t", 0, Some(2)).unwrap(), 1);
-    assert_eq!(parquet_files(dir.path()), ["events/date=2026-11-27/hour=04/part-t-0-0-1.parquet"]);
+    assert_eq!(
+        parquet_files(dir.path()),
+        ["events/date=2026-11-27/hour=04/part-t-0-0-1.parquet"]
+    );
     // Nothing left to do on a second call.
     assert_eq!(sink.recover("t", 0, Some(2)).unwrap(), 0);
 }
@@ -117,7 +174,11 @@ fn recover_without_any_commit_rolls_back_everything() {
     sink.write(&job(0, &[T0], 0)).unwrap();
     assert_eq!(sink.recover("t", 0, None).unwrap(), 1);
     assert!(parquet_files(dir.path()).is_empty());
-    assert_eq!(sink.recover("other", 3, None).unwrap(), 0, "no manifests at all is fine");
+    assert_eq!(
+        sink.recover("other", 3, None).unwrap(),
+        0,
+        "no manifests at all is fine"
+    );
 }
 
 #[test]
@@ -136,7 +197,10 @@ fn writer_retries_until_the_directory_is_writable_then_commits() {
     struct Recorder(Mutex<Vec<(String, i32, i64)>>);
     impl Committer for Recorder {
         fn commit(&self, topic: &str, partition: i32, next: i64) -> Result<(), String> {
-            self.0.lock().unwrap().push((topic.to_owned(), partition, next));
+            self.0
+                .lock()
+                .unwrap()
+                .push((topic.to_owned(), partition, next));
             Ok(())
         }
     }
@@ -155,7 +219,10 @@ fn writer_retries_until_the_directory_is_writable_then_commits() {
     while stats.sink_errors.load(Ordering::Relaxed) == 0 {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(recorder.0.lock().unwrap().is_empty(), "nothing is committed before it is durable");
+    assert!(
+        recorder.0.lock().unwrap().is_empty(),
+        "nothing is committed before it is durable"
+    );
     fs::remove_file(&root).unwrap();
     fs::create_dir(&root).unwrap();
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();

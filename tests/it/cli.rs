@@ -29,7 +29,10 @@ fn file_pipeline(dir: &Path) -> std::path::PathBuf {
 }
 
 fn listing(root: &Path) -> Vec<String> {
-    let mut f: Vec<String> = files_with_suffix(root, ".parquet").iter().map(|p| p.strip_prefix(root).unwrap().display().to_string()).collect();
+    let mut f: Vec<String> = files_with_suffix(root, ".parquet")
+        .iter()
+        .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+        .collect();
     f.sort();
     f
 }
@@ -46,13 +49,25 @@ fn file_import_is_idempotent() {
     let root = dir.path().join("data");
 
     let run = || {
-        let out = telltale().args(["run", "--pipeline"]).arg(&pipeline).args(["--source", &source]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = telltale()
+            .args(["run", "--pipeline"])
+            .arg(&pipeline)
+            .args(["--source", &source])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stderr).unwrap()
     };
     let first = run();
     let non_blank = records.iter().filter(|r| !r.payload.is_empty()).count();
-    assert!(first.contains(&format!("done: {non_blank} records read")), "blank lines are skipped, the rest read:\n{first}");
+    assert!(
+        first.contains(&format!("done: {non_blank} records read")),
+        "blank lines are skipped, the rest read:\n{first}"
+    );
     // Blank lines are skipped by the file source, so no empty_record rejects here.
     assert_exactly_once(&root, &records, true);
     let files = listing(&root);
@@ -84,7 +99,8 @@ fn sql_formats_and_errors() {
         if stdin.is_some() {
             c.stdin(std::process::Stdio::piped());
         }
-        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         let mut child = c.spawn().unwrap();
         if let Some(s) = stdin {
             child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
@@ -100,11 +116,17 @@ fn sql_formats_and_errors() {
     assert!(text.trim_end().ends_with("(3 rows)"), "{text}");
 
     let json = String::from_utf8(sql(&["--format", "json", q], None).stdout).unwrap();
-    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let total: i64 = rows.iter().map(|r| r["n"].as_i64().unwrap()).sum();
     assert_eq!(total, 300);
 
-    let from_stdin = sql(&["--format", "csv"], Some("SELECT count(*) AS n FROM events WHERE date = '2026-11-27'"));
+    let from_stdin = sql(
+        &["--format", "csv"],
+        Some("SELECT count(*) AS n FROM events WHERE date = '2026-11-27'"),
+    );
     assert_eq!(String::from_utf8(from_stdin.stdout).unwrap(), "n\n300\n");
 
     let bad = sql(&["SELECT nope FROM events"], None);
@@ -116,48 +138,103 @@ fn sql_formats_and_errors() {
 #[test]
 fn check_reports_config_errors_and_connectivity() {
     let dir = tempfile::tempdir().unwrap();
-    let out = telltale().args(["check", "--pipeline", concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/broken-pipeline.toml")]).output().unwrap();
+    let out = telltale()
+        .args([
+            "check",
+            "--pipeline",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/broken-pipeline.toml"
+            ),
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("4 errors in pipeline config"), "{err}");
-    assert!(err.contains("source.group: unknown key (did you mean `group_id`?)"), "{err}");
+    assert!(
+        err.contains("source.group: unknown key (did you mean `group_id`?)"),
+        "{err}"
+    );
 
     let broker = Broker::start();
     broker.topic("present", 2);
     let good = pipeline_file(dir.path(), &broker.servers, "present", "g", "");
-    let out = telltale().args(["check", "--pipeline"]).arg(&good).output().unwrap();
+    let out = telltale()
+        .args(["check", "--pipeline"])
+        .arg(&good)
+        .output()
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("ok   topic present: 2 partitions"), "{text}");
 
     let missing = pipeline_file(dir.path(), &broker.servers, "absent", "h", "");
-    let out = telltale().args(["check", "--pipeline"]).arg(&missing).output().unwrap();
+    let out = telltale()
+        .args(["check", "--pipeline"])
+        .arg(&missing)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8(out.stdout).unwrap().contains("FAIL topic absent does not exist"));
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("FAIL topic absent does not exist")
+    );
 }
 
 #[test]
 fn demo_runs_end_to_end_and_refuses_foreign_directories() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo-data");
-    let out = telltale().args(["demo", "--records", "3000", "--data-dir"]).arg(&data).output().unwrap();
+    let out = telltale()
+        .args(["demo", "--records", "3000", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("produced   3000 records (2985 valid, 15 malformed on purpose)"), "{stdout}");
-    assert!(stdout.contains("3000 records → 2985 events + 15 rejects"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("produced   3000 records (2985 valid, 15 malformed on purpose)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("3000 records → 2985 events + 15 rejects"),
+        "{stdout}"
+    );
     assert!(stdout.contains("support-bot"), "{stdout}");
     assert!(stdout.contains("invalid_json"), "{stdout}");
     assert_eq!(scalar(&data, "SELECT count(*) FROM events"), 2985);
     // A second run replaces its own output.
-    let again = telltale().args(["demo", "--records", "1000", "--data-dir"]).arg(&data).output().unwrap();
+    let again = telltale()
+        .args(["demo", "--records", "1000", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(again.status.success());
     assert_eq!(scalar(&data, "SELECT count(*) FROM events"), 995);
     // But never a directory it did not make.
     let foreign = dir.path().join("mine");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("precious.txt"), "keep").unwrap();
-    let refused = telltale().args(["demo", "--data-dir"]).arg(&foreign).output().unwrap();
+    let refused = telltale()
+        .args(["demo", "--data-dir"])
+        .arg(&foreign)
+        .output()
+        .unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8(refused.stderr).unwrap().contains("was not made by `telltale demo`"));
+    assert!(
+        String::from_utf8(refused.stderr)
+            .unwrap()
+            .contains("was not made by `telltale demo`")
+    );
     assert!(foreign.join("precious.txt").exists());
 }

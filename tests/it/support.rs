@@ -29,14 +29,17 @@ impl Broker {
     }
 
     pub fn topic(&self, name: &str, partitions: i32) {
-        self.cluster.create_topic(name, partitions, 1).expect("topic created");
+        self.cluster
+            .create_topic(name, partitions, 1)
+            .expect("topic created");
     }
 
     /// Produces records and waits for every acknowledgement.
     pub fn produce(&self, topic: &str, records: &[GeneratedRecord]) {
         let p = telltale::replay::producer(&self.servers, &[]).expect("producer");
         for r in records {
-            telltale::replay::send(&p, topic, r.key.as_deref().map(str::as_bytes), &r.payload).expect("send");
+            telltale::replay::send(&p, topic, r.key.as_deref().map(str::as_bytes), &r.payload)
+                .expect("send");
         }
         telltale::replay::finish(&p, records.len() as u64).expect("all records acknowledged");
     }
@@ -52,10 +55,14 @@ impl Broker {
         for p in 0..partitions {
             tpl.add_partition(topic, p);
         }
-        let committed = c.committed_offsets(tpl, Duration::from_secs(5)).expect("committed offsets");
+        let committed = c
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .expect("committed offsets");
         (0..partitions)
             .map(|p| {
-                let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(5)).expect("watermarks");
+                let (_, high) = c
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .expect("watermarks");
                 let off = match committed.find_partition(topic, p).map(|e| e.offset()) {
                     Some(Offset::Offset(o)) => o,
                     _ => 0,
@@ -73,7 +80,10 @@ impl Broker {
             if lag.iter().all(|(c, h)| c == h) {
                 return;
             }
-            assert!(Instant::now() < deadline, "group {group} did not catch up within {timeout:?}: {lag:?}");
+            assert!(
+                Instant::now() < deadline,
+                "group {group} did not catch up within {timeout:?}: {lag:?}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -81,10 +91,19 @@ impl Broker {
 
 /// `n` records from the generator, one malformed every `malformed_every`.
 pub fn traffic(seed: u64, n: u64, malformed_every: Option<u64>) -> Vec<GeneratedRecord> {
-    TrafficGenerator::new(seed, T_START, 3 * 3_600_000, n).malformed_every(malformed_every).take(n as usize).collect()
+    TrafficGenerator::new(seed, T_START, 3 * 3_600_000, n)
+        .malformed_every(malformed_every)
+        .take(n as usize)
+        .collect()
 }
 
-pub fn pipeline_file(dir: &Path, brokers: &str, topic: &str, group: &str, extra_sink: &str) -> PathBuf {
+pub fn pipeline_file(
+    dir: &Path,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    extra_sink: &str,
+) -> PathBuf {
     let root = dir.join("data");
     let text = format!(
         r#"
@@ -121,7 +140,11 @@ pub fn telltale() -> Command {
 
 /// Starts `telltale run`, logging to `log`.
 pub fn spawn_run(pipeline: &Path, log: &Path) -> Child {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     telltale()
         .args(["run", "--pipeline"])
         .arg(pipeline)
@@ -140,7 +163,10 @@ pub fn terminate(child: &mut Child) -> ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(Instant::now() < deadline, "telltale did not stop within 60 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "telltale did not stop within 60 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -173,7 +199,10 @@ pub fn counts(batches: &[RecordBatch]) -> HashMap<String, i64> {
     for b in batches {
         let k = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
         let v = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Int64).unwrap();
-        let (k, v) = (k.as_string::<i32>(), v.as_primitive::<arrow::datatypes::Int64Type>());
+        let (k, v) = (
+            k.as_string::<i32>(),
+            v.as_primitive::<arrow::datatypes::Int64Type>(),
+        );
         for i in 0..b.num_rows() {
             out.insert(k.value(i).to_owned(), v.value(i));
         }
@@ -192,7 +221,9 @@ pub fn files_with_suffix(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -211,9 +242,22 @@ pub fn assert_exactly_once(root: &Path, records: &[GeneratedRecord], skip_empty:
     expected_ids.sort();
     let mut ids = strings(&sql(root, "SELECT event_id FROM events"));
     ids.sort();
-    let dupes: Vec<_> = ids.windows(2).filter(|w| w[0] == w[1]).map(|w| w[0].clone()).collect();
-    assert!(dupes.is_empty(), "{} duplicated event ids, e.g. {:?}", dupes.len(), &dupes[..dupes.len().min(5)]);
-    assert_eq!(ids.len(), expected_ids.len(), "events rows vs valid records produced");
+    let dupes: Vec<_> = ids
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0].clone())
+        .collect();
+    assert!(
+        dupes.is_empty(),
+        "{} duplicated event ids, e.g. {:?}",
+        dupes.len(),
+        &dupes[..dupes.len().min(5)]
+    );
+    assert_eq!(
+        ids.len(),
+        expected_ids.len(),
+        "events rows vs valid records produced"
+    );
     assert_eq!(ids, expected_ids, "the same event ids");
 
     let mut expected_rejects: HashMap<String, i64> = HashMap::new();
@@ -224,7 +268,10 @@ pub fn assert_exactly_once(root: &Path, records: &[GeneratedRecord], skip_empty:
             *expected_rejects.entry(reason.to_owned()).or_default() += 1;
         }
     }
-    let got = counts(&sql(root, "SELECT reason, count(*) FROM rejects GROUP BY reason"));
+    let got = counts(&sql(
+        root,
+        "SELECT reason, count(*) FROM rejects GROUP BY reason",
+    ));
     assert_eq!(got, expected_rejects, "rejects by reason");
     let dup_rejects = scalar(
         root,
