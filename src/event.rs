@@ -141,6 +141,19 @@ impl LlmEvent<'_> {
     }
 }
 
+/// One record from a source, borrowed from the source's buffer: a Kafka message, or a line of
+/// a file (topic = the file's source name, offset = line index).
+#[derive(Debug, Clone, Copy)]
+pub struct SourceRecord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// Broker (or file) timestamp in epoch milliseconds.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
 /// Where a record came from: Kafka coordinates, or a file source's name and line index.
 #[derive(Debug, Clone, Copy)]
 pub struct Provenance<'a> {

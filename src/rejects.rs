@@ -9,6 +9,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::decode::DecodeError;
+use crate::event::SourceRecord;
 
 static REJECT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -33,16 +34,6 @@ static REJECT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// The Arrow schema of the `rejects` table (without the Hive partition columns).
 pub fn reject_schema() -> SchemaRef {
     REJECT_SCHEMA.clone()
-}
-
-/// A record's coordinates and bytes, as the rejects table keeps them.
-pub struct RejectedRecord<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
 }
 
 pub struct RejectBatchBuilder {
@@ -88,7 +79,7 @@ impl RejectBatchBuilder {
         self.len == 0
     }
 
-    pub fn append(&mut self, rec: &RejectedRecord<'_>, err: &DecodeError) {
+    pub fn append(&mut self, rec: &SourceRecord<'_>, err: &DecodeError) {
         self.reason.append_value(err.reason.code());
         self.error.append_value(&err.message);
         self.format.append_value(err.format);

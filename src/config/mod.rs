@@ -116,10 +116,10 @@ pub struct SinkConfig {
 impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
-            roll_size: 128 << 20,
+            roll_size: 64 << 20,
             roll_interval: Duration::from_secs(60),
-            max_buffered: 512 << 20,
-            queue_depth: 4,
+            max_buffered: 256 << 20,
+            queue_depth: 2,
             zstd_level: 1,
             row_group_rows: 128 * 1024,
             debug_commit_delay: Duration::ZERO,

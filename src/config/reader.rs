@@ -194,47 +194,47 @@ impl Obj {
         out
     }
 
-    pub fn duration(&mut self, e: &mut Errors, key: &'static str, default: Duration) -> Duration {
+    /// A string value parsed by `parse`; integers go through `from_int` (sizes accept bytes).
+    fn parsed<T>(
+        &mut self,
+        e: &mut Errors,
+        key: &'static str,
+        default: T,
+        parse: fn(&str) -> Result<T, String>,
+        from_int: fn(i64) -> Option<T>,
+        example: &str,
+    ) -> T {
         let path = self.path_of(key);
-        match self.take(key) {
-            None => default,
-            Some(toml::Value::String(s)) => parse_duration(&s).unwrap_or_else(|msg| {
-                e.push(&path, msg);
-                default
-            }),
-            Some(other) => {
-                e.push(
-                    &path,
-                    format!(
-                        "expected a duration string such as \"30s\", got {}",
-                        type_name(&other)
-                    ),
-                );
-                default
+        let got = match self.take(key) {
+            None => return default,
+            Some(toml::Value::String(s)) => parse(&s),
+            Some(toml::Value::Integer(i)) if from_int(i).is_some() => {
+                Ok(from_int(i).expect("checked"))
             }
-        }
+            Some(other) => Err(format!(
+                "expected a string such as {example:?}, got {}",
+                type_name(&other)
+            )),
+        };
+        got.unwrap_or_else(|msg| {
+            e.push(&path, msg);
+            default
+        })
+    }
+
+    pub fn duration(&mut self, e: &mut Errors, key: &'static str, default: Duration) -> Duration {
+        self.parsed(e, key, default, parse_duration, |_| None, "30s")
     }
 
     pub fn size(&mut self, e: &mut Errors, key: &'static str, default: u64) -> u64 {
-        let path = self.path_of(key);
-        match self.take(key) {
-            None => default,
-            Some(toml::Value::String(s)) => parse_size(&s).unwrap_or_else(|msg| {
-                e.push(&path, msg);
-                default
-            }),
-            Some(toml::Value::Integer(i)) if i >= 0 => i as u64,
-            Some(other) => {
-                e.push(
-                    &path,
-                    format!(
-                        "expected a size string such as \"128MiB\", got {}",
-                        type_name(&other)
-                    ),
-                );
-                default
-            }
-        }
+        self.parsed(
+            e,
+            key,
+            default,
+            parse_size,
+            |i| u64::try_from(i).ok(),
+            "128MiB",
+        )
     }
 
     /// A sub-table; `None` (and no error) when absent.

@@ -2,7 +2,7 @@
 //!
 //! Three apps with their own prompts, models and prompt versions; token counts from
 //! log-normal distributions shaped like real chat traffic (prompt p50 ≈ 14 words, response
-//! p50 ≈ 180 words); latency = per-model overhead + per-token cost with log-normal noise;
+//! p50 ≈ 140 words; records average ≈ 1.5 KB); latency = per-model overhead + per-token cost with log-normal noise;
 //! about 1.5 % errors; a share of records in the OpenAI request/response shape; and, at a
 //! configurable rate, malformed records of every reject reason. The texts are written for
 //! this project. Same seed, same traffic.
@@ -192,9 +192,9 @@ impl TrafficGenerator {
             malformed_every: Some(200),
             openai_share: 0.3,
             malformed_seq: 0,
-            // Shaped after chat traffic: prompts p50 ≈ 14 words, p90 ≈ 90; responses p50 ≈ 180, p90 ≈ 360.
+            // Shaped after chat traffic: prompts p50 ≈ 14 words, p90 ≈ 90; responses p50 ≈ 140, p90 ≈ 280.
             words_prompt: LogNormal::new(14f64.ln(), 0.9).expect("valid parameters"),
-            words_response: LogNormal::new(180f64.ln(), 0.55).expect("valid parameters"),
+            words_response: LogNormal::new(140f64.ln(), 0.55).expect("valid parameters"),
             noise: LogNormal::new(0.0, 0.25).expect("valid parameters"),
             run_tag: format!("{:08x}", seed as u32 ^ (seed >> 32) as u32),
         }

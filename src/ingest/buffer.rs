@@ -9,22 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::SinkConfig;
 use crate::decode::Decoder;
-use crate::event::{EventBatchBuilder, Provenance};
-use crate::rejects::{RejectBatchBuilder, RejectedRecord};
+use crate::event::{EventBatchBuilder, Provenance, SourceRecord};
+use crate::rejects::RejectBatchBuilder;
 use crate::sink::SinkJob;
 use crate::telemetry::Stats;
-
-/// One record from a source, borrowed from the source's buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct SourceRecord<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    /// Broker (or file) timestamp in epoch milliseconds.
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
-}
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -54,6 +42,16 @@ pub struct Accumulator {
     buffers: HashMap<Arc<str>, HashMap<i32, PartitionBuffer>>,
     buffered_bytes: u64,
     stats: Arc<Stats>,
+    /// Counted here and added to `stats` per batch and per tick, not per record.
+    unpublished: Counts,
+}
+
+#[derive(Default)]
+struct Counts {
+    records: u64,
+    bytes: u64,
+    events: u64,
+    rejected: u64,
 }
 
 impl Accumulator {
@@ -72,6 +70,7 @@ impl Accumulator {
             buffers: HashMap::new(),
             buffered_bytes: 0,
             stats,
+            unpublished: Counts::default(),
         }
     }
 
@@ -82,8 +81,8 @@ impl Accumulator {
     /// Decodes and buffers one record; returns the jobs this record completed.
     pub fn push(&mut self, rec: &SourceRecord<'_>, out: &mut Vec<SinkJob>) {
         let size = rec.payload.map_or(0, <[u8]>::len) as u64;
-        self.stats.records_in.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
+        self.unpublished.records += 1;
+        self.unpublished.bytes += size;
 
         if !self.buffers.contains_key(rec.topic) {
             self.buffers.insert(Arc::from(rec.topic), HashMap::new());
@@ -128,21 +127,13 @@ impl Accumulator {
                 buf.events.append(&d.event, &src);
                 buf.event_hours
                     .push(d.event.timestamp_ms.div_euclid(HOUR_MS));
-                self.stats.events_decoded.fetch_add(1, Ordering::Relaxed);
+                self.unpublished.events += 1;
             }
             Err(err) => {
-                let r = RejectedRecord {
-                    topic: rec.topic,
-                    partition: rec.partition,
-                    offset: rec.offset,
-                    timestamp_ms: rec.timestamp_ms,
-                    key: rec.key,
-                    payload: rec.payload,
-                };
-                buf.rejects.append(&r, &err);
+                buf.rejects.append(rec, &err);
                 buf.reject_hours
                     .push(rec.timestamp_ms.unwrap_or(0).div_euclid(HOUR_MS));
-                self.stats.records_rejected.fetch_add(1, Ordering::Relaxed);
+                self.unpublished.rejected += 1;
                 tracing::debug!(
                     topic = rec.topic,
                     partition = rec.partition,
@@ -174,7 +165,25 @@ impl Accumulator {
             .map(|b| (b.topic.clone(), b.partition))
     }
 
+    /// Adds what was counted since the last call to the shared stats.
+    pub fn publish(&mut self) {
+        let c = std::mem::take(&mut self.unpublished);
+        if c.records > 0 {
+            self.stats
+                .records_in
+                .fetch_add(c.records, Ordering::Relaxed);
+            self.stats.bytes_in.fetch_add(c.bytes, Ordering::Relaxed);
+            self.stats
+                .events_decoded
+                .fetch_add(c.events, Ordering::Relaxed);
+            self.stats
+                .records_rejected
+                .fetch_add(c.rejected, Ordering::Relaxed);
+        }
+    }
+
     fn cut(&mut self, key: &(Arc<str>, i32)) -> Option<SinkJob> {
+        self.publish();
         let buf = self.buffers.get_mut(&key.0)?.get_mut(&key.1)?;
         if buf.records == 0 {
             return None;
@@ -186,6 +195,7 @@ impl Accumulator {
             first_offset: buf.first_offset,
             last_offset: buf.last_offset,
             records: buf.records,
+            bytes: buf.bytes,
             events: buf.events.finish(),
             event_hours: std::mem::take(&mut buf.event_hours),
             rejects: buf.rejects.finish(),
@@ -198,6 +208,7 @@ impl Accumulator {
 
     /// Jobs for buffers whose oldest record has waited `roll_interval`.
     pub fn due(&mut self, now: Instant, out: &mut Vec<SinkJob>) {
+        self.publish();
         if !self.roll_by_time {
             return;
         }
@@ -224,6 +235,7 @@ impl Accumulator {
 
     /// Jobs for every non-empty buffer.
     pub fn take_all(&mut self, out: &mut Vec<SinkJob>) {
+        self.publish();
         let keys: Vec<_> = self.all().map(|b| (b.topic.clone(), b.partition)).collect();
         for k in keys {
             out.extend(self.cut(&k));

@@ -186,14 +186,14 @@ pub fn run(
             };
             acc.push(&rec, &mut jobs);
             for job in jobs.drain(..) {
-                if tx.send(SinkMsg::Job(job)).is_err() {
+                if tx.send(SinkMsg::Jobs(vec![job])).is_err() {
                     result = Err(IngestError::WriterGone);
                     break 'files;
                 }
             }
         }
         if let Some(job) = acc.take_partition(&topic, 0)
-            && tx.send(SinkMsg::Job(job)).is_err()
+            && tx.send(SinkMsg::Jobs(vec![job])).is_err()
         {
             result = Err(IngestError::WriterGone);
             break;

@@ -38,23 +38,36 @@ const REVOKE_FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 struct Core {
     acc: Accumulator,
     tx: Option<Sender<SinkMsg>>,
-    /// Jobs cut but not yet accepted by the writer queue.
-    outbox: VecDeque<SinkJob>,
-    scratch: Vec<SinkJob>,
+    /// Jobs cut since the last tick; they leave together, as one commit group, at the tick or
+    /// as soon as they hold `group_bytes`, so that memory stays bounded between ticks.
+    pending: Vec<SinkJob>,
+    pending_bytes: u64,
+    group_bytes: u64,
+    /// Groups waiting for room in the writer queue.
+    outbox: VecDeque<Vec<SinkJob>>,
     paused: bool,
     /// Partitions assigned since the last record seen from them: recovery pending.
     unrecovered: HashSet<(String, i32)>,
 }
 
 impl Core {
-    /// Sends queued jobs without blocking; false when the writer is gone.
+    /// Moves the jobs cut since the last tick into the outbox as one group.
+    fn seal(&mut self) {
+        self.pending_bytes = 0;
+        if !self.pending.is_empty() {
+            let group = std::mem::take(&mut self.pending);
+            self.outbox.push_back(group);
+        }
+    }
+
+    /// Sends queued groups without blocking; false when the writer is gone.
     fn drain(&mut self) -> bool {
         let Some(tx) = &self.tx else { return false };
-        while let Some(job) = self.outbox.pop_front() {
-            match tx.try_send(SinkMsg::Job(job)) {
+        while let Some(group) = self.outbox.pop_front() {
+            match tx.try_send(SinkMsg::Jobs(group)) {
                 Ok(()) => {}
-                Err(TrySendError::Full(SinkMsg::Job(job))) => {
-                    self.outbox.push_front(job);
+                Err(TrySendError::Full(SinkMsg::Jobs(group))) => {
+                    self.outbox.push_front(group);
                     break;
                 }
                 Err(_) => return false,
@@ -63,11 +76,13 @@ impl Core {
         true
     }
 
-    /// Sends every queued job (blocking) and waits until the writer has made them durable.
+    /// Sends everything cut so far (blocking) and waits until the writer has made it durable
+    /// and committed.
     fn flush_and_wait(&mut self, timeout: Duration) -> bool {
+        self.seal();
         let Some(tx) = &self.tx else { return false };
-        for job in self.outbox.drain(..) {
-            if tx.send(SinkMsg::Job(job)).is_err() {
+        for group in self.outbox.drain(..) {
+            if tx.send(SinkMsg::Jobs(group)).is_err() {
                 return false;
             }
         }
@@ -123,7 +138,7 @@ impl ConsumerContext for Ctx {
         let started = Instant::now();
         for elem in tpl.elements() {
             if let Some(job) = core.acc.take_partition(elem.topic(), elem.partition()) {
-                core.outbox.push_back(job);
+                core.pending.push(job);
             }
         }
         if core.tx.is_none() {
@@ -159,10 +174,12 @@ impl ConsumerContext for Ctx {
 struct KafkaCommitter(Arc<BaseConsumer<Ctx>>);
 
 impl Committer for KafkaCommitter {
-    fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), String> {
+    fn commit(&self, offsets: &[(&str, i32, i64)]) -> Result<(), String> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset))
-            .map_err(|e| e.to_string())?;
+        for (topic, partition, next) in offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|e| e.to_string())?;
+        }
         self.0
             .commit(&tpl, CommitMode::Sync)
             .map_err(|e| e.to_string())
@@ -178,8 +195,11 @@ pub fn client_config(k: &KafkaSourceConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &k.start_from)
         .set("enable.partition.eof", "false")
-        // Bounds memory under a large backlog: librdkafka prefetches at most this much.
+        // Bounds memory under a large backlog: librdkafka prefetches at most this much…
         .set("queued.max.messages.kbytes", "16384")
+        // …and, once that is reached, retries the fetch after 10 ms instead of the default
+        // 1 s (measured: the default stalled a 64-partition backlog at ~12 k events/s).
+        .set("fetch.queue.backoff.ms", "10")
         .set("client.id", "telltale");
     for (key, value) in &k.properties {
         c.set(key, value);
@@ -210,7 +230,9 @@ pub fn run(
             ),
             tx: Some(tx),
             outbox: VecDeque::new(),
-            scratch: Vec::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            group_bytes: config.sink.roll_size,
             paused: false,
             unrecovered: HashSet::new(),
         }),
@@ -248,9 +270,8 @@ pub fn run(
     // Shutdown: cut every buffer, make it durable and committed, then stop the writer.
     let flushed = {
         let mut core = consumer.context().core();
-        let mut jobs = std::mem::take(&mut core.scratch);
-        core.acc.take_all(&mut jobs);
-        core.outbox.extend(jobs);
+        let core = &mut *core;
+        core.acc.take_all(&mut core.pending);
         let ok = core.tx.is_some() && core.flush_and_wait(Duration::from_secs(600));
         core.tx = None;
         ok
@@ -330,10 +351,16 @@ fn consume(consumer: &BaseConsumer<Ctx>, shutdown: &Shutdown) -> Result<(), Inge
                     key: m.key(),
                     payload: m.payload(),
                 };
-                let mut jobs = std::mem::take(&mut core.scratch);
-                core.acc.push(&rec, &mut jobs);
-                core.outbox.extend(jobs.drain(..));
-                core.scratch = jobs;
+                let core = &mut *core;
+                let before = core.pending.len();
+                core.acc.push(&rec, &mut core.pending);
+                if core.pending.len() > before {
+                    core.pending_bytes +=
+                        core.pending[before..].iter().map(|j| j.bytes).sum::<u64>();
+                    if core.pending_bytes >= core.group_bytes {
+                        core.seal();
+                    }
+                }
             }
             Some(Err(err)) => {
                 // Transient broker errors repeat on every poll; log each distinct one every 10 s.
@@ -350,10 +377,9 @@ fn consume(consumer: &BaseConsumer<Ctx>, shutdown: &Shutdown) -> Result<(), Inge
         let now = Instant::now();
         if now >= next_roll_check {
             let mut core = ctx.core();
-            let mut jobs = std::mem::take(&mut core.scratch);
-            core.acc.due(now, &mut jobs);
-            core.outbox.extend(jobs.drain(..));
-            core.scratch = jobs;
+            let core = &mut *core;
+            core.acc.due(now, &mut core.pending);
+            core.seal();
             next_roll_check = now + Duration::from_millis(100);
         }
     }

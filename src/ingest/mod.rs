@@ -23,7 +23,8 @@ use crate::config::{PipelineConfig, SourceConfig};
 use crate::sink::SinkError;
 use crate::telemetry::{Stats, StatsSnapshot};
 
-pub use buffer::{Accumulator, SourceRecord};
+pub use crate::event::SourceRecord;
+pub use buffer::Accumulator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {

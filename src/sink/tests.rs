@@ -1,7 +1,8 @@
 use super::*;
 use crate::decode::{DecodeError, RejectReason};
+use crate::event::SourceRecord;
 use crate::event::{EventBatchBuilder, LlmEvent, Provenance};
-use crate::rejects::{RejectBatchBuilder, RejectedRecord};
+use crate::rejects::RejectBatchBuilder;
 
 const HOUR: i64 = 3_600_000;
 const T0: i64 = 1_795_752_000_000; // 2026-11-27T04:00:00Z
@@ -36,7 +37,7 @@ fn job(first: i64, timestamps: &[i64], rejects: usize) -> SinkJob {
     for i in 0..rejects {
         let off = first + timestamps.len() as i64 + i as i64;
         r.append(
-            &RejectedRecord {
+            &SourceRecord {
                 topic: "t",
                 partition: 0,
                 offset: off,
@@ -54,6 +55,7 @@ fn job(first: i64, timestamps: &[i64], rejects: usize) -> SinkJob {
         first_offset: first,
         last_offset: first + n as i64 - 1,
         records: n as u64,
+        bytes: 100 * n as u64,
         events: b.finish(),
         event_hours: hours,
         rejects: r.finish(),
@@ -196,11 +198,9 @@ fn writer_retries_until_the_directory_is_writable_then_commits() {
     use std::sync::Mutex;
     struct Recorder(Mutex<Vec<(String, i32, i64)>>);
     impl Committer for Recorder {
-        fn commit(&self, topic: &str, partition: i32, next: i64) -> Result<(), String> {
-            self.0
-                .lock()
-                .unwrap()
-                .push((topic.to_owned(), partition, next));
+        fn commit(&self, offsets: &[(&str, i32, i64)]) -> Result<(), String> {
+            let mut log = self.0.lock().unwrap();
+            log.extend(offsets.iter().map(|(t, p, o)| (t.to_string(), *p, *o)));
             Ok(())
         }
     }
@@ -214,7 +214,7 @@ fn writer_retries_until_the_directory_is_writable_then_commits() {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let (rec2, stats2) = (recorder.clone(), stats.clone());
     let handle = std::thread::spawn(move || run_writer(rx, sink, rec2, stats2, &|| true));
-    tx.send(SinkMsg::Job(job(0, &[T0], 0))).unwrap();
+    tx.send(SinkMsg::Jobs(vec![job(0, &[T0], 0)])).unwrap();
     // Let it fail at least once, then repair the root.
     while stats.sink_errors.load(Ordering::Relaxed) == 0 {
         std::thread::sleep(Duration::from_millis(5));

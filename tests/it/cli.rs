@@ -252,14 +252,27 @@ fn replay_sends_every_line_with_its_key() {
     let broker = Broker::start();
     broker.topic("replayed", 2);
     let out = telltale()
-        .args(["replay", "--quiet", "--topic", "replayed", "--key-field", "event_id", "--brokers", &broker.servers])
+        .args([
+            "replay",
+            "--quiet",
+            "--topic",
+            "replayed",
+            "--key-field",
+            "event_id",
+            "--brokers",
+            &broker.servers,
+        ])
         .arg(&file)
         .output()
         .unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "{stderr}");
-    let non_blank: Vec<&telltale::demo::GeneratedRecord> = records.iter().filter(|r| !r.payload.is_empty()).collect();
-    assert!(stderr.contains(&format!("sent {} records", non_blank.len())), "{stderr}");
+    let non_blank: Vec<&telltale::demo::GeneratedRecord> =
+        records.iter().filter(|r| !r.payload.is_empty()).collect();
+    assert!(
+        stderr.contains(&format!("sent {} records", non_blank.len())),
+        "{stderr}"
+    );
 
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &broker.servers)
@@ -272,13 +285,18 @@ fn replay_sends_every_line_with_its_key() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while got.len() < non_blank.len() && std::time::Instant::now() < deadline {
         if let Some(Ok(m)) = c.poll(std::time::Duration::from_millis(100)) {
-            got.insert(m.payload().unwrap_or_default().to_vec(), m.key().map(<[u8]>::to_vec));
+            got.insert(
+                m.payload().unwrap_or_default().to_vec(),
+                m.key().map(<[u8]>::to_vec),
+            );
         }
     }
     assert_eq!(got.len(), non_blank.len(), "every line arrived once");
     let mut keyed = 0;
     for r in non_blank {
-        let key = got.get(&r.payload).unwrap_or_else(|| panic!("missing {}", String::from_utf8_lossy(&r.payload)));
+        let key = got
+            .get(&r.payload)
+            .unwrap_or_else(|| panic!("missing {}", String::from_utf8_lossy(&r.payload)));
         // The key is the record's top-level `event_id` when it has one (OpenAI-shaped and
         // unparsable records have none).
         let expected = serde_json::from_slice::<serde_json::Value>(&r.payload)
@@ -289,4 +307,3 @@ fn replay_sends_every_line_with_its_key() {
     }
     assert!(keyed > 200, "most records are keyed: {keyed}");
 }
-

@@ -221,3 +221,45 @@ fn last_assignment(log: &str) -> Option<i32> {
         })
         .next_back()
 }
+
+/// A backlog and a slow writer: the consumer pauses its partitions instead of buffering
+/// without bound, and the result is still exactly once. (Peak memory against backlog size is
+/// measured in release by `examples/e2e_probe.rs`, where the fixed footprint does not dominate.)
+#[test]
+fn backpressure_pauses_consumer_and_loses_nothing() {
+    let broker = Broker::start();
+    let partitions = 8;
+    broker.topic("backlog", partitions);
+    let records = traffic(21, 8_000, None);
+    broker.produce("backlog", &records);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline_file(
+        dir.path(),
+        &broker.servers,
+        "backlog",
+        "slow",
+        "roll_size = \"256KiB\"\nroll_interval = \"200ms\"\nmax_buffered = \"1MiB\"\nqueue_depth = 1\ndebug_commit_delay = \"20ms\"",
+    );
+    let log = dir.path().join("run.log");
+    let mut child = {
+        let f = std::fs::File::create(&log).unwrap();
+        telltale()
+            .env("RUST_LOG", "info,telltale=debug")
+            .args(["run", "--pipeline"])
+            .arg(&pipeline)
+            .stdout(std::process::Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap()
+    };
+    broker.wait_caught_up("slow", "backlog", partitions, Duration::from_secs(120));
+    let status = terminate(&mut child);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{stderr}");
+    let pauses = stderr
+        .matches("writer queue full; partitions paused")
+        .count();
+    assert!(pauses > 0, "the consumer never paused:\n{stderr}");
+    eprintln!("paused {pauses} times");
+    assert_exactly_once(&dir.path().join("data"), &records, false);
+}

@@ -2,4 +2,5 @@
 
 mod cli;
 mod kafka;
+mod shared_data;
 mod support;
