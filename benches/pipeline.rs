@@ -8,6 +8,10 @@
 //! - `end_to_end`: an in-process Kafka-protocol broker (librdkafka's mock cluster) holding
 //!   100 k events on 64 partitions → consumer group → decode → Arrow → Parquet files fsynced and
 //!   renamed → offsets committed. One iteration consumes the whole topic with a fresh group.
+//!   Two roll intervals: 500 ms cuts ~650-row files (every Parquet column chunk pays for its own
+//!   zstd contexts, so small files cost more per event); 3 s writes one file per partition.
+//!   Throughput is timed from the first record (the group join, ~3 s, is reported apart); with
+//!   the 3 s roll the wall time includes waiting for the roll, so read its per-CPU figure.
 //!   The bench also prints events per CPU-second of telltale's own threads (ingest + writer,
 //!   from /proc) and of the whole process (librdkafka's threads and the broker included).
 
@@ -17,9 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rdkafka::mocking::MockCluster;
-use telltale::config::{
-    KafkaSourceConfig, PipelineConfig, RejectsConfig, SinkConfig, SourceConfig,
-};
+use telltale::config::{PipelineConfig, SinkConfig, SourceConfig};
 use telltale::decode::{Decoder, DecoderConfig};
 use telltale::demo::TrafficGenerator;
 use telltale::event::{EventBatchBuilder, Provenance};
@@ -90,6 +92,24 @@ fn decode(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let sink = SinkConfig::default();
     let label = format!("{mean}B");
+    {
+        let mut builder = EventBatchBuilder::new();
+        for p in &input {
+            builder.append(&decoder.decode(Some(p), None).unwrap().event, &src);
+        }
+        let bytes = write_parquet(
+            &dir.path().join("size.parquet"),
+            &builder.finish(),
+            Table::Events,
+            &sink,
+        )
+        .unwrap();
+        let raw: usize = input.iter().map(Vec::len).sum();
+        eprintln!(
+            "decode: {n} events, {raw} bytes of JSON → {bytes} bytes of Parquet ({:.1}x)",
+            raw as f64 / bytes as f64
+        );
+    }
 
     g.bench_function(BenchmarkId::new("baseline_serde_json_value", &label), |b| {
         b.iter(|| {
@@ -135,6 +155,16 @@ fn decode(c: &mut Criterion) {
 }
 
 fn end_to_end(c: &mut Criterion) {
+    end_to_end_with(
+        c,
+        "kafka_to_parquet_zstd1_roll_500ms",
+        Duration::from_millis(500),
+    );
+    // One file per partition: closer to production, where files hold a minute or 64 MiB.
+    end_to_end_with(c, "kafka_to_parquet_zstd1_roll_3s", Duration::from_secs(3));
+}
+
+fn end_to_end_with(c: &mut Criterion, name: &str, roll_interval: Duration) {
     let n: u64 = 100_000;
     let partitions = 64;
     let cluster = MockCluster::new(1).unwrap();
@@ -161,34 +191,30 @@ fn end_to_end(c: &mut Criterion) {
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(30));
     let mut run = 0;
+    let files = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (mut cpu_total, mut own_cpu_total, mut events_total) = (0.0, 0.0, 0u64);
     let mut join_total = Duration::ZERO;
-    g.bench_function("kafka_to_parquet_zstd1", |b| {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 run += 1;
                 let dir = tempfile::tempdir().unwrap();
-                let config = PipelineConfig {
-                    name: "bench".into(),
-                    data_root: dir.path().to_owned(),
-                    source: SourceConfig::Kafka(KafkaSourceConfig {
-                        brokers: servers.clone(),
-                        topics: vec!["bench".into()],
-                        group_id: format!("bench-{run}"),
-                        start_from: "earliest".into(),
-                        properties: [("fetch.wait.max.ms".to_owned(), "10".to_owned())].into(),
-                    }),
-                    decode: DecoderConfig::default(),
-                    rejects: RejectsConfig {
-                        max_raw_bytes: 65536,
-                    },
-                    sink: SinkConfig {
-                        roll_size: 16 << 20,
-                        roll_interval: Duration::from_millis(500),
-                        ..SinkConfig::default()
-                    },
+                let sink = SinkConfig {
+                    roll_size: 16 << 20,
+                    roll_interval,
+                    ..SinkConfig::default()
                 };
+                let mut config = PipelineConfig::kafka(
+                    &servers,
+                    "bench",
+                    &format!("bench-{name}-{run}"),
+                    dir.path(),
+                    sink,
+                );
+                if let SourceConfig::Kafka(k) = &mut config.source {
+                    k.properties.insert("fetch.wait.max.ms".into(), "10".into());
+                }
                 let stats = Arc::new(Stats::default());
                 let shutdown = Shutdown::new();
                 let (s2, sh2) = (stats.clone(), shutdown.clone());
@@ -215,18 +241,20 @@ fn end_to_end(c: &mut Criterion) {
                 own_cpu_total += telltale_thread_cpu_seconds();
                 events_total += n;
                 shutdown.trigger();
-                h.join().unwrap().unwrap();
+                let snap = h.join().unwrap().unwrap();
+                files.store(snap.files_written, Ordering::Relaxed);
             }
             total
         })
     });
     g.finish();
     eprintln!(
-        "end_to_end: group join took {:?} on average (excluded from thrpt)",
+        "end_to_end/{name}: {} Parquet files per run; group join took {:?} on average (excluded from thrpt)",
+        files.load(Ordering::Relaxed),
         join_total / run.max(1)
     );
     eprintln!(
-        "end_to_end: {:.0} events per CPU-second of telltale's own threads (ingest + writer); \
+        "end_to_end/{name}: {:.0} events per CPU-second of telltale's own threads (ingest + writer); \
          {:.0} per CPU-second of the whole process (with librdkafka and the in-process broker)",
         events_total as f64 / own_cpu_total,
         events_total as f64 / cpu_total

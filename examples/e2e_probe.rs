@@ -5,10 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
-use telltale::config::{
-    KafkaSourceConfig, PipelineConfig, RejectsConfig, SinkConfig, SourceConfig,
-};
-use telltale::decode::DecoderConfig;
+use telltale::config::{PipelineConfig, SinkConfig};
 use telltale::demo::TrafficGenerator;
 use telltale::ingest::{self, Shutdown};
 use telltale::telemetry::Stats;
@@ -38,26 +35,12 @@ fn main() {
     telltale::replay::finish(&producer, n).unwrap();
     println!("produced {n} in {:?}", t.elapsed());
     let dir = tempfile::tempdir().unwrap();
-    let config = PipelineConfig {
-        name: "probe".into(),
-        data_root: dir.path().to_owned(),
-        source: SourceConfig::Kafka(KafkaSourceConfig {
-            brokers: servers,
-            topics: vec!["probe".into()],
-            group_id: "probe".into(),
-            start_from: "earliest".into(),
-            properties: Default::default(),
-        }),
-        decode: DecoderConfig::default(),
-        rejects: RejectsConfig {
-            max_raw_bytes: 65536,
-        },
-        sink: SinkConfig {
-            roll_size: 16 << 20,
-            roll_interval: Duration::from_millis(500),
-            ..SinkConfig::default()
-        },
+    let sink = SinkConfig {
+        roll_size: 16 << 20,
+        roll_interval: Duration::from_millis(500),
+        ..SinkConfig::default()
     };
+    let config = PipelineConfig::kafka(&servers, "probe", "probe", dir.path(), sink);
     let stats = Arc::new(Stats::default());
     let shutdown = Shutdown::new();
     let (s2, sh2) = (stats.clone(), shutdown.clone());

@@ -246,6 +246,28 @@ pub const EVENT_TEXT_COLUMNS: &[&str] = &[
     "session_id",
 ];
 
+/// Columns with few distinct values: dictionary + RLE already shrinks them to a few bytes per
+/// page, so compressing them saves next to nothing, while the Parquet writer pays for two zstd
+/// contexts per compressed column chunk (that cost dominates small files).
+pub const EVENT_LOW_CARDINALITY_COLUMNS: &[&str] = &[
+    "app",
+    "environment",
+    "operation",
+    "provider",
+    "model",
+    "response_model",
+    "prompt_id",
+    "prompt_version",
+    "variant",
+    "experiment",
+    "finish_reason",
+    "error_type",
+    "status",
+    "source_format",
+    "source_topic",
+    "source_partition",
+];
+
 /// Accumulates events into Arrow column builders.
 pub struct EventBatchBuilder {
     event_id: StringBuilder,

@@ -191,7 +191,7 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
             send(&producer, &opts.topic, key.as_deref(), &line)?;
             records += 1;
             bytes += line.len() as u64;
-            if records % 1024 == 0 {
+            if records.is_multiple_of(1024) {
                 producer.poll(Duration::ZERO);
                 if let Some(b) = &bar {
                     b.set_position(records);

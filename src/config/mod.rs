@@ -267,6 +267,33 @@ impl PipelineConfig {
         })
     }
 
+    /// A Kafka pipeline with default decode, rejects and sink settings, for programs that
+    /// build their config in code (benches, embedding telltale).
+    pub fn kafka(
+        brokers: &str,
+        topic: &str,
+        group_id: &str,
+        data_root: impl Into<PathBuf>,
+        sink: SinkConfig,
+    ) -> PipelineConfig {
+        PipelineConfig {
+            name: group_id.to_owned(),
+            data_root: data_root.into(),
+            source: SourceConfig::Kafka(KafkaSourceConfig {
+                brokers: brokers.to_owned(),
+                topics: vec![topic.to_owned()],
+                group_id: group_id.to_owned(),
+                start_from: "earliest".to_owned(),
+                properties: BTreeMap::new(),
+            }),
+            decode: DecoderConfig::default(),
+            rejects: RejectsConfig {
+                max_raw_bytes: 64 << 10,
+            },
+            sink,
+        }
+    }
+
     /// Replaces the source with a file source (`telltale run --source file:…`).
     pub fn with_file_source(mut self, path: &str) -> PipelineConfig {
         self.source = SourceConfig::File(FileSourceConfig {

@@ -280,17 +280,23 @@ impl Obj {
     }
 }
 
-/// Parses "250ms", "30s", "5m", "1h", "2d".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Splits "128MiB" into (128.0, "MiB"); `what` and `example` go into the error message.
+fn number_and_unit<'s>(s: &'s str, what: &str, example: &str) -> Result<(f64, &'s str), String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
+    let value = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration (expected e.g. \"30s\", \"5m\", \"1h\")"))?;
-    let secs = match unit.trim() {
+        .map_err(|_| format!("{s:?} is not a {what} (expected e.g. {example})"))?;
+    Ok((value, unit.trim()))
+}
+
+/// Parses "250ms", "30s", "5m", "1h", "2d".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (value, unit) = number_and_unit(s, "duration", "\"30s\", \"5m\", \"1h\"")?;
+    let secs = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
@@ -307,15 +313,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses "512", "64KiB", "128MiB", "1GiB", "10MB", "1GB".
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (expected e.g. \"64KiB\", \"128MiB\")"))?;
-    let mult: f64 = match unit.trim() {
+    let (value, unit) = number_and_unit(s, "size", "\"64KiB\", \"128MiB\"")?;
+    let mult: f64 = match unit {
         "" | "B" => 1.0,
         "KiB" => 1024.0,
         "MiB" => 1024.0 * 1024.0,

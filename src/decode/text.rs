@@ -133,21 +133,21 @@ pub(super) fn conversation<'a>(
     Ok(conv)
 }
 
+/// What a text field holds: its text, the raw message list (if it was one), and the system
+/// messages found in that list.
+pub(super) type TextParts<'a> = (
+    Option<Cow<'a, str>>,
+    Option<Cow<'a, str>>,
+    Option<Cow<'a, str>>,
+);
+
 /// A text field that may be a plain string, a message object, or a list of messages.
-/// Returns the text and, for message lists, the raw list.
 pub(super) fn text_or_messages<'a>(
     raw: &'a RawValue,
     field: &str,
     format: &'static str,
     pick_assistant: bool,
-) -> Result<
-    (
-        Option<Cow<'a, str>>,
-        Option<Cow<'a, str>>,
-        Option<Cow<'a, str>>,
-    ),
-    DecodeError,
-> {
+) -> Result<TextParts<'a>, DecodeError> {
     let s = raw.get();
     match s.as_bytes().first() {
         Some(b'"') => Ok((json_string(raw), None, None)),

@@ -234,7 +234,7 @@ impl TrafficGenerator {
         self.seq += 1;
         let ts = self.start_ms + (self.seq as f64 * self.step_ms) as i64;
         if let Some(every) = self.malformed_every
-            && self.seq % every == 0
+            && self.seq.is_multiple_of(every)
         {
             return self.malformed(ts);
         }

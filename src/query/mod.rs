@@ -94,9 +94,8 @@ pub async fn session(root: &Path) -> Result<SessionContext, QueryError> {
                 ("hour".to_owned(), DataType::Utf8),
             ]);
         let url = format!("file://{}/", dir.display());
-        if schema.is_some() && !dir.exists() {
+        if let (Some(schema), false) = (&schema, dir.exists()) {
             // An empty table with the known schema: register over an empty in-memory batch.
-            let schema = schema.expect("checked above");
             let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
             fields.push(Arc::new(arrow::datatypes::Field::new(
                 "date",

@@ -12,7 +12,7 @@ use parquet::schema::types::ColumnPath;
 
 use super::{SinkError, Table, io_err};
 use crate::config::SinkConfig;
-use crate::event::{EVENT_SCHEMA_VERSION, EVENT_TEXT_COLUMNS};
+use crate::event::{EVENT_LOW_CARDINALITY_COLUMNS, EVENT_SCHEMA_VERSION, EVENT_TEXT_COLUMNS};
 
 fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
     let level = ZstdLevel::try_new(config.zstd_level).unwrap_or_default();
@@ -37,6 +37,11 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
         b = b
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_statistics_enabled(path, EnabledStatistics::None);
+    }
+    if table == Table::Events {
+        for col in EVENT_LOW_CARDINALITY_COLUMNS {
+            b = b.set_column_compression(ColumnPath::from(*col), Compression::UNCOMPRESSED);
+        }
     }
     b.build()
 }

@@ -223,8 +223,7 @@ fn last_assignment(log: &str) -> Option<i32> {
 }
 
 /// A backlog and a slow writer: the consumer pauses its partitions instead of buffering
-/// without bound, and the result is still exactly once. (Peak memory against backlog size is
-/// measured in release by `examples/e2e_probe.rs`, where the fixed footprint does not dominate.)
+/// without bound, and the result is still exactly once.
 #[test]
 fn backpressure_pauses_consumer_and_loses_nothing() {
     let broker = Broker::start();
