@@ -45,7 +45,10 @@ fn main() {
     let shutdown = Shutdown::new();
     let (s2, sh2) = (stats.clone(), shutdown.clone());
     let start = Instant::now();
-    let h = std::thread::spawn(move || ingest::run(&config, s2, sh2));
+    let h = std::thread::Builder::new()
+        .name("telltale-ingest".into())
+        .spawn(move || ingest::run(&config, s2, sh2))
+        .unwrap();
     while stats.records_committed.load(Ordering::Relaxed) < n {
         std::thread::sleep(Duration::from_millis(250));
         let s = stats.snapshot();
