@@ -170,21 +170,8 @@ fn end_to_end_with(c: &mut Criterion, name: &str, roll_interval: Duration) {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("bench", partitions, 1).unwrap();
     let servers = cluster.bootstrap_servers();
-    let producer = telltale::replay::producer(&servers, &[]).unwrap();
-    for r in TrafficGenerator::new(5, T0, 3_600_000, n)
-        .malformed_every(None)
-        .take(n as usize)
-    {
-        telltale::replay::send(
-            &producer,
-            "bench",
-            r.key.as_deref().map(str::as_bytes),
-            &r.payload,
-        )
-        .unwrap();
-    }
-    telltale::replay::finish(&producer, n).unwrap();
-    drop(producer);
+    let traffic = TrafficGenerator::new(5, T0, 3_600_000, n).malformed_every(None);
+    telltale::demo::produce(&servers, "bench", traffic, n).unwrap();
 
     let mut g = c.benchmark_group("end_to_end");
     g.throughput(Throughput::Elements(n));

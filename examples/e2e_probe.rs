@@ -18,21 +18,9 @@ fn main() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("probe", partitions, 1).unwrap();
     let servers = cluster.bootstrap_servers();
-    let producer = telltale::replay::producer(&servers, &[]).unwrap();
     let t = Instant::now();
-    for r in TrafficGenerator::new(5, 1_795_752_000_000, 3_600_000, n)
-        .malformed_every(None)
-        .take(n as usize)
-    {
-        telltale::replay::send(
-            &producer,
-            "probe",
-            r.key.as_deref().map(str::as_bytes),
-            &r.payload,
-        )
-        .unwrap();
-    }
-    telltale::replay::finish(&producer, n).unwrap();
+    let traffic = TrafficGenerator::new(5, 1_795_752_000_000, 3_600_000, n).malformed_every(None);
+    telltale::demo::produce(&servers, "probe", traffic, n).unwrap();
     println!("produced {n} in {:?}", t.elapsed());
     let dir = tempfile::tempdir().unwrap();
     let sink = SinkConfig {

@@ -153,22 +153,11 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     let produce_started = Instant::now();
     let (produced, malformed) =
         tokio::task::spawn_blocking(move || -> Result<(u64, u64), DemoError> {
-            let producer = replay::producer(&brokers_p, &[])?;
             let now = chrono::Utc::now().timestamp_millis();
             // Two hours of traffic, ending now, so the data spans several hour partitions.
             let span = 2 * 3600 * 1000;
-            let mut malformed = 0;
-            for rec in TrafficGenerator::new(seed, now - span, span, records).take(records as usize)
-            {
-                malformed += u64::from(rec.expected_reject.is_some());
-                replay::send(
-                    &producer,
-                    DEMO_TOPIC,
-                    rec.key.as_deref().map(str::as_bytes),
-                    &rec.payload,
-                )?;
-            }
-            replay::finish(&producer, records)?;
+            let traffic = TrafficGenerator::new(seed, now - span, span, records);
+            let malformed = produce(&brokers_p, DEMO_TOPIC, traffic, records)?;
             Ok((records, malformed))
         })
         .await
@@ -257,6 +246,29 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
         stats: snapshot,
         elapsed,
     })
+}
+
+/// Produces the next `records` records of `traffic` to `topic` (keyed by session) and waits for
+/// every acknowledgement. Returns how many of them were malformed on purpose.
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    traffic: TrafficGenerator,
+    records: u64,
+) -> Result<u64, replay::ReplayError> {
+    let producer = replay::producer(brokers, &[])?;
+    let mut malformed = 0;
+    for rec in traffic.take(records as usize) {
+        malformed += u64::from(rec.expected_reject.is_some());
+        replay::send(
+            &producer,
+            topic,
+            rec.key.as_deref().map(str::as_bytes),
+            &rec.payload,
+        )?;
+    }
+    replay::finish(&producer, records)?;
+    Ok(malformed)
 }
 
 fn one_line(sql: &str) -> String {
