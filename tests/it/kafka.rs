@@ -77,7 +77,7 @@ fn consumes_topic_into_events_and_rejects() {
     assert_eq!(kept, produced_bad.len());
 }
 
-/// kill -9 at random points, restart each time: nothing lost, nothing duplicated, lag zero.
+/// kill -9 mid-batch (between writing files and committing offsets), restart each time: nothing lost, nothing duplicated, lag zero.
 #[test]
 fn kill_dash_nine_loses_and_duplicates_nothing() {
     let broker = Broker::start();
@@ -100,15 +100,26 @@ fn kill_dash_nine_loses_and_duplicates_nothing() {
         let chunk = traffic(100 + round, 800, Some(40));
         broker.produce("crash", &chunk);
         all.extend(chunk);
+        let root = dir.path().join("data");
+        let manifests_before = files_with_suffix(&root.join("_txn"), ".json");
         let assigned_before = assignments(&log);
         let mut child = spawn_run(&pipeline, &log);
-        // Kill at a random point after this process got its partitions (the group first waits
-        // out the killed member's session), i.e. while it is consuming and writing.
+        // Wait for this process to get its partitions (the group first waits out the killed
+        // member's session), then for a batch of its own to be in flight: a new manifest
+        // means files are being written and not yet committed. The failpoint holds that
+        // window open for at least 2 × 60 ms; kill somewhere inside it.
         let deadline = Instant::now() + Duration::from_secs(30);
         while assignments(&log) == assigned_before && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(rng.random_range(50..900)));
+        while Instant::now() < deadline
+            && files_with_suffix(&root.join("_txn"), ".json")
+                .iter()
+                .all(|m| manifests_before.contains(m))
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..80)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
     }
