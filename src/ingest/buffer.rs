@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::SinkConfig;
 use crate::decode::Decoder;
@@ -72,10 +72,6 @@ impl Accumulator {
             stats,
             unpublished: Counts::default(),
         }
-    }
-
-    pub fn buffered_bytes(&self) -> u64 {
-        self.buffered_bytes
     }
 
     /// Decodes and buffers one record; returns the jobs this record completed.
@@ -240,20 +236,5 @@ impl Accumulator {
         for k in keys {
             out.extend(self.cut(&k));
         }
-    }
-
-    /// Time until the oldest buffer is due, for poll timeouts.
-    pub fn next_due(&self, now: Instant) -> Option<Duration> {
-        if !self.roll_by_time {
-            return None;
-        }
-        self.all()
-            .filter(|b| b.records > 0)
-            .map(|b| {
-                self.config
-                    .roll_interval
-                    .saturating_sub(now.saturating_duration_since(b.opened))
-            })
-            .min()
     }
 }

@@ -111,7 +111,7 @@ pub fn run(
     let files = expand(pattern)?;
     let (tx, rx) = bounded(config.sink.queue_depth);
     let sink = Sink::new(&config.data_root, config.sink.clone());
-    let recovery = Sink::new(&config.data_root, config.sink.clone());
+    let recovery = sink.clone();
     let writer_stats = stats.clone();
     let writer = thread::Builder::new()
         .name("telltale-writer".into())
@@ -133,7 +133,10 @@ pub fn run(
     'files: for path in &files {
         let topic = source_name(path);
         // A previous run that died mid-file may have left batches that were never finished.
-        recovery.recover(&topic, 0, None)?;
+        let rolled = recovery.recover(&topic, 0, None)?;
+        stats
+            .batches_rolled_back
+            .fetch_add(rolled as u64, std::sync::atomic::Ordering::Relaxed);
         let mtime = std::fs::metadata(path)
             .and_then(|m| m.modified())
             .ok()

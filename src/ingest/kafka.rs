@@ -236,7 +236,7 @@ pub fn run(
             paused: false,
             unrecovered: HashSet::new(),
         }),
-        sink: Sink::new(&config.data_root, config.sink.clone()),
+        sink: sink.clone(),
         stats: stats.clone(),
     };
     let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(

@@ -131,6 +131,7 @@ pub struct Written {
 }
 
 /// Writes jobs under a data root.
+#[derive(Clone)]
 pub struct Sink {
     root: PathBuf,
     config: SinkConfig,
@@ -166,10 +167,6 @@ impl Sink {
             root: root.into(),
             config,
         }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     fn txn_dir(&self, topic: &str, partition: i32) -> PathBuf {

@@ -49,16 +49,11 @@ fn file_import_is_idempotent() {
     let root = dir.path().join("data");
 
     let run = || {
-        let out = telltale()
-            .args(["run", "--pipeline"])
-            .arg(&pipeline)
-            .args(["--source", &source])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = succeed(
+            telltale()
+                .args(["run", "--pipeline"])
+                .arg(&pipeline)
+                .args(["--source", &source]),
         );
         String::from_utf8(out.stderr).unwrap()
     };
@@ -84,14 +79,13 @@ fn sql_formats_and_errors() {
     let records = traffic(4, 300, None);
     write_jsonl_gz(&dir.path().join("x.jsonl.gz"), &records);
     let pipeline = file_pipeline(dir.path());
-    let out = telltale()
-        .args(["run", "--pipeline"])
-        .arg(&pipeline)
-        .arg("--source")
-        .arg(format!("file:{}/x.jsonl.gz", dir.path().display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    succeed(
+        telltale()
+            .args(["run", "--pipeline"])
+            .arg(&pipeline)
+            .arg("--source")
+            .arg(format!("file:{}/x.jsonl.gz", dir.path().display())),
+    );
     let root = dir.path().join("data");
     let sql = |args: &[&str], stdin: Option<&str>| {
         let mut c = telltale();
@@ -160,17 +154,8 @@ fn check_reports_config_errors_and_connectivity() {
     let broker = Broker::start();
     broker.topic("present", 2);
     let good = pipeline_file(dir.path(), &broker.servers, "present", "g", "");
-    let out = telltale()
-        .args(["check", "--pipeline"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let out = succeed(telltale().args(["check", "--pipeline"]).arg(&good));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(text.contains("ok   topic present: 2 partitions"), "{text}");
 
     let missing = pipeline_file(dir.path(), &broker.servers, "absent", "h", "");
@@ -191,17 +176,12 @@ fn check_reports_config_errors_and_connectivity() {
 fn demo_runs_end_to_end_and_refuses_foreign_directories() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo-data");
-    let out = telltale()
-        .args(["demo", "--records", "3000", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        telltale()
+            .args(["demo", "--records", "3000", "--data-dir"])
+            .arg(&data),
     );
+    let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
         stdout.contains("produced   3000 records (2985 valid, 15 malformed on purpose)"),
         "{stdout}"
@@ -214,12 +194,11 @@ fn demo_runs_end_to_end_and_refuses_foreign_directories() {
     assert!(stdout.contains("invalid_json"), "{stdout}");
     assert_eq!(scalar(&data, "SELECT count(*) FROM events"), 2985);
     // A second run replaces its own output.
-    let again = telltale()
-        .args(["demo", "--records", "1000", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(again.status.success());
+    succeed(
+        telltale()
+            .args(["demo", "--records", "1000", "--data-dir"])
+            .arg(&data),
+    );
     assert_eq!(scalar(&data, "SELECT count(*) FROM events"), 995);
     // But never a directory it did not make.
     let foreign = dir.path().join("mine");
@@ -251,22 +230,21 @@ fn replay_sends_every_line_with_its_key() {
     write_jsonl_gz(&file, &records);
     let broker = Broker::start();
     broker.topic("replayed", 2);
-    let out = telltale()
-        .args([
-            "replay",
-            "--quiet",
-            "--topic",
-            "replayed",
-            "--key-field",
-            "event_id",
-            "--brokers",
-            &broker.servers,
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = succeed(
+        telltale()
+            .args([
+                "replay",
+                "--quiet",
+                "--topic",
+                "replayed",
+                "--key-field",
+                "event_id",
+                "--brokers",
+                &broker.servers,
+            ])
+            .arg(&file),
+    );
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(out.status.success(), "{stderr}");
     let non_blank: Vec<&telltale::demo::GeneratedRecord> =
         records.iter().filter(|r| !r.payload.is_empty()).collect();
     assert!(

@@ -36,16 +36,11 @@ fn consumes_topic_into_events_and_rejects() {
     assert!(files_with_suffix(&root, ".tmp").is_empty());
 
     // The same answer through the CLI, as a user would ask it.
-    let out = telltale()
-        .args(["sql", "--format", "csv", "--data-dir"])
-        .arg(&root)
-        .arg("SELECT count(*) AS n, count(DISTINCT event_id) AS ids FROM events")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        telltale()
+            .args(["sql", "--format", "csv", "--data-dir"])
+            .arg(&root)
+            .arg("SELECT count(*) AS n, count(DISTINCT event_id) AS ids FROM events"),
     );
     let valid = records.iter().filter(|r| r.event_id.is_some()).count();
     assert_eq!(
@@ -251,17 +246,7 @@ fn backpressure_pauses_consumer_and_loses_nothing() {
         "roll_size = \"256KiB\"\nroll_interval = \"200ms\"\nmax_buffered = \"1MiB\"\nqueue_depth = 1\ndebug_commit_delay = \"20ms\"",
     );
     let log = dir.path().join("run.log");
-    let mut child = {
-        let f = std::fs::File::create(&log).unwrap();
-        telltale()
-            .env("RUST_LOG", "info,telltale=debug")
-            .args(["run", "--pipeline"])
-            .arg(&pipeline)
-            .stdout(std::process::Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap()
-    };
+    let mut child = spawn_run_logging(&pipeline, &log, "info,telltale=debug");
     broker.wait_caught_up("slow", "backlog", partitions, Duration::from_secs(120));
     let status = terminate(&mut child);
     let stderr = std::fs::read_to_string(&log).unwrap();

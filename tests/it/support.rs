@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -138,14 +138,34 @@ pub fn telltale() -> Command {
     c
 }
 
-/// Starts `telltale run`, logging to `log`.
+/// Runs a command to completion and asserts it succeeded, showing its output if not.
+pub fn succeed(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("telltale starts");
+    assert!(
+        out.status.success(),
+        "{:?} failed ({}):\n{}\n{}",
+        cmd,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Starts `telltale run`, appending its logs (at `RUST_LOG=info`) to `log`.
 pub fn spawn_run(pipeline: &Path, log: &Path) -> Child {
+    spawn_run_logging(pipeline, log, "info")
+}
+
+/// Starts `telltale run` with the given `RUST_LOG` filter, appending its logs to `log`.
+pub fn spawn_run_logging(pipeline: &Path, log: &Path, rust_log: &str) -> Child {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
     telltale()
+        .env("RUST_LOG", rust_log)
         .args(["run", "--pipeline"])
         .arg(pipeline)
         .stdout(Stdio::null())
