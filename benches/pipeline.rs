@@ -1,6 +1,7 @@
 //! Throughput of the backbone, in events/s (criterion's `thrpt`).
 //!
-//! `cargo bench --bench pipeline` (add `-- decode` or `-- end_to_end` to run one group).
+//! `cargo bench --bench pipeline` (add `-- decode`, `-- metrics` or `-- end_to_end` to run one
+//! group).
 //!
 //! - `decode`: ~1.5 KB generated events through each step, against a baseline measured in the
 //!   same run: parsing the same bytes into a `serde_json::Value`, the cheapest way to read them
@@ -14,6 +15,10 @@
 //!   the 3 s roll the wall time includes waiting for the roll, so read its per-CPU figure.
 //!   The bench also prints events per CPU-second of telltale's own threads (ingest + writer,
 //!   from /proc) and of the whole process (librdkafka's threads and the broker included).
+//!   The 500 ms roll runs twice, without and with the metrics stage, for its cost.
+//! - `metrics`: the metrics stage alone: one event into its series' window (histograms,
+//!   counters) at 1 and at 10 000 live series, and closing a window of 10 000 series (rows,
+//!   serialized histograms, the hourly roll-up). Prints the memory per live series.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,8 +29,9 @@ use rdkafka::mocking::MockCluster;
 use telltale::config::{PipelineConfig, SinkConfig, SourceConfig};
 use telltale::decode::{Decoder, DecoderConfig};
 use telltale::demo::TrafficGenerator;
-use telltale::event::{EventBatchBuilder, Provenance};
+use telltale::event::{EventBatchBuilder, LlmEvent, Provenance};
 use telltale::ingest::{self, Shutdown};
+use telltale::metrics::{MetricsConfig, MetricsStage};
 use telltale::sink::{Table, write_parquet};
 use telltale::telemetry::Stats;
 
@@ -154,17 +160,97 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// Decoded generated events spread over `series` apps, all in one minute of event time.
+fn events(n: usize, series: usize) -> Vec<LlmEvent<'static>> {
+    let decoder = Decoder::new(DecoderConfig::default());
+    let prices = telltale::metrics::load_prices(&MetricsConfig::default()).unwrap();
+    payloads(n)
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut e = decoder.decode(Some(p), None).unwrap().event.into_owned();
+            e.app = Some(format!("app-{}", i % series).into());
+            e.timestamp_ms = T0 + (i as i64 % 60_000);
+            telltale::metrics::apply_cost(&mut e, Some(&prices));
+            e
+        })
+        .collect()
+}
+
+fn metrics(c: &mut Criterion) {
+    let n = 100_000;
+    let mut g = c.benchmark_group("metrics");
+    g.throughput(Throughput::Elements(n as u64));
+    g.sample_size(20);
+    let stats = Arc::new(Stats::default());
+    for series in [1, 10_000] {
+        let input = events(n, series);
+        let mut stage = MetricsStage::new(MetricsConfig::default(), "bench", false, stats.clone());
+        for e in &input {
+            stage.observe(e, 0);
+        }
+        if series > 1 {
+            let live = stage.windows().live_series();
+            eprintln!(
+                "metrics: {live} live series hold {:.1} KiB each in their open window (histograms and counters, {} events each)",
+                stage.memory_bytes() as f64 / live as f64 / 1024.0,
+                n / series
+            );
+        }
+        g.bench_function(
+            BenchmarkId::new("observe", format!("{series}_series")),
+            |b| {
+                b.iter(|| {
+                    for e in &input {
+                        stage.observe(e, 0);
+                    }
+                })
+            },
+        );
+    }
+    let input = events(n, 10_000);
+    g.throughput(Throughput::Elements(10_000));
+    g.sample_size(10);
+    g.bench_function("close_window/10000_series", |b| {
+        b.iter_batched(
+            || {
+                let mut stage =
+                    MetricsStage::new(MetricsConfig::default(), "bench", false, stats.clone());
+                for e in &input {
+                    stage.observe(e, 0);
+                }
+                stage
+            },
+            |mut stage| std::hint::black_box(stage.finish()),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
 fn end_to_end(c: &mut Criterion) {
+    end_to_end_with(
+        c,
+        "kafka_to_parquet_zstd1_roll_500ms_no_metrics",
+        Duration::from_millis(500),
+        false,
+    );
     end_to_end_with(
         c,
         "kafka_to_parquet_zstd1_roll_500ms",
         Duration::from_millis(500),
+        true,
     );
     // One file per partition: closer to production, where files hold a minute or 64 MiB.
-    end_to_end_with(c, "kafka_to_parquet_zstd1_roll_3s", Duration::from_secs(3));
+    end_to_end_with(
+        c,
+        "kafka_to_parquet_zstd1_roll_3s",
+        Duration::from_secs(3),
+        true,
+    );
 }
 
-fn end_to_end_with(c: &mut Criterion, name: &str, roll_interval: Duration) {
+fn end_to_end_with(c: &mut Criterion, name: &str, roll_interval: Duration, metrics: bool) {
     let n: u64 = 100_000;
     let partitions = 64;
     let cluster = MockCluster::new(1).unwrap();
@@ -199,6 +285,7 @@ fn end_to_end_with(c: &mut Criterion, name: &str, roll_interval: Duration) {
                     dir.path(),
                     sink,
                 );
+                config.metrics.enabled = metrics;
                 if let SourceConfig::Kafka(k) = &mut config.source {
                     k.properties.insert("fetch.wait.max.ms".into(), "10".into());
                 }
@@ -248,5 +335,5 @@ fn end_to_end_with(c: &mut Criterion, name: &str, roll_interval: Duration) {
     );
 }
 
-criterion_group!(benches, decode, end_to_end);
+criterion_group!(benches, decode, metrics, end_to_end);
 criterion_main!(benches);

@@ -51,6 +51,9 @@ pub struct LlmEvent<'a> {
     pub cache_write_tokens: Option<i64>,
     pub reasoning_tokens: Option<i64>,
     pub cost_usd: Option<f64>,
+    /// Where `cost_usd` came from: `reported` (the record), `computed` (the price table),
+    /// `unknown` (tokens but no price); set by the pipeline, not read from records.
+    pub cost_source: Option<&'static str>,
     pub finish_reason: Option<Cow<'a, str>>,
     pub error_type: Option<Cow<'a, str>>,
     /// `ok` or `error`.
@@ -99,6 +102,7 @@ impl LlmEvent<'_> {
             cache_write_tokens: self.cache_write_tokens,
             reasoning_tokens: self.reasoning_tokens,
             cost_usd: self.cost_usd,
+            cost_source: self.cost_source,
             finish_reason: oo(self.finish_reason),
             error_type: oo(self.error_type),
             status: o(self.status),
@@ -214,6 +218,7 @@ static EVENT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         i64f("cache_write_tokens"),
         i64f("reasoning_tokens"),
         f64f("cost_usd"),
+        utf8("cost_source"),
         utf8("finish_reason"),
         utf8("error_type"),
         Field::new("status", DataType::Utf8, false),
@@ -263,6 +268,7 @@ pub const EVENT_LOW_CARDINALITY_COLUMNS: &[&str] = &[
     "finish_reason",
     "error_type",
     "status",
+    "cost_source",
     "source_format",
     "source_topic",
     "source_partition",
@@ -278,6 +284,7 @@ pub struct EventBatchBuilder {
     ttft_ms: Float64Builder,
     tokens: [Int64Builder; 5],
     cost_usd: Float64Builder,
+    cost_source: StringBuilder,
     finish_reason: StringBuilder,
     error_type: StringBuilder,
     status: StringBuilder,
@@ -316,6 +323,7 @@ impl EventBatchBuilder {
             ttft_ms: Float64Builder::new(),
             tokens: std::array::from_fn(|_| Int64Builder::new()),
             cost_usd: Float64Builder::new(),
+            cost_source: StringBuilder::new(),
             finish_reason: StringBuilder::new(),
             error_type: StringBuilder::new(),
             status: StringBuilder::new(),
@@ -376,6 +384,7 @@ impl EventBatchBuilder {
             b.append_option(v);
         }
         self.cost_usd.append_option(e.cost_usd);
+        self.cost_source.append_option(e.cost_source);
         self.finish_reason.append_option(e.finish_reason.as_deref());
         self.error_type.append_option(e.error_type.as_deref());
         self.status.append_value(&e.status);
@@ -445,6 +454,7 @@ impl EventBatchBuilder {
             Arc::new(cwt.finish()),
             Arc::new(rt.finish()),
             Arc::new(self.cost_usd.finish()),
+            Arc::new(self.cost_source.finish()),
             Arc::new(self.finish_reason.finish()),
             Arc::new(self.error_type.finish()),
             Arc::new(self.status.finish()),
@@ -528,6 +538,7 @@ mod tests {
         // Columns that telltale derives rather than reads.
         let derived = [
             "input_messages",
+            "cost_source",
             "source_format",
             "source_topic",
             "source_partition",

@@ -4,7 +4,7 @@
 //!  Kafka topic(s) ──► ingest ──► decode ──► per-partition ──► sink ──► Parquet: events, rejects
 //!  or JSONL files     consumer   telltale /  Arrow buffers     writer    <root>/<table>/date=…/hour=…/
 //!                     group      openai /                      thread    then commit offsets
-//!                                auto                                     │
+//!                                auto ──► metrics (windows) ──► Parquet: metrics, /metrics
 //!                                  │ bad record                          ▼
 //!                                  └──► rejects (reason, coordinates)   telltale sql (DataFusion)
 //! ```
@@ -14,17 +14,21 @@
 //! process died is rolled back when its partition is next assigned ([`sink`]).
 //!
 //! Modules, in data-flow order: [`ingest`] (Kafka and file sources), [`decode`] (wire formats
-//! → [`event::LlmEvent`]), [`event`] and [`rejects`] (the tables' rows), [`sink`] (Parquet and
-//! the commit protocol), [`query`] (SQL). [`config`] turns pipeline files into typed config;
-//! [`demo`] is the self-contained `telltale demo`; [`telemetry`] is telltale's own logs and counters.
+//! → [`event::LlmEvent`]), [`event`] and [`rejects`] (the tables' rows), [`metrics`] (cost, and
+//! per-series histograms per event-time window, on [`window`]'s series and windows), [`sink`]
+//! (Parquet and the commit protocol), [`query`] (SQL). [`config`] turns pipeline files into
+//! typed config; [`demo`] is the self-contained `telltale demo`; [`telemetry`] is telltale's own
+//! logs, counters and `/metrics` endpoint.
 
 pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod event;
 pub mod ingest;
+pub mod metrics;
 pub mod query;
 pub mod rejects;
 pub mod replay;
 pub mod sink;
 pub mod telemetry;
+pub mod window;

@@ -265,6 +265,21 @@ async fn run(pipeline: &Path, source: Option<&str>) -> Result<()> {
     std::fs::create_dir_all(&config.data_root)
         .with_context(|| format!("creating data root {}", config.data_root.display()))?;
     let stats = Arc::new(Stats::default());
+    if let Some(addr) = config.telemetry.listen {
+        let served = telemetry::server::serve(addr, stats.clone())
+            .await
+            .with_context(|| {
+                format!("cannot serve /metrics on {addr} (set [telemetry] listen to another address, or \"off\")")
+            });
+        match served {
+            Ok(_) => {}
+            // A backfill next to a running pipeline (which holds the port) still runs.
+            Err(err) if matches!(config.source, telltale::config::SourceConfig::File(_)) => {
+                tracing::warn!("{err:#}; continuing without the endpoint")
+            }
+            Err(err) => return Err(err),
+        }
+    }
     let shutdown = Shutdown::new();
     install_signals(shutdown.clone());
     let snap = tokio::task::spawn_blocking(move || ingest::run(&config, stats, shutdown)).await??;
@@ -281,6 +296,16 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
         "ok   {}: valid pipeline {:?}",
         pipeline.display(),
         config.name
+    );
+    let prices = telltale::metrics::load_prices(&config.metrics)?;
+    println!(
+        "ok   price table {}: {} models",
+        config
+            .metrics
+            .prices
+            .as_ref()
+            .map_or("(built-in)".to_owned(), |p| p.display().to_string()),
+        prices.len()
     );
     if offline {
         return Ok(());

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::decode::{DecoderConfig, Format};
+use crate::metrics::MetricsConfig;
+use crate::metrics::cost::{Price, Rates};
+use crate::window::Dimension;
 use reader::{Errors, Obj};
 
 /// One problem in a pipeline file.
@@ -65,6 +68,23 @@ pub struct PipelineConfig {
     pub decode: DecoderConfig,
     pub rejects: RejectsConfig,
     pub sink: SinkConfig,
+    pub metrics: MetricsConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// telltale's own HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// `None`: no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -144,13 +164,21 @@ const RESERVED_PROPERTIES: &[(&str, &str)] = &[
 
 impl PipelineConfig {
     /// Loads and validates a pipeline file, interpolating `${VAR}` from the process environment.
+    /// A relative `cost.price_table` is resolved against the pipeline file's directory.
     pub fn load(path: &Path) -> Result<PipelineConfig, ConfigLoadError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Io {
             file: file.clone(),
             source,
         })?;
-        Self::from_str_with_env(&text, &file, &|k| std::env::var(k).ok())
+        let mut cfg = Self::from_str_with_env(&text, &file, &|k| std::env::var(k).ok())?;
+        if let Some(p) = &cfg.metrics.prices
+            && p.is_relative()
+        {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            cfg.metrics.prices = Some(dir.join(p));
+        }
+        Ok(cfg)
     }
 
     pub fn from_str_with_env(
@@ -251,6 +279,8 @@ impl PipelineConfig {
             e.push("sink.roll_interval", "must be greater than 0");
         }
         sink.finish(e);
+        let metrics = read_metrics(&mut root, e);
+        let telemetry = read_telemetry(&mut root, e);
         root.finish(e);
 
         Some(PipelineConfig {
@@ -264,6 +294,8 @@ impl PipelineConfig {
             },
             rejects: RejectsConfig { max_raw_bytes },
             sink: sink_cfg,
+            metrics,
+            telemetry,
         })
     }
 
@@ -291,6 +323,8 @@ impl PipelineConfig {
                 max_raw_bytes: 64 << 10,
             },
             sink,
+            metrics: MetricsConfig::default(),
+            telemetry: TelemetryConfig { listen: None },
         }
     }
 
@@ -301,6 +335,118 @@ impl PipelineConfig {
         });
         self
     }
+}
+
+fn ms(d: std::time::Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+fn read_metrics(root: &mut Obj, e: &mut Errors) -> MetricsConfig {
+    let d = MetricsConfig::default();
+    let mut cfg = d.clone();
+    if let Some(mut m) = root.table(e, "metrics") {
+        cfg.enabled = m.boolean(e, "enabled").unwrap_or(d.enabled);
+        if let Some(dims) = m.string_list(e, "dimensions") {
+            let path = m.path_of("dimensions");
+            let mut parsed = Vec::new();
+            for (i, name) in dims.iter().enumerate() {
+                match Dimension::parse(name) {
+                    Ok(dim) if parsed.contains(&dim) => {
+                        e.push(&format!("{path}[{i}]"), format!("{name:?} is listed twice"))
+                    }
+                    Ok(dim) => parsed.push(dim),
+                    Err(msg) => e.push(&format!("{path}[{i}]"), msg),
+                }
+            }
+            if dims.is_empty() {
+                e.push(&path, "needs at least one dimension");
+            }
+            cfg.window.dimensions = parsed;
+        }
+        let w = &d.window;
+        let dur = |v: i64| std::time::Duration::from_millis(v as u64);
+        cfg.window.size_ms = ms(m.duration(e, "window", dur(w.size_ms)));
+        cfg.window.rollup_ms = ms(m.duration(e, "rollup", dur(w.rollup_ms)));
+        cfg.window.lateness_ms = ms(m.duration(e, "allowed_lateness", dur(w.lateness_ms)));
+        cfg.window.max_series = m
+            .integer(e, "max_series", 1, 10_000_000)
+            .map_or(w.max_series, |v| v as usize);
+        cfg.exported_series = m
+            .integer(e, "exported_series", 0, 10_000)
+            .map_or(d.exported_series, |v| v as usize);
+        if cfg.window.size_ms < 1000 {
+            e.push(&m.path_of("window"), "must be at least 1s");
+        } else if cfg.window.rollup_ms % cfg.window.size_ms != 0
+            || cfg.window.rollup_ms <= cfg.window.size_ms
+        {
+            e.push(
+                &m.path_of("rollup"),
+                "must be a multiple of metrics.window, and longer",
+            );
+        }
+        m.finish(e);
+    }
+    if let Some(mut c) = root.table(e, "cost") {
+        cfg.prices = c.string(e, "price_table").map(PathBuf::from);
+        if let Some(mut models) = c.table(e, "models") {
+            for (name, mut t) in models.named_tables(e) {
+                let base = read_rates(&mut t, e);
+                let mut tiers = Vec::new();
+                for mut tier in t.tables(e, "tiers") {
+                    let above = tier.integer(e, "above_input_tokens", 0, i64::MAX);
+                    if above.is_none() && !tier.has("above_input_tokens") {
+                        e.push(&tier.path_of("above_input_tokens"), "is required in a tier");
+                    }
+                    let rates = read_rates(&mut tier, e);
+                    tier.finish(e);
+                    if let Some(a) = above {
+                        tiers.push((a as u64, rates));
+                    }
+                }
+                t.finish(e);
+                tiers.sort_by_key(|(a, _)| *a);
+                cfg.price_overrides.insert(name, Price { base, tiers });
+            }
+            models.finish(e);
+        }
+        c.finish(e);
+    }
+    cfg
+}
+
+/// Rates given per million tokens in the file, kept per token.
+fn read_rates(t: &mut Obj, e: &mut Errors) -> Rates {
+    let mut per = |key: &'static str| t.non_negative(e, key).map(|v| v / 1e6);
+    Rates {
+        input: per("input_per_mtok"),
+        output: per("output_per_mtok"),
+        cache_read: per("cache_read_per_mtok"),
+        cache_write: per("cache_write_per_mtok"),
+        reasoning: per("reasoning_per_mtok"),
+    }
+}
+
+fn read_telemetry(root: &mut Obj, e: &mut Errors) -> TelemetryConfig {
+    let mut cfg = TelemetryConfig::default();
+    if let Some(mut t) = root.table(e, "telemetry") {
+        if let Some(listen) = t.string(e, "listen") {
+            cfg.listen = match listen.trim() {
+                "" | "off" => None,
+                addr => match addr.parse::<std::net::SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        e.push(
+                            &t.path_of("listen"),
+                            format!("{addr:?} is not an address (expected e.g. \"127.0.0.1:9464\", or \"off\")"),
+                        );
+                        None
+                    }
+                },
+            };
+        }
+        t.finish(e);
+    }
+    cfg
 }
 
 const KAFKA_KEYS: &[&str] = &["brokers", "topics", "group_id", "start_from", "properties"];

@@ -237,6 +237,84 @@ impl Obj {
         )
     }
 
+    /// A number (integer or float) that must be finite and at least 0.
+    pub fn non_negative(&mut self, e: &mut Errors, key: &'static str) -> Option<f64> {
+        let v = match self.take(key)? {
+            toml::Value::Float(f) => f,
+            toml::Value::Integer(i) => i as f64,
+            other => {
+                e.push(
+                    &self.path_of(key),
+                    format!("expected a number, got {}", type_name(&other)),
+                );
+                return None;
+            }
+        };
+        if !v.is_finite() || v < 0.0 {
+            e.push(&self.path_of(key), format!("{v} must be a number ≥ 0"));
+            return None;
+        }
+        Some(v)
+    }
+
+    pub fn boolean(&mut self, e: &mut Errors, key: &'static str) -> Option<bool> {
+        match self.take(key)? {
+            toml::Value::Boolean(b) => Some(b),
+            other => {
+                e.push(
+                    &self.path_of(key),
+                    format!("expected true or false, got {}", type_name(&other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// Every remaining entry as a named sub-table (tables keyed by user-chosen names).
+    pub fn named_tables(&mut self, e: &mut Errors) -> Vec<(String, Obj)> {
+        let mut out = Vec::new();
+        for (k, v) in std::mem::take(&mut self.map) {
+            let path = join(&self.path, &format!("{k:?}"));
+            match v {
+                toml::Value::Table(t) => out.push((k, Obj::new(path, t))),
+                other => e.push(
+                    &path,
+                    format!("expected a table, got {}", type_name(&other)),
+                ),
+            }
+        }
+        out
+    }
+
+    /// An array of tables (`[[a.b]]` or `b = [{…}, {…}]`); empty when absent.
+    pub fn tables(&mut self, e: &mut Errors, key: &'static str) -> Vec<Obj> {
+        let path = self.path_of(key);
+        match self.take(key) {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, v)| match v {
+                    toml::Value::Table(t) => Some(Obj::new(format!("{path}[{i}]"), t)),
+                    other => {
+                        e.push(
+                            &format!("{path}[{i}]"),
+                            format!("expected a table, got {}", type_name(&other)),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                e.push(
+                    &path,
+                    format!("expected an array of tables, got {}", type_name(&other)),
+                );
+                Vec::new()
+            }
+        }
+    }
+
     /// A sub-table; `None` (and no error) when absent.
     pub fn table(&mut self, e: &mut Errors, key: &'static str) -> Option<Obj> {
         let path = self.path_of(key);

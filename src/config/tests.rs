@@ -192,3 +192,72 @@ fn broken_example_reports_exact_errors() {
         ]
     );
 }
+
+#[test]
+fn metrics_cost_and_telemetry_sections() {
+    let c = load(MINIMAL).unwrap();
+    assert_eq!(c.metrics, MetricsConfig::default());
+    assert_eq!(c.telemetry, TelemetryConfig::default());
+    let text = format!(
+        "{MINIMAL}
+[metrics]
+dimensions = [\"app\", \"attributes.team\"]
+window = \"30s\"
+rollup = \"10m\"
+allowed_lateness = \"45s\"
+max_series = 500
+[cost]
+price_table = \"prices.json\"
+[cost.models.\"ft:x\"]
+input_per_mtok = 0.3
+output_per_mtok = 1.2
+tiers = [{{ above_input_tokens = 1000, input_per_mtok = 0.6 }}]
+[telemetry]
+listen = \"off\"
+"
+    );
+    let c = load(&text).unwrap();
+    let w = &c.metrics.window;
+    assert_eq!(
+        (w.size_ms, w.rollup_ms, w.lateness_ms, w.max_series),
+        (30_000, 600_000, 45_000, 500)
+    );
+    assert_eq!(w.dimensions[1], Dimension::Attribute("team".into()));
+    assert_eq!(c.metrics.prices, Some(PathBuf::from("prices.json")));
+    let p = &c.metrics.price_overrides["ft:x"];
+    assert_eq!(p.base.input, Some(0.3e-6));
+    assert_eq!(p.tiers[0].0, 1000);
+    assert_eq!(c.telemetry.listen, None);
+
+    let bad = format!(
+        "{MINIMAL}
+[metrics]
+dimensions = [\"modle\"]
+rollup = \"90s\"
+[cost.models.m]
+input_per_mtok = -1
+tiers = [{{ input_per_mtok = 2 }}]
+[telemetry]
+listen = \"localhost\"
+"
+    );
+    let Err(ConfigLoadError::Invalid { errors, .. }) = load(&bad) else {
+        panic!("invalid")
+    };
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "metrics.dimensions[0]",
+            "metrics.rollup",
+            "cost.models.\"m\".input_per_mtok",
+            "cost.models.\"m\".tiers[0].above_input_tokens",
+            "telemetry.listen"
+        ]
+    );
+    assert!(
+        errors[0].message.contains("prompt_version"),
+        "{}",
+        errors[0].message
+    );
+}

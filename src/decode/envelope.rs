@@ -270,6 +270,7 @@ impl<'a> Envelope<'a> {
             cache_write_tokens: non_negative("cache_write_tokens", self.cache_write_tokens, F)?,
             reasoning_tokens: non_negative("reasoning_tokens", self.reasoning_tokens, F)?,
             cost_usd: non_negative_f("cost_usd", self.cost_usd, F)?,
+            cost_source: None,
             finish_reason: self.finish_reason,
             status: status(self.status, &error_type, F)?,
             error_type,
@@ -374,6 +375,10 @@ impl<'a> Envelope<'a> {
             .prompt_tokens_details
             .as_ref()
             .and_then(|d| d.cached_tokens)
+            .or(usage
+                .input_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens))
             .or(usage.cache_read_input_tokens);
         let mut attributes = meta.rest;
         if let Some(fp) = response.system_fingerprint {
@@ -398,11 +403,7 @@ impl<'a> Envelope<'a> {
             system,
             latency_ms: non_negative_f("latency_ms", self.latency_ms.or(meta.latency_ms), F)?,
             ttft_ms: non_negative_f("ttft_ms", self.ttft_ms.or(meta.ttft_ms), F)?,
-            input_tokens: non_negative(
-                "usage.prompt_tokens",
-                usage.prompt_tokens.or(usage.input_tokens),
-                F,
-            )?,
+            input_tokens: non_negative("usage.prompt_tokens", usage.total_input_tokens(), F)?,
             output_tokens: non_negative(
                 "usage.completion_tokens",
                 usage.completion_tokens.or(usage.output_tokens),
@@ -426,6 +427,7 @@ impl<'a> Envelope<'a> {
                 F,
             )?,
             cost_usd: non_negative_f("cost_usd", self.cost_usd.or(meta.cost_usd), F)?,
+            cost_source: None,
             finish_reason,
             status: Cow::Borrowed(if error_type.is_some() { "error" } else { "ok" }),
             error_type,
@@ -517,8 +519,29 @@ struct OaUsage {
     cache_creation_input_tokens: Option<i64>,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
+    /// The Responses API's: its `input_tokens` includes these cached tokens.
+    #[serde(default)]
+    input_tokens_details: Option<PromptDetails>,
     #[serde(default)]
     completion_tokens_details: Option<CompletionDetails>,
+}
+
+impl OaUsage {
+    /// All input tokens, cached ones included (OpenAI's `prompt_tokens` and the Responses API's
+    /// `input_tokens` already include them; Anthropic's `input_tokens` does not, so its cache
+    /// reads and writes are added).
+    fn total_input_tokens(&self) -> Option<i64> {
+        if let Some(n) = self.prompt_tokens {
+            return Some(n);
+        }
+        let n = self.input_tokens?;
+        if self.input_tokens_details.is_some() {
+            return Some(n);
+        }
+        let extra = self.cache_read_input_tokens.unwrap_or(0).max(0)
+            + self.cache_creation_input_tokens.unwrap_or(0).max(0);
+        Some(n.saturating_add(extra))
+    }
 }
 
 #[derive(Deserialize)]

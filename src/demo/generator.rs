@@ -3,8 +3,9 @@
 //! Three apps with their own prompts, models and prompt versions; token counts from
 //! log-normal distributions shaped like real chat traffic (prompt p50 ≈ 14 words, response
 //! p50 ≈ 140 words; records average ≈ 1.5 KB); latency = per-model overhead + per-token cost with log-normal noise;
-//! about 1.5 % errors; a share of records in the OpenAI request/response shape; and, at a
-//! configurable rate, malformed records of every reject reason. The texts are written for
+//! about 1.5 % errors; a share of records in the OpenAI request/response shape; one series
+//! (support-bot v4) whose latency degrades over the run; and, at a configurable rate,
+//! malformed records of every reject reason. The texts are written for
 //! this project. Same seed, same traffic.
 
 use rand::rngs::SmallRng;
@@ -179,6 +180,9 @@ pub struct TrafficGenerator {
     words_response: LogNormal<f64>,
     noise: LogNormal<f64>,
     run_tag: String,
+    total: u64,
+    /// (app, prompt_version, latency factor reached at the end): one series slows down.
+    degrade: Option<(&'static str, &'static str, f64)>,
 }
 
 impl TrafficGenerator {
@@ -197,7 +201,16 @@ impl TrafficGenerator {
             words_response: LogNormal::new(140f64.ln(), 0.55).expect("valid parameters"),
             noise: LogNormal::new(0.0, 0.25).expect("valid parameters"),
             run_tag: format!("{:08x}", seed as u32 ^ (seed >> 32) as u32),
+            total: total.max(1),
+            degrade: Some(("support-bot", "v4", 3.0)),
         }
+    }
+
+    /// One series whose latency grows over the run, quadratically, to `factor` × its normal
+    /// latency at the last record (default: support-bot v4, 3×; `None`: stationary traffic).
+    pub fn degrade(mut self, series: Option<(&'static str, &'static str, f64)>) -> Self {
+        self.degrade = series;
+        self
     }
 
     /// One malformed record every `n` records (`None`: never).
@@ -288,6 +301,16 @@ impl TrafficGenerator {
         let (overhead, per_out, per_in) = latency_profile(model);
         let ttft = (overhead + per_in * input_tokens as f64) * self.noise.sample(&mut self.rng);
         let mut latency = ttft + per_out * output_tokens as f64 * self.noise.sample(&mut self.rng);
+        let mut ttft = ttft;
+        if let Some((a, v, factor)) = self.degrade
+            && a == app.name
+            && v == version
+        {
+            let progress = (self.seq as f64 / self.total as f64).min(1.0);
+            let f = 1.0 + (factor - 1.0) * progress * progress;
+            latency *= f;
+            ttft *= f;
+        }
 
         let err_roll: f64 = self.rng.random();
         let error_type = if err_roll < 0.009 {

@@ -215,6 +215,13 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     w(
         out,
         format!(
+            "metrics    {} rows (per series: 1-minute windows, 1-hour roll-ups merged from them); {} late events; windows still open at exit are rebuilt from events on restart",
+            snapshot.metrics_rows_written, snapshot.late_events
+        ),
+    );
+    w(
+        out,
+        format!(
             "data       {}  (tables: {})",
             opts.data_dir.display(),
             query::table_names(&opts.data_dir)?.join(", ")
@@ -285,6 +292,28 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
                 CAST(approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS BIGINT) AS p95_ms,
                 sum(input_tokens + coalesce(output_tokens, 0)) AS tokens
          FROM events GROUP BY app, environment, prompt_version, model ORDER BY requests DESC",
+    ),
+    (
+        "Per series, the last 10 closed one-minute windows (metrics table; p50/p99 merged exactly from the windows' HDR histograms):",
+        "SELECT app, environment, model, prompt_version, count(*) AS windows, sum(events) AS requests,
+                CAST(hdr_quantile(hdr_merge(latency_ms_hist), 0.5) AS BIGINT) AS p50_ms,
+                CAST(hdr_quantile(hdr_merge(latency_ms_hist), 0.99) AS BIGINT) AS p99_ms,
+                round(100.0 * sum(errors) / sum(events), 2) AS error_pct,
+                round(sum(cost_usd_sum), 4) AS cost_usd
+         FROM metrics
+         WHERE resolution = '1m'
+           AND window_start > (SELECT max(window_start) FROM metrics WHERE resolution = '1m') - INTERVAL '10 minutes'
+         GROUP BY app, environment, model, prompt_version ORDER BY app, prompt_version",
+    ),
+    (
+        "support-bot in prod, per 20 minutes: v4's latency degrades while v3's holds:",
+        "SELECT to_char(date_bin(INTERVAL '20 minutes', window_start), '%H:%M') AS period, prompt_version,
+                sum(events) AS requests,
+                CAST(hdr_quantile(hdr_merge(latency_ms_hist), 0.5) AS BIGINT) AS p50_ms,
+                CAST(hdr_quantile(hdr_merge(latency_ms_hist), 0.99) AS BIGINT) AS p99_ms
+         FROM metrics
+         WHERE resolution = '1m' AND app = 'support-bot' AND environment = 'prod'
+         GROUP BY 1, 2 ORDER BY 1, 2",
     ),
     (
         "Rejected records by reason (every one kept with its topic/partition/offset):",

@@ -10,6 +10,8 @@ use std::time::Instant;
 use crate::config::SinkConfig;
 use crate::decode::Decoder;
 use crate::event::{EventBatchBuilder, Provenance, SourceRecord};
+use crate::metrics::cost::PriceTable;
+use crate::metrics::{MetricsOutput, MetricsStage, apply_cost};
 use crate::rejects::RejectBatchBuilder;
 use crate::sink::SinkJob;
 use crate::telemetry::Stats;
@@ -28,6 +30,11 @@ struct PartitionBuffer {
     event_hours: Vec<i64>,
     rejects: RejectBatchBuilder,
     reject_hours: Vec<i64>,
+    /// The partition's watermark lane in the metrics stage.
+    lane: usize,
+    /// Records below this offset were already counted in metrics (a redelivery after the
+    /// partition came back to this process); they are still written to `events`.
+    counted_until: i64,
 }
 
 /// Decodes records into per-partition buffers and cuts them into sink jobs.
@@ -44,6 +51,8 @@ pub struct Accumulator {
     stats: Arc<Stats>,
     /// Counted here and added to `stats` per batch and per tick, not per record.
     unpublished: Counts,
+    prices: Option<PriceTable>,
+    metrics: Option<MetricsStage>,
 }
 
 #[derive(Default)]
@@ -71,7 +80,59 @@ impl Accumulator {
             buffered_bytes: 0,
             stats,
             unpublished: Counts::default(),
+            prices: None,
+            metrics: None,
         }
+    }
+
+    /// Computes missing costs from `prices` (and marks every event's `cost_source`).
+    pub fn with_prices(mut self, prices: PriceTable) -> Self {
+        self.prices = Some(prices);
+        self
+    }
+
+    /// Feeds every decoded event to the metrics stage.
+    pub fn with_metrics(mut self, metrics: MetricsStage) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&MetricsStage> {
+        self.metrics.as_ref()
+    }
+
+    /// Closes the metrics windows the watermark has passed (`now_ms`: the wall clock, `None`
+    /// for event time only).
+    pub fn tick_metrics(&mut self, now_ms: Option<i64>) -> Option<MetricsOutput> {
+        self.metrics.as_mut()?.tick(now_ms)
+    }
+
+    /// Closes every metrics window (end of a finite input).
+    pub fn finish_metrics(&mut self) -> Option<MetricsOutput> {
+        self.metrics.as_mut()?.finish()
+    }
+
+    /// Rebuilds a newly assigned partition's open metrics windows from its committed events.
+    pub fn rebuild_metrics(
+        &mut self,
+        root: &std::path::Path,
+        topic: &str,
+        partition: i32,
+        now_ms: i64,
+    ) -> Result<u64, crate::sink::SinkError> {
+        let Some(m) = self.metrics.as_mut() else {
+            return Ok(0);
+        };
+        let n = m.rebuild_partition(root, topic, partition, now_ms)?;
+        let counted = m.counted(topic, partition);
+        if let Some(buf) = self
+            .buffers
+            .get_mut(topic)
+            .and_then(|p| p.get_mut(&partition))
+        {
+            buf.counted_until = buf.counted_until.max(counted);
+        }
+        Ok(n)
     }
 
     /// Decodes and buffers one record; returns the jobs this record completed.
@@ -88,6 +149,13 @@ impl Accumulator {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 let topic: Arc<str> = Arc::from(rec.topic);
+                let (lane, counted_until) = match self.metrics.as_mut() {
+                    Some(m) => (
+                        m.lane(rec.topic, rec.partition),
+                        m.counted(rec.topic, rec.partition),
+                    ),
+                    None => (0, 0),
+                };
                 v.insert(PartitionBuffer {
                     topic,
                     partition: rec.partition,
@@ -100,6 +168,8 @@ impl Accumulator {
                     event_hours: Vec::new(),
                     rejects: RejectBatchBuilder::new(self.max_raw_bytes),
                     reject_hours: Vec::new(),
+                    lane,
+                    counted_until,
                 })
             }
         };
@@ -113,7 +183,14 @@ impl Accumulator {
         self.buffered_bytes += size;
 
         match self.decoder.decode(rec.payload, rec.timestamp_ms) {
-            Ok(d) => {
+            Ok(mut d) => {
+                apply_cost(&mut d.event, self.prices.as_ref());
+                if let Some(m) = self.metrics.as_mut()
+                    && rec.offset >= buf.counted_until
+                {
+                    m.observe(&d.event, buf.lane);
+                    buf.counted_until = rec.offset + 1;
+                }
                 let src = Provenance {
                     format: d.format,
                     topic: rec.topic,
@@ -223,8 +300,11 @@ impl Accumulator {
     pub fn take_partition(&mut self, topic: &str, partition: i32) -> Option<SinkJob> {
         let topic = self.buffers.get_key_value(topic)?.0.clone();
         let job = self.cut(&(topic.clone(), partition));
-        if let Some(parts) = self.buffers.get_mut(&topic) {
-            parts.remove(&partition);
+        if let Some(parts) = self.buffers.get_mut(&topic)
+            && let Some(buf) = parts.remove(&partition)
+            && let Some(m) = self.metrics.as_mut()
+        {
+            m.set_counted(&topic, partition, buf.counted_until);
         }
         job
     }

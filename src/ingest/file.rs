@@ -21,6 +21,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{Accumulator, IngestError, Shutdown, SourceRecord};
 use crate::config::PipelineConfig;
 use crate::decode::Decoder;
+use crate::metrics::{MetricsStage, load_prices};
 use crate::sink::{NoCommit, Sink, SinkMsg, run_writer};
 use crate::telemetry::Stats;
 
@@ -127,7 +128,27 @@ pub fn run(
         config.rejects.max_raw_bytes,
         false,
         stats.clone(),
-    );
+    )
+    .with_prices(load_prices(&config.metrics)?);
+    if config.metrics.enabled {
+        // One stream per input set: a rerun of the same files recomputes and replaces its own
+        // metrics rows; other backfills and the live pipeline keep theirs.
+        let names: Vec<String> = files.iter().map(|p| source_name(p)).collect();
+        let stream = format!(
+            "backfill-{:08x}",
+            xxh3_64(names.join("\n").as_bytes()) as u32
+        );
+        info!(stream = %stream, "metrics for this input are written as stream {stream}");
+        acc = acc.with_metrics(MetricsStage::new(
+            config.metrics.clone(),
+            &stream,
+            false,
+            stats.clone(),
+        ));
+    }
+    stats
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut jobs = Vec::new();
     let mut result = Ok(());
     'files: for path in &files {
@@ -194,6 +215,14 @@ pub fn run(
                     break 'files;
                 }
             }
+            // Event time only: how fast a backfill reads says nothing about its windows.
+            if index % 4096 == 0
+                && let Some(out) = acc.tick_metrics(None)
+                && tx.send(SinkMsg::Metrics(out)).is_err()
+            {
+                result = Err(IngestError::WriterGone);
+                break 'files;
+            }
         }
         if let Some(job) = acc.take_partition(&topic, 0)
             && tx.send(SinkMsg::Jobs(vec![job])).is_err()
@@ -201,6 +230,13 @@ pub fn run(
             result = Err(IngestError::WriterGone);
             break;
         }
+    }
+    if result.is_ok()
+        && !shutdown.is_triggered()
+        && let Some(out) = acc.finish_metrics()
+        && tx.send(SinkMsg::Metrics(out)).is_err()
+    {
+        result = Err(IngestError::WriterGone);
     }
     if shutdown.is_triggered() {
         // Interrupted mid-file: the partial batch is dropped rather than written under a name

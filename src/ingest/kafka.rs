@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use super::{Accumulator, IngestError, Shutdown, SourceRecord};
 use crate::config::{KafkaSourceConfig, PipelineConfig};
 use crate::decode::Decoder;
+use crate::metrics::{MetricsStage, load_prices};
 use crate::sink::{Committer, Sink, SinkJob, SinkMsg, run_writer};
 use crate::telemetry::Stats;
 
@@ -43,8 +44,8 @@ struct Core {
     pending: Vec<SinkJob>,
     pending_bytes: u64,
     group_bytes: u64,
-    /// Groups waiting for room in the writer queue.
-    outbox: VecDeque<Vec<SinkJob>>,
+    /// Groups (and closed metrics windows) waiting for room in the writer queue, in order.
+    outbox: VecDeque<SinkMsg>,
     paused: bool,
     /// Partitions assigned since the last record seen from them: recovery pending.
     unrecovered: HashSet<(String, i32)>,
@@ -56,18 +57,26 @@ impl Core {
         self.pending_bytes = 0;
         if !self.pending.is_empty() {
             let group = std::mem::take(&mut self.pending);
-            self.outbox.push_back(group);
+            self.outbox.push_back(SinkMsg::Jobs(group));
+        }
+    }
+
+    /// Queues the metrics windows the watermark has passed.
+    fn tick_metrics(&mut self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        if let Some(out) = self.acc.tick_metrics(Some(now)) {
+            self.outbox.push_back(SinkMsg::Metrics(out));
         }
     }
 
     /// Sends queued groups without blocking; false when the writer is gone.
     fn drain(&mut self) -> bool {
         let Some(tx) = &self.tx else { return false };
-        while let Some(group) = self.outbox.pop_front() {
-            match tx.try_send(SinkMsg::Jobs(group)) {
+        while let Some(msg) = self.outbox.pop_front() {
+            match tx.try_send(msg) {
                 Ok(()) => {}
-                Err(TrySendError::Full(SinkMsg::Jobs(group))) => {
-                    self.outbox.push_front(group);
+                Err(TrySendError::Full(msg)) => {
+                    self.outbox.push_front(msg);
                     break;
                 }
                 Err(_) => return false,
@@ -81,8 +90,8 @@ impl Core {
     fn flush_and_wait(&mut self, timeout: Duration) -> bool {
         self.seal();
         let Some(tx) = &self.tx else { return false };
-        for group in self.outbox.drain(..) {
-            if tx.send(SinkMsg::Jobs(group)).is_err() {
+        for msg in self.outbox.drain(..) {
+            if tx.send(msg).is_err() {
                 return false;
             }
         }
@@ -97,6 +106,7 @@ impl Core {
 struct Ctx {
     core: Mutex<Core>,
     sink: Sink,
+    root: std::path::PathBuf,
     stats: Arc<Stats>,
 }
 
@@ -126,6 +136,20 @@ impl ClientContext for Ctx {
 
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(error = %error, "kafka client error: {reason}");
+    }
+
+    /// librdkafka's periodic statistics: the consumer lag per partition, for `/metrics`.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag = self.stats.lag.lock().unwrap_or_else(|p| p.into_inner());
+        lag.clear();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1: the internal unassigned partition, or a lag librdkafka does not know yet.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    lag.insert((topic.clone(), *partition), p.consumer_lag);
+                }
+            }
+        }
     }
 }
 
@@ -159,10 +183,20 @@ impl ConsumerContext for Ctx {
             Rebalance::Assign(tpl) => {
                 let mut core = self.core();
                 core.paused = false;
+                let now = chrono::Utc::now().timestamp_millis();
                 for elem in tpl.elements() {
                     core.unrecovered
                         .insert((elem.topic().to_owned(), elem.partition()));
+                    // Open metrics windows hold this partition's committed events too: count
+                    // them again from `events` (once per process; see crate::metrics).
+                    if let Err(err) =
+                        core.acc
+                            .rebuild_metrics(&self.root, elem.topic(), elem.partition(), now)
+                    {
+                        error!(topic = elem.topic(), partition = elem.partition(), error = %err, "cannot rebuild open metrics windows from events; they will undercount");
+                    }
                 }
+                self.stats.ready.store(true, Ordering::Relaxed);
                 info!(partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Revoke(_) => {}
@@ -200,6 +234,8 @@ pub fn client_config(k: &KafkaSourceConfig) -> ClientConfig {
         // …and, once that is reached, retries the fetch after 10 ms instead of the default
         // 1 s (measured: the default stalled a 64-partition backlog at ~12 k events/s).
         .set("fetch.queue.backoff.ms", "10")
+        // Consumer lag per partition for /metrics comes from the statistics callback.
+        .set("statistics.interval.ms", "5000")
         .set("client.id", "telltale");
     for (key, value) in &k.properties {
         c.set(key, value);
@@ -219,15 +255,25 @@ pub fn run(
     };
     let (tx, rx) = bounded(config.sink.queue_depth);
     let sink = Sink::new(&config.data_root, config.sink.clone());
+    let mut acc = Accumulator::new(
+        Decoder::new(config.decode.clone()),
+        config.sink.clone(),
+        config.rejects.max_raw_bytes,
+        true,
+        stats.clone(),
+    )
+    .with_prices(load_prices(&config.metrics)?);
+    if config.metrics.enabled {
+        acc = acc.with_metrics(MetricsStage::open(
+            &config.data_root,
+            config.metrics.clone(),
+            &k.group_id,
+            stats.clone(),
+        )?);
+    }
     let ctx = Ctx {
         core: Mutex::new(Core {
-            acc: Accumulator::new(
-                Decoder::new(config.decode.clone()),
-                config.sink.clone(),
-                config.rejects.max_raw_bytes,
-                true,
-                stats.clone(),
-            ),
+            acc,
             tx: Some(tx),
             outbox: VecDeque::new(),
             pending: Vec::new(),
@@ -237,6 +283,7 @@ pub fn run(
             unrecovered: HashSet::new(),
         }),
         sink: sink.clone(),
+        root: config.data_root.clone(),
         stats: stats.clone(),
     };
     let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
@@ -272,6 +319,9 @@ pub fn run(
         let mut core = consumer.context().core();
         let core = &mut *core;
         core.acc.take_all(&mut core.pending);
+        core.seal();
+        // Windows the watermark has passed are written; open ones are rebuilt on restart.
+        core.tick_metrics();
         let ok = core.tx.is_some() && core.flush_and_wait(Duration::from_secs(600));
         core.tx = None;
         ok
@@ -380,6 +430,7 @@ fn consume(consumer: &BaseConsumer<Ctx>, shutdown: &Shutdown) -> Result<(), Inge
             let core = &mut *core;
             core.acc.due(now, &mut core.pending);
             core.seal();
+            core.tick_metrics();
             next_roll_check = now + Duration::from_millis(100);
         }
     }

@@ -46,6 +46,8 @@ pub enum IngestError {
     Sink(#[from] SinkError),
     #[error("the Parquet writer stopped unexpectedly")]
     WriterGone,
+    #[error(transparent)]
+    Prices(#[from] crate::metrics::cost::PriceError),
 }
 
 /// Asks a running pipeline to stop: buffers are flushed, offsets committed, then it returns.

@@ -67,6 +67,7 @@ pub fn table_names(root: &Path) -> Result<Vec<String>, QueryError> {
 /// always, even when empty).
 pub async fn session(root: &Path) -> Result<SessionContext, QueryError> {
     let ctx = SessionContext::new();
+    crate::metrics::udf::register(&ctx);
     let root = if root.exists() {
         std::fs::canonicalize(root).map_err(|source| QueryError::Io {
             path: root.display().to_string(),

@@ -49,6 +49,7 @@ pub use parquet_file::write_parquet;
 pub enum Table {
     Events,
     Rejects,
+    Metrics,
 }
 
 impl Table {
@@ -56,6 +57,7 @@ impl Table {
         match self {
             Table::Events => "events",
             Table::Rejects => "rejects",
+            Table::Metrics => "metrics",
         }
     }
 }
@@ -83,6 +85,8 @@ pub enum SinkMsg {
     Jobs(Vec<SinkJob>),
     /// Answered once every job sent before it is durable and committed.
     Barrier(crossbeam_channel::Sender<()>),
+    /// Closed metrics windows: their files, then the stream's close position.
+    Metrics(crate::metrics::MetricsOutput),
 }
 
 /// Where durable progress is recorded: Kafka's consumer group, or nowhere for files.
@@ -250,6 +254,36 @@ impl Sink {
         Ok(written)
     }
 
+    /// Makes closed metrics windows durable: each file (tmp, fsync, rename), the directories,
+    /// and only then the stream's close position. A window written again after a crash
+    /// replaces its file (same name).
+    pub fn write_metrics(&self, out: &crate::metrics::MetricsOutput) -> Result<Written, SinkError> {
+        let mut written = Written::default();
+        let mut dirs = BTreeSet::new();
+        for (rel, batch) in &out.files {
+            let path = self.root.join(rel);
+            let dir = path
+                .parent()
+                .expect("metrics files live in a partition directory");
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            let tmp = tmp_name(&path);
+            written.bytes += write_parquet(&tmp, batch, Table::Metrics, &self.config)?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            dirs.insert(dir.to_owned());
+            written.files.push(path);
+        }
+        for dir in &dirs {
+            fsync_dir(dir)?;
+        }
+        if let Some(through) = out.closed_through {
+            let state = crate::metrics::state_path(&self.root, &out.stream);
+            let dir = state.parent().expect("state files live in a directory");
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            write_durably(&state, crate::metrics::state_body(through).as_bytes())?;
+        }
+        Ok(written)
+    }
+
     /// Step 4's clean-up: the job is committed, its manifest is no longer needed.
     pub fn forget(&self, job: &SinkJob) {
         let manifest = self
@@ -362,6 +396,30 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     fsync_dir(path.parent().expect("a file path has a parent"))
 }
 
+/// Runs `write` until it succeeds, backing off, for as long as `keep_trying` says so.
+fn retry(
+    keep_trying: &dyn Fn() -> bool,
+    stats: &Stats,
+    mut write: impl FnMut() -> Result<Written, SinkError>,
+) -> Result<Written, SinkError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match write() {
+            Ok(w) => return Ok(w),
+            Err(err) => {
+                stats.sink_errors.fetch_add(1, Ordering::Relaxed);
+                if !keep_trying() {
+                    error!(error = %err, "giving up writing at shutdown; the offsets it covers stay uncommitted");
+                    return Err(err);
+                }
+                error!(error = %err, retry_in = ?backoff, "failed to write; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 /// The writer thread: makes each group of jobs durable, then commits all their offsets at
 /// once. Runs until the channel closes.
 ///
@@ -384,26 +442,24 @@ pub fn run_writer(
                 let _ = ack.send(());
                 continue;
             }
+            SinkMsg::Metrics(out) => {
+                let written = retry(keep_trying, &stats, || sink.write_metrics(&out))?;
+                stats
+                    .files_written
+                    .fetch_add(written.files.len() as u64, Ordering::Relaxed);
+                stats
+                    .bytes_written
+                    .fetch_add(written.bytes, Ordering::Relaxed);
+                stats
+                    .metrics_rows_written
+                    .fetch_add(out.rows() as u64, Ordering::Relaxed);
+                continue;
+            }
         };
         let started = Instant::now();
         let mut files = 0;
         for job in &jobs {
-            let mut backoff = Duration::from_millis(100);
-            let written = loop {
-                match sink.write(job) {
-                    Ok(w) => break w,
-                    Err(err) => {
-                        stats.sink_errors.fetch_add(1, Ordering::Relaxed);
-                        if !keep_trying() {
-                            error!(error = %err, "giving up writing a batch at shutdown; its offsets stay uncommitted");
-                            return Err(err);
-                        }
-                        error!(error = %err, retry_in = ?backoff, "failed to write a batch; retrying");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            };
+            let written = retry(keep_trying, &stats, || sink.write(job))?;
             files += written.files.len();
             stats
                 .files_written

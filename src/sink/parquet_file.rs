@@ -30,6 +30,13 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
     let long_text: &[&str] = match table {
         Table::Events => EVENT_TEXT_COLUMNS,
         Table::Rejects => &["error", "raw", "key"],
+        Table::Metrics => &[
+            "latency_ms_hist",
+            "ttft_ms_hist",
+            "input_tokens_hist",
+            "output_tokens_hist",
+            "cost_usd_hist",
+        ],
     };
     for col in long_text {
         // Mostly-unique long text: dictionaries and page statistics cost time and buy nothing.

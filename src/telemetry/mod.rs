@@ -1,9 +1,15 @@
 //! telltale's own observability: logs (tracing) and counters of what the pipeline did.
 //!
 //! Counters are plain atomics bumped once per batch or per record on paths that already touch
-//! the record; `Stats::snapshot` reads them for summaries and (later) the Prometheus endpoint.
+//! the record; `Stats::snapshot` reads them for summaries, [`prometheus`] renders them for
+//! `/metrics`, served by [`server`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+pub mod prometheus;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Counters shared by the stages of one pipeline.
 #[derive(Debug, Default)]
@@ -27,6 +33,41 @@ pub struct Stats {
     pub batches_rolled_back: AtomicU64,
     /// Times the consumer paused because the writer queue was full.
     pub backpressure_pauses: AtomicU64,
+    /// Events whose metrics window had already closed.
+    pub late_events: AtomicU64,
+    /// Events folded into the `__other__` series by the live-series cap.
+    pub series_overflowed: AtomicU64,
+    /// Series with state in an open window (gauge).
+    pub live_series: AtomicU64,
+    /// Wall-clock time between the end of the last closed window and its closing (gauge).
+    pub window_close_delay_ms: AtomicU64,
+    /// `metrics` rows made durable.
+    pub metrics_rows_written: AtomicU64,
+    /// Set once the source is consuming (Kafka: partitions assigned; files: reading).
+    pub ready: AtomicBool,
+    /// Consumer lag per (topic, partition), from librdkafka's statistics.
+    pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Headline numbers of the busiest series in the last closed window.
+    pub series: Mutex<SeriesGauges>,
+}
+
+/// The last closed window's numbers for the exported series.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesGauges {
+    pub window_end_ms: i64,
+    pub series: Vec<SeriesGauge>,
+}
+
+/// One series' numbers in one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesGauge {
+    /// (dimension column, value), in the configured order.
+    pub labels: Vec<(String, String)>,
+    pub requests_per_second: f64,
+    pub error_ratio: f64,
+    pub latency_p95_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub cost_usd_per_minute: f64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -45,6 +86,9 @@ pub struct StatsSnapshot {
     pub sink_errors: u64,
     pub batches_rolled_back: u64,
     pub backpressure_pauses: u64,
+    pub late_events: u64,
+    pub series_overflowed: u64,
+    pub metrics_rows_written: u64,
 }
 
 impl Stats {
@@ -64,6 +108,9 @@ impl Stats {
             sink_errors: g(&self.sink_errors),
             batches_rolled_back: g(&self.batches_rolled_back),
             backpressure_pauses: g(&self.backpressure_pauses),
+            late_events: g(&self.late_events),
+            series_overflowed: g(&self.series_overflowed),
+            metrics_rows_written: g(&self.metrics_rows_written),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The command line as a user runs it: file imports, sql, check, demo.
 
 use std::io::Write;
+
+use arrow::array::AsArray;
 use std::path::Path;
 
 use crate::support::*;
@@ -20,7 +22,7 @@ fn file_pipeline(dir: &Path) -> std::path::PathBuf {
     std::fs::write(
         &p,
         format!(
-            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n[sink]\nroll_size = \"200KiB\"\n",
+            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n[sink]\nroll_size = \"200KiB\"\n[telemetry]\nlisten = \"off\"\n",
             dir.join("data").display()
         ),
     )
@@ -284,4 +286,98 @@ fn replay_sends_every_line_with_its_key() {
         assert_eq!(key, &expected);
     }
     assert!(keyed > 200, "most records are keyed: {keyed}");
+}
+
+/// The metrics table answers "p99 latency of a prompt version over a time range" exactly: the
+/// merged histograms equal the histogram of the raw events, and so lie within the histograms'
+/// 1 % of the raw quantile. Every event is counted once per resolution.
+#[test]
+fn metrics_histograms_merge_to_the_raw_quantile() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = traffic(31, 8000, None);
+    write_jsonl_gz(&dir.path().join("week.jsonl.gz"), &records);
+    let pipeline = file_pipeline(dir.path());
+    succeed(
+        telltale()
+            .args(["run", "--pipeline"])
+            .arg(&pipeline)
+            .arg("--source")
+            .arg(format!("file:{}/week.jsonl.gz", dir.path().display())),
+    );
+    let root = dir.path().join("data");
+    let valid = records.len() as i64;
+    for res in ["1m", "1h"] {
+        assert_eq!(
+            scalar(
+                &root,
+                &format!(
+                    "SELECT CAST(sum(events) AS BIGINT) FROM metrics WHERE resolution = '{res}'"
+                )
+            ),
+            valid,
+            "{res} rows count every event once"
+        );
+    }
+
+    let (from, to) = ("2026-11-27T04:30:00Z", "2026-11-27T06:00:00Z");
+    let out = succeed(
+        telltale()
+            .args(["sql", "--format", "csv", "--data-dir"])
+            .arg(&root)
+            .arg(format!(
+                "SELECT prompt_version, hdr_quantile(hdr_merge(latency_ms_hist), 0.99) AS p99, \
+                 CAST(sum(events) AS BIGINT) AS n FROM metrics \
+                 WHERE resolution = '1m' AND window_start >= '{from}' AND window_start < '{to}' \
+                 GROUP BY prompt_version ORDER BY prompt_version"
+            )),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<(String, f64, usize)> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[0].to_owned(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert!(rows.len() >= 5, "{text}");
+    for (version, p99, n) in rows {
+        let raw = sql(
+            &root,
+            &format!(
+                "SELECT latency_ms FROM events WHERE prompt_version = '{version}' \
+                 AND timestamp >= '{from}' AND timestamp < '{to}' AND latency_ms IS NOT NULL"
+            ),
+        );
+        let mut values: Vec<f64> = raw
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_primitive::<arrow::datatypes::Float64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(values.len(), n, "{version}: events in range");
+        let mut h = telltale::metrics::series::new_histogram_u64();
+        for v in &values {
+            h.record(v.round() as u64).unwrap();
+        }
+        assert_eq!(
+            p99,
+            h.value_at_quantile(0.99) as f64,
+            "{version}: merged = histogram of raw events"
+        );
+        values.sort_by(f64::total_cmp);
+        let rank = ((0.99 * values.len() as f64).ceil() as usize).max(1) - 1;
+        let exact = values[rank];
+        assert!(
+            (p99 - exact).abs() <= 0.01 * exact + 1.0,
+            "{version}: p99 {p99} vs raw {exact}"
+        );
+    }
 }

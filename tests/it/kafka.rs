@@ -258,3 +258,127 @@ fn backpressure_pauses_consumer_and_loses_nothing() {
     eprintln!("paused {pauses} times");
     assert_exactly_once(&dir.path().join("data"), &records, false);
 }
+
+/// `/metrics`, `/healthz` and `/readyz` of a running pipeline, read with a real exposition
+/// format parser: progress counters, per-partition lag, rows of the metrics table, and the
+/// per-series gauges of the last closed window.
+#[test]
+fn prometheus_endpoint_reports_progress_lag_and_series() {
+    let broker = Broker::start();
+    broker.topic("prom", 2);
+    let records = traffic(77, 3000, Some(100));
+    broker.produce("prom", &records);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pipeline = dir.path().join("prom.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"
+[pipeline]
+data_root = "{root}"
+[source]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["prom"]
+group_id = "prom"
+[source.properties]
+"session.timeout.ms" = "3000"
+"heartbeat.interval.ms" = "300"
+"statistics.interval.ms" = "500"
+[sink]
+roll_interval = "200ms"
+[metrics]
+allowed_lateness = "30s"
+[telemetry]
+listen = "127.0.0.1:{port}"
+"#,
+            root = dir.path().join("data").display(),
+            brokers = broker.servers
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn_run(&pipeline, &log);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut health = None;
+    while health.is_none() && Instant::now() < deadline {
+        health = http_get(port, "/healthz");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(health.map(|h| h.0), Some(200), "/healthz answers");
+    while http_get(port, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "/readyz never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker.wait_caught_up("prom", "prom", 2, Duration::from_secs(60));
+
+    let value = |s: &prometheus_parse::Sample| match s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => f64::NAN,
+    };
+    // Lag comes from librdkafka's statistics every 500 ms; wait for both partitions at 0.
+    let mut scrape;
+    loop {
+        let (status, body) = http_get(port, "/metrics").expect("/metrics answers");
+        assert_eq!(status, 200);
+        scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+            .expect("valid exposition format");
+        let lag: Vec<f64> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "telltale_consumer_lag")
+            .map(value)
+            .collect();
+        if lag.len() == 2 && lag.iter().all(|v| *v == 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "lag never reached 0 on both partitions: {lag:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let get = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(value)
+            .collect::<Vec<f64>>()
+    };
+    assert_eq!(
+        get("telltale_records_total", Some(("outcome", "read"))),
+        vec![3000.0]
+    );
+    assert_eq!(
+        get("telltale_records_total", Some(("outcome", "rejected"))),
+        vec![30.0]
+    );
+    assert_eq!(get("telltale_ready", None), vec![1.0]);
+    // Three hours of event time went by: windows closed and were written.
+    let rows = get("telltale_sink_rows_total", Some(("table", "metrics")));
+    assert!(rows[0] > 100.0, "metrics rows written: {rows:?}");
+    let rps = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "telltale_series_requests_per_second")
+        .collect::<Vec<_>>();
+    assert!(
+        !rps.is_empty() && rps.len() <= 50,
+        "bounded per-series gauges: {}",
+        rps.len()
+    );
+    assert!(
+        rps.iter()
+            .all(|s| s.labels.get("app").is_some() && s.labels.get("prompt_version").is_some())
+    );
+    assert!(!get("telltale_series_latency_ms", Some(("quantile", "0.99"))).is_empty());
+
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit {status}");
+}

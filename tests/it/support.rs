@@ -122,6 +122,9 @@ group_id = "{group}"
 "heartbeat.interval.ms" = "300"
 "fetch.wait.max.ms" = "50"
 
+[telemetry]
+listen = "off"
+
 [sink]
 {extra_sink}
 "#,
@@ -298,4 +301,30 @@ pub fn assert_exactly_once(root: &Path, records: &[GeneratedRecord], skip_empty:
         "SELECT count(*) FROM (SELECT topic, partition, \"offset\" FROM rejects GROUP BY 1, 2, 3 HAVING count(*) > 1)",
     );
     assert_eq!(dup_rejects, 0, "each rejected record appears once");
+}
+
+/// A port that was free a moment ago, for a server the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.1; (status code, body), or `None` when nothing listens.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }

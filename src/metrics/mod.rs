@@ -1,0 +1,483 @@
+//! The metrics stage: per series, per event-time window, HDR histograms of latency, TTFT,
+//! tokens and cost, with counts, error rates and sums → the `metrics` table and `/metrics`.
+//!
+//! In: decoded events (after cost is filled in, [`cost`]). Out: [`MetricsOutput`]s — one
+//! Parquet file per closed window and resolution — that the sink's writer makes durable; and
+//! the latest window's headline numbers per series in [`Stats`] for Prometheus.
+//!
+//! ## Windows and roll-ups
+//! Fine windows (default 1 min) are [`Windows`] of [`SeriesMetrics`]; when one closes, each
+//! series is written as a row and **sealed** (histograms serialized) into the coarse roll-up
+//! (default 1 h), which is merged from the sealed minutes, never from events.
+//!
+//! ## Crash safety: rebuild from `events`, checkpoint only the close position
+//! Open windows are not checkpointed. What is persisted is `closed_through` — the end of the
+//! last window written to `metrics` — in `<root>/_state/metrics/<stream>.json`, after that
+//! window's file is durable. On start (and whenever a partition is assigned) the open windows
+//! are rebuilt from the `events` table: every committed event of the partition with a time at
+//! or after `closed_through` (the Parquet files of jobs whose manifest is still pending are
+//! skipped; Kafka delivers those records again). The open hour is rebuilt by merging the
+//! stream's 1-minute rows written since the hour began. Records that Kafka delivers again
+//! after a crash fall either into an open window (the rebuild did not see them: they were not
+//! durable) or into a closed one (late: they were counted before the window closed), so no
+//! event is counted twice or lost. A window written but not yet recorded in the state file is
+//! written again after a restart, under the same file name, replacing the first.
+//!
+//! Within one process the stage remembers, per partition, the offset it has counted up to, so
+//! a partition that is revoked and assigned back is not counted twice. Several instances in
+//! one consumer group each aggregate their own partitions; a window open while a partition
+//! moves between instances is counted by both (the scale-out design merges partials instead,
+//! see DESIGN.md "Scale").
+//!
+//! File sources (backfills) keep no state: every run recomputes the windows of its input from
+//! scratch, in input order, closes them all at the end, and writes the same file names, so a
+//! rerun replaces its own rows.
+
+pub mod cost;
+mod rebuild;
+pub mod series;
+pub mod table;
+pub mod udf;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arrow::array::RecordBatch;
+use tracing::{info, warn};
+
+use crate::event::LlmEvent;
+use crate::sink::SinkError;
+use crate::telemetry::{SeriesGauge, Stats};
+use crate::window::{Closed, Dimension, Rollup, Slot, WindowConfig, Windows};
+use cost::Price;
+pub use rebuild::state_body;
+use series::{CostSource, Measure, SealedMetrics, SeriesMetrics};
+use table::MetricsBatchBuilder;
+
+/// The metrics stage's settings (`[metrics]` in a pipeline file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub window: WindowConfig,
+    /// A litellm-format price table.
+    pub prices: Option<PathBuf>,
+    /// Per-model prices that replace or extend the table's.
+    pub price_overrides: BTreeMap<String, Price>,
+    /// Series exported as Prometheus gauges (the busiest ones), bounding label cardinality.
+    pub exported_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            window: WindowConfig::default(),
+            prices: None,
+            price_overrides: BTreeMap::new(),
+            exported_series: 50,
+        }
+    }
+}
+
+/// `60000` → `1m`, `3600000` → `1h`, `90000` → `90s`.
+pub fn resolution_name(ms: i64) -> String {
+    if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Closed windows, ready to be written.
+pub struct MetricsOutput {
+    pub stream: String,
+    /// Paths relative to the data root, each with its rows.
+    pub files: Vec<(PathBuf, RecordBatch)>,
+    /// Recorded in the stream's state file once the files are durable (`None`: no state).
+    pub closed_through: Option<i64>,
+}
+
+impl MetricsOutput {
+    pub fn rows(&self) -> usize {
+        self.files.iter().map(|(_, b)| b.num_rows()).sum()
+    }
+}
+
+/// Where a stream's close position is recorded.
+pub fn state_path(root: &Path, stream: &str) -> PathBuf {
+    root.join("_state")
+        .join("metrics")
+        .join(format!("{stream}.json"))
+}
+
+/// A name safe in file names: `[A-Za-z0-9_.]`, others become `_`.
+pub fn stream_name(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn hour_dir(ms: i64) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    t.format("date=%Y-%m-%d/hour=%H").to_string()
+}
+
+/// The relative path of one window's file.
+pub fn window_file(stream: &str, resolution: &str, start_ms: i64) -> PathBuf {
+    PathBuf::from("metrics")
+        .join(hour_dir(start_ms))
+        .join(format!("metrics-{stream}-{resolution}-{start_ms}.parquet"))
+}
+
+pub struct MetricsStage {
+    config: MetricsConfig,
+    windows: Windows<SeriesMetrics>,
+    rollup: Rollup<SealedMetrics>,
+    fine: String,
+    coarse: String,
+    stream: String,
+    persist: bool,
+    /// Per partition: its watermark lane and the next offset not yet counted.
+    partitions: HashMap<(String, i32), (usize, i64)>,
+    stats: Arc<Stats>,
+    published_late: u64,
+    published_overflow: u64,
+}
+
+impl MetricsStage {
+    /// A stage with no history (file sources, tests, benches). `persist`: whether outputs
+    /// carry the close position to record.
+    pub fn new(config: MetricsConfig, stream: &str, persist: bool, stats: Arc<Stats>) -> Self {
+        Self::with_closed_through(config, stream, persist, i64::MIN, stats)
+    }
+
+    fn with_closed_through(
+        config: MetricsConfig,
+        stream: &str,
+        persist: bool,
+        closed_through: i64,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let w = config.window.clone();
+        MetricsStage {
+            fine: resolution_name(w.size_ms),
+            coarse: resolution_name(w.rollup_ms),
+            windows: Windows::new(w.clone(), closed_through),
+            rollup: Rollup::new(w.rollup_ms),
+            config,
+            stream: stream_name(stream),
+            persist,
+            partitions: HashMap::new(),
+            stats,
+            published_late: 0,
+            published_overflow: 0,
+        }
+    }
+
+    /// A stage that continues a stream: reads its close position and restores the open
+    /// roll-up from the stream's fine rows. Open fine windows are rebuilt per partition
+    /// ([`MetricsStage::rebuild_partition`]).
+    pub fn open(
+        root: &Path,
+        config: MetricsConfig,
+        stream: &str,
+        stats: Arc<Stats>,
+    ) -> Result<Self, SinkError> {
+        let stream = stream_name(stream);
+        let closed_through = rebuild::read_state(&state_path(root, &stream))?;
+        let mut stage = Self::with_closed_through(
+            config,
+            &stream,
+            true,
+            closed_through.unwrap_or(i64::MIN),
+            stats,
+        );
+        if let Some(through) = closed_through {
+            let restored = rebuild::restore_rollup(&mut stage, root, through)?;
+            info!(stream = %stage.stream, closed_through = %fmt_ms(through), restored_windows = restored, "metrics state restored");
+        }
+        Ok(stage)
+    }
+
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    pub fn dimensions(&self) -> &[Dimension] {
+        &self.config.window.dimensions
+    }
+
+    pub fn windows(&self) -> &Windows<SeriesMetrics> {
+        &self.windows
+    }
+
+    /// Counts an event in its window (or as late). `lane`: its partition's
+    /// [`MetricsStage::lane`].
+    pub fn observe(&mut self, e: &LlmEvent<'_>, lane: usize) {
+        if let Slot::Open(s) = self.windows.slot(e, lane) {
+            s.observe(e, e.cost_source.and_then(CostSource::parse));
+        }
+    }
+
+    fn partition(&mut self, topic: &str, partition: i32) -> &mut (usize, i64) {
+        let n = self.partitions.len();
+        self.partitions
+            .entry((topic.to_owned(), partition))
+            .or_insert((n, 0))
+    }
+
+    /// The partition's watermark lane (a dense index).
+    pub fn lane(&mut self, topic: &str, partition: i32) -> usize {
+        self.partition(topic, partition).0
+    }
+
+    /// The next offset of a partition not yet counted (0 when none was).
+    pub fn counted(&self, topic: &str, partition: i32) -> i64 {
+        self.partitions
+            .get(&(topic.to_owned(), partition))
+            .map_or(0, |p| p.1)
+    }
+
+    pub fn set_counted(&mut self, topic: &str, partition: i32, next: i64) {
+        let p = self.partition(topic, partition);
+        p.1 = p.1.max(next);
+    }
+
+    /// Rebuilds a partition's share of the open windows from its committed `events` files.
+    /// Returns the number of events counted.
+    pub fn rebuild_partition(
+        &mut self,
+        root: &Path,
+        topic: &str,
+        partition: i32,
+        now_ms: i64,
+    ) -> Result<u64, SinkError> {
+        rebuild::rebuild_partition(self, root, topic, partition, now_ms)
+    }
+
+    /// Moves time forward (`now_ms`: the wall clock, `None` for event time only); returns
+    /// what closed.
+    pub fn tick(&mut self, now_ms: Option<i64>) -> Option<MetricsOutput> {
+        let closed = self.windows.advance(now_ms);
+        self.emit(closed, now_ms, false)
+    }
+
+    /// Closes every window, the roll-up included (end of a finite input).
+    pub fn finish(&mut self) -> Option<MetricsOutput> {
+        let closed = self.windows.close_all();
+        self.emit(closed, None, true)
+    }
+
+    fn emit(
+        &mut self,
+        closed: Vec<Closed<SeriesMetrics>>,
+        now_ms: Option<i64>,
+        all: bool,
+    ) -> Option<MetricsOutput> {
+        self.publish_counts();
+        let mut files = Vec::new();
+        let dims = self.config.window.dimensions.clone();
+        let mut latest: Option<(i64, Vec<SeriesGauge>)> = None;
+        for mut w in closed {
+            w.series.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut b = MetricsBatchBuilder::new(&dims);
+            let mut sealed = Vec::with_capacity(w.series.len());
+            let mut gauges = Vec::with_capacity(w.series.len());
+            for (key, s) in &w.series {
+                let seal = s.seal();
+                let hists = [
+                    &s.hists[0],
+                    &s.hists[1],
+                    &s.hists[2],
+                    &s.hists[3],
+                    &s.hists[4],
+                ];
+                b.append(
+                    &self.fine,
+                    w.start_ms,
+                    w.end_ms,
+                    &self.stream,
+                    key,
+                    &s.counters,
+                    &hists,
+                    &seal.hists,
+                );
+                gauges.push(gauge(&dims, key, s, w.end_ms - w.start_ms));
+                sealed.push((key.clone(), seal));
+            }
+            files.push((
+                window_file(&self.stream, &self.fine, w.start_ms),
+                b.finish(),
+            ));
+            if let Some(now) = now_ms {
+                self.stats
+                    .window_close_delay_ms
+                    .store((now - w.end_ms).max(0) as u64, Ordering::Relaxed);
+            }
+            latest = Some((w.end_ms, gauges));
+            if let Some(done) = self.rollup.add(w.start_ms, sealed, |a, b| a.merge(&b)) {
+                files.push(self.coarse_file(&dims, done));
+            }
+        }
+        let through = if all {
+            i64::MAX
+        } else {
+            self.windows.closed_through()
+        };
+        if let Some(done) = self.rollup.close_before(through) {
+            files.push(self.coarse_file(&dims, done));
+        }
+        self.stats
+            .live_series
+            .store(self.windows.live_series() as u64, Ordering::Relaxed);
+        if let Some((end, mut gauges)) = latest {
+            gauges.sort_by(|a, b| b.requests_per_second.total_cmp(&a.requests_per_second));
+            gauges.truncate(self.config.exported_series);
+            let mut g = self.stats.series.lock().unwrap_or_else(|p| p.into_inner());
+            g.window_end_ms = end;
+            g.series = gauges;
+        }
+        if files.is_empty() {
+            return None;
+        }
+        Some(MetricsOutput {
+            stream: self.stream.clone(),
+            files,
+            closed_through: self.persist.then(|| self.windows.closed_through()),
+        })
+    }
+
+    fn coarse_file(
+        &self,
+        dims: &[Dimension],
+        done: Closed<SealedMetrics>,
+    ) -> (PathBuf, RecordBatch) {
+        let mut b = MetricsBatchBuilder::new(dims);
+        for (key, s) in &done.series {
+            b.append_sealed(
+                &self.coarse,
+                done.start_ms,
+                done.end_ms,
+                &self.stream,
+                key,
+                s,
+            );
+        }
+        (
+            window_file(&self.stream, &self.coarse, done.start_ms),
+            b.finish(),
+        )
+    }
+
+    fn publish_counts(&mut self) {
+        let late = self.windows.late_events();
+        let over = self.windows.overflowed_events();
+        self.stats
+            .late_events
+            .fetch_add(late - self.published_late, Ordering::Relaxed);
+        self.stats
+            .series_overflowed
+            .fetch_add(over - self.published_overflow, Ordering::Relaxed);
+        self.published_late = late;
+        self.published_overflow = over;
+    }
+
+    /// Bytes held by open windows (histograms and counters), for the memory figures.
+    pub fn memory_bytes(&self) -> usize {
+        let mut n = 0;
+        self.windows.for_each_open(|s| n += s.memory_bytes());
+        n
+    }
+}
+
+fn gauge(
+    dims: &[Dimension],
+    key: &crate::window::SeriesKey,
+    s: &SeriesMetrics,
+    window_ms: i64,
+) -> SeriesGauge {
+    let c = &s.counters;
+    let lat = &s.hists[Measure::LatencyMs as usize];
+    let q = |p: f64| (!lat.is_empty()).then(|| lat.value_at_quantile(p) as f64);
+    let minutes = window_ms as f64 / 60_000.0;
+    SeriesGauge {
+        labels: dims
+            .iter()
+            .zip(key.values())
+            .map(|(d, v)| (d.column(), v.as_deref().unwrap_or("").to_owned()))
+            .collect(),
+        requests_per_second: c.events as f64 / (window_ms as f64 / 1000.0),
+        error_ratio: if c.events == 0 {
+            0.0
+        } else {
+            c.errors as f64 / c.events as f64
+        },
+        latency_p95_ms: q(0.95),
+        latency_p99_ms: q(0.99),
+        cost_usd_per_minute: c.cost_nano_usd as f64 / series::NANO_USD / minutes,
+    }
+}
+
+pub(crate) fn fmt_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Fills in `cost_usd` from the price table when the event has none, and sets `cost_source`.
+pub fn apply_cost(e: &mut LlmEvent<'_>, prices: Option<&cost::PriceTable>) {
+    if e.cost_usd.is_some() {
+        e.cost_source = Some(CostSource::Reported.as_str());
+        return;
+    }
+    if e.input_tokens.is_none() && e.output_tokens.is_none() {
+        return;
+    }
+    match prices.and_then(|p| p.cost(e)) {
+        Some(c) => {
+            e.cost_usd = Some(c);
+            e.cost_source = Some(CostSource::Computed.as_str());
+        }
+        None => e.cost_source = Some(CostSource::Unknown.as_str()),
+    }
+}
+
+/// The price table built into the binary (`pipelines/prices.json`): a few common models, in
+/// litellm's format. Point `cost.price_table` at litellm's own file for full coverage.
+pub const BUILTIN_PRICES: &str = include_str!("../../pipelines/prices.json");
+
+/// Loads the configured price table (the built-in one when none is configured) and applies
+/// the overrides.
+pub fn load_prices(config: &MetricsConfig) -> Result<cost::PriceTable, cost::PriceError> {
+    let mut table = match &config.prices {
+        Some(p) => cost::PriceTable::load(p)?,
+        None => cost::PriceTable::from_litellm_json(BUILTIN_PRICES).map_err(|message| {
+            cost::PriceError::Format {
+                path: "built-in price table".into(),
+                message,
+            }
+        })?,
+    };
+    for (model, price) in &config.price_overrides {
+        table.overlay(model, price);
+    }
+    if table.is_empty() {
+        warn!("the price table has no token prices; cost is computed for no model");
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,388 @@
+//! Restoring the metrics stage after a restart: the close position from the state file, the
+//! open roll-up from `metrics`, the open windows from `events` (see the module docs above).
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tracing::{info, warn};
+
+use super::{MetricsStage, fmt_ms, table, window_file};
+use crate::event::LlmEvent;
+use crate::metrics::series::CostSource;
+use crate::sink::{SinkError, io_err};
+use crate::window::{DIMENSION_FIELDS, Dimension};
+
+const HOUR_MS: i64 = 3_600_000;
+
+pub fn read_state(path: &Path) -> Result<Option<i64>, SinkError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| SinkError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other(format!("corrupt metrics state: {e}")),
+    })?;
+    Ok(v.get("closed_through_ms").and_then(|v| v.as_i64()))
+}
+
+pub fn state_body(closed_through: i64) -> String {
+    serde_json::json!({
+        "closed_through_ms": closed_through,
+        "closed_through": fmt_ms(closed_through),
+    })
+    .to_string()
+}
+
+fn read_parquet(path: &Path, columns: &[&str]) -> Result<Vec<RecordBatch>, SinkError> {
+    let pq = |source| SinkError::Parquet {
+        path: path.to_owned(),
+        source,
+    };
+    let file = fs::File::open(path).map_err(io_err(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
+    let schema = builder.parquet_schema();
+    let indices: Vec<usize> = schema
+        .columns()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            let root = c.path().parts().first().map(String::as_str).unwrap_or("");
+            columns.contains(&root)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let mask = ProjectionMask::leaves(schema, indices);
+    let reader = builder.with_projection(mask).build().map_err(pq)?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pq(parquet::errors::ParquetError::ArrowError(e.to_string())))
+}
+
+/// Merges the stream's fine rows of the open roll-up window into the roll-up.
+pub fn restore_rollup(
+    stage: &mut MetricsStage,
+    root: &Path,
+    closed_through: i64,
+) -> Result<usize, SinkError> {
+    let size = stage.config.window.size_ms;
+    let hour = stage.rollup.window_start(closed_through.saturating_sub(1));
+    let mut restored = 0;
+    let mut start = hour;
+    while start + size <= closed_through {
+        let path = root.join(window_file(&stage.stream, &stage.fine, start));
+        if path.exists() {
+            let dims = stage.config.window.dimensions.clone();
+            for batch in read_all(&path)? {
+                let (rows, bad) = table::sealed_rows(&batch, &dims);
+                if bad > 0 {
+                    warn!(path = %path.display(), rows = bad, "metrics rows with unreadable histograms skipped");
+                }
+                // Adding windows of one roll-up never completes it.
+                let _ = stage.rollup.add(start, rows, |a, b| a.merge(&b));
+            }
+            restored += 1;
+        }
+        start += size;
+    }
+    Ok(restored)
+}
+
+fn read_all(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
+    let pq = |source| SinkError::Parquet {
+        path: path.to_owned(),
+        source,
+    };
+    let file = fs::File::open(path).map_err(io_err(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(pq)?
+        .build()
+        .map_err(pq)?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pq(parquet::errors::ParquetError::ArrowError(e.to_string())))
+}
+
+/// Files listed by pending manifests of a partition: not known to be committed.
+fn pending_files(root: &Path, topic: &str, partition: i32) -> Result<HashSet<PathBuf>, SinkError> {
+    let dir = root.join("_txn").join(topic).join(partition.to_string());
+    let mut out = HashSet::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(&dir)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io_err(&dir))?.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let files = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("files").cloned())
+            .and_then(|f| serde_json::from_value::<Vec<String>>(f).ok())
+            .unwrap_or_default();
+        out.extend(files.into_iter().map(|f| root.join(f)));
+    }
+    Ok(out)
+}
+
+/// `date=2026-11-27/hour=07` → the epoch ms of that hour.
+fn hour_of(date: &str, hour: &str) -> Option<i64> {
+    let d = chrono::NaiveDate::parse_from_str(date.strip_prefix("date=")?, "%Y-%m-%d").ok()?;
+    let h: u32 = hour.strip_prefix("hour=")?.parse().ok()?;
+    Some(d.and_hms_opt(h, 0, 0)?.and_utc().timestamp_millis())
+}
+
+/// The partition's events files in hour directories at or after `from_ms`'s hour.
+fn partition_files(
+    root: &Path,
+    topic: &str,
+    partition: i32,
+    from_ms: i64,
+) -> Result<Vec<PathBuf>, SinkError> {
+    let prefix = format!("part-{topic}-{partition}-");
+    let from_hour = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
+    let events = root.join("events");
+    let mut out = Vec::new();
+    let Ok(dates) = fs::read_dir(&events) else {
+        return Ok(out);
+    };
+    for date in dates {
+        let date = date.map_err(io_err(&events))?.path();
+        let Ok(hours) = fs::read_dir(&date) else {
+            continue;
+        };
+        for hour in hours {
+            let hour = hour.map_err(io_err(&date))?.path();
+            let (Some(d), Some(h)) = (
+                date.file_name().and_then(|s| s.to_str()),
+                hour.file_name().and_then(|s| s.to_str()),
+            ) else {
+                continue;
+            };
+            if hour_of(d, h).is_none_or(|t| t < from_hour) {
+                continue;
+            }
+            for f in fs::read_dir(&hour).map_err(io_err(&hour))? {
+                let f = f.map_err(io_err(&hour))?.path();
+                let Some(name) = f.file_name().and_then(|s| s.to_str()) else {
+                    continue;
+                };
+                // `part-<topic>-<partition>-<first>-<last>.parquet`: after the prefix come
+                // exactly two numbers, which tells `t-1-…` from topic `t-1`'s partitions.
+                let Some(rest) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|r| r.strip_suffix(".parquet"))
+                else {
+                    continue;
+                };
+                let mut nums = rest.split('-');
+                let ok = nums.next().is_some_and(|a| a.parse::<i64>().is_ok())
+                    && nums.next().is_some_and(|b| b.parse::<i64>().is_ok())
+                    && nums.next().is_none();
+                if ok {
+                    out.push(f);
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn rebuild_partition(
+    stage: &mut MetricsStage,
+    root: &Path,
+    topic: &str,
+    partition: i32,
+    now_ms: i64,
+) -> Result<u64, SinkError> {
+    let started = std::time::Instant::now();
+    let closed = stage.windows.closed_through();
+    // Without a close position (first run, or a root written before metrics existed), only
+    // the last roll-up period is worth rebuilding.
+    let horizon = if closed == i64::MIN {
+        now_ms - stage.config.window.rollup_ms
+    } else {
+        closed
+    };
+    let pending = pending_files(root, topic, partition)?;
+    let files = partition_files(root, topic, partition, horizon)?;
+    let dims = stage.config.window.dimensions.clone();
+    let mut columns: Vec<&str> = vec![
+        "timestamp",
+        "latency_ms",
+        "ttft_ms",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+        "cost_source",
+        "finish_reason",
+        "error_type",
+        "status",
+        "source_offset",
+    ];
+    columns.extend(DIMENSION_FIELDS);
+    if dims.iter().any(|d| matches!(d, Dimension::Attribute(_))) {
+        columns.push("attributes");
+    }
+    let from_offset = stage.counted(topic, partition);
+    let mut next = from_offset;
+    let mut counted = 0u64;
+    let mut skipped_files = 0;
+    let lane = stage.lane(topic, partition);
+    stage.windows.register_lane(lane, now_ms);
+    for path in &files {
+        if pending.contains(path) {
+            skipped_files += 1;
+            continue;
+        }
+        for batch in read_parquet(path, &columns)? {
+            counted += observe_batch(stage, &batch, horizon, from_offset, &mut next, lane);
+        }
+    }
+    stage.set_counted(topic, partition, next);
+    if counted > 0 || skipped_files > 0 {
+        info!(topic, partition, events = counted, files = files.len() - skipped_files, skipped_pending = skipped_files, since = %fmt_ms(horizon), elapsed = ?started.elapsed(), "rebuilt open metrics windows from events");
+    }
+    Ok(counted)
+}
+
+fn observe_batch(
+    stage: &mut MetricsStage,
+    batch: &RecordBatch,
+    horizon: i64,
+    from_offset: i64,
+    next: &mut i64,
+    lane: usize,
+) -> u64 {
+    let str_col = |name: &str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_string_opt::<i32>())
+    };
+    let f64_col = |name: &str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<Float64Type>())
+    };
+    let i64_col = |name: &str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+    };
+    let Some(ts) = batch
+        .column_by_name("timestamp")
+        .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+    else {
+        return 0;
+    };
+    let Some(offsets) = i64_col("source_offset") else {
+        return 0;
+    };
+    let fields: Vec<_> = DIMENSION_FIELDS.iter().map(|f| str_col(f)).collect();
+    let field = |i: usize, row: usize| -> Option<Cow<'_, str>> {
+        let c = fields[i]?;
+        (!c.is_null(row)).then(|| Cow::Borrowed(c.value(row)))
+    };
+    let idx = |name: &str| {
+        DIMENSION_FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .expect("known field")
+    };
+    let f = |c: Option<&arrow::array::Float64Array>, row: usize| {
+        c.and_then(|c| (!c.is_null(row)).then(|| c.value(row)))
+    };
+    let i = |c: Option<&arrow::array::Int64Array>, row: usize| {
+        c.and_then(|c| (!c.is_null(row)).then(|| c.value(row)))
+    };
+    let (lat, ttft, cost) = (
+        f64_col("latency_ms"),
+        f64_col("ttft_ms"),
+        f64_col("cost_usd"),
+    );
+    let toks = [
+        i64_col("input_tokens"),
+        i64_col("output_tokens"),
+        i64_col("cache_read_tokens"),
+        i64_col("cache_write_tokens"),
+        i64_col("reasoning_tokens"),
+    ];
+    let cost_source = str_col("cost_source");
+    let attrs = batch
+        .column_by_name("attributes")
+        .and_then(|c| c.as_map_opt());
+    let mut n = 0;
+    for row in 0..batch.num_rows() {
+        let offset = offsets.value(row);
+        if offset < from_offset {
+            continue;
+        }
+        *next = (*next).max(offset + 1);
+        if ts.value(row) < horizon {
+            continue;
+        }
+        let mut attributes = Vec::new();
+        if let Some(m) = attrs
+            && !m.is_null(row)
+        {
+            let entries = m.value(row);
+            let k = entries.column(0).as_string::<i32>();
+            let v = entries.column(1).as_string::<i32>();
+            for j in 0..entries.len() {
+                if !v.is_null(j) {
+                    attributes.push((
+                        Cow::Owned(k.value(j).to_owned()),
+                        Cow::Owned(v.value(j).to_owned()),
+                    ));
+                }
+            }
+        }
+        let e = LlmEvent {
+            timestamp_ms: ts.value(row),
+            app: field(idx("app"), row),
+            environment: field(idx("environment"), row),
+            operation: field(idx("operation"), row),
+            provider: field(idx("provider"), row),
+            model: field(idx("model"), row),
+            response_model: field(idx("response_model"), row),
+            prompt_id: field(idx("prompt_id"), row),
+            prompt_version: field(idx("prompt_version"), row),
+            variant: field(idx("variant"), row),
+            experiment: field(idx("experiment"), row),
+            status: field(idx("status"), row).unwrap_or(Cow::Borrowed("ok")),
+            finish_reason: field(idx("finish_reason"), row),
+            error_type: field(idx("error_type"), row),
+            latency_ms: f(lat, row),
+            ttft_ms: f(ttft, row),
+            input_tokens: i(toks[0], row),
+            output_tokens: i(toks[1], row),
+            cache_read_tokens: i(toks[2], row),
+            cache_write_tokens: i(toks[3], row),
+            reasoning_tokens: i(toks[4], row),
+            cost_usd: f(cost, row),
+            cost_source: cost_source
+                .and_then(|c| (!c.is_null(row)).then(|| c.value(row)))
+                .and_then(CostSource::parse)
+                .map(CostSource::as_str),
+            attributes,
+            ..Default::default()
+        };
+        stage.observe(&e, lane);
+        n += 1;
+    }
+    n
+}
