@@ -171,15 +171,16 @@ fn utf8(name: &str) -> Field {
     Field::new(name, DataType::Utf8, true)
 }
 
-fn attributes_type() -> DataType {
-    // The same layout MapBuilder produces with the names below, so batches match the schema.
+/// A string-keyed map column: the layout `MapBuilder` produces with the field names
+/// `entries`/`keys`/`values`, so built batches match the schema.
+pub fn map_type(values: DataType) -> DataType {
     DataType::Map(
         Arc::new(Field::new(
             "entries",
             DataType::Struct(
                 vec![
                     Field::new("keys", DataType::Utf8, false),
-                    Field::new("values", DataType::Utf8, true),
+                    Field::new("values", values, true),
                 ]
                 .into(),
             ),
@@ -187,6 +188,10 @@ fn attributes_type() -> DataType {
         )),
         false,
     )
+}
+
+fn attributes_type() -> DataType {
+    map_type(DataType::Utf8)
 }
 
 static EVENT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {

@@ -53,7 +53,7 @@ use crate::telemetry::{SeriesGauge, Stats};
 use crate::window::{Closed, Dimension, Rollup, Slot, WindowConfig, Windows};
 use cost::Price;
 pub use rebuild::state_body;
-use series::{CostSource, Measure, SealedMetrics, SeriesMetrics};
+use series::{CostSource, SealedMetrics, SeriesMetrics};
 use table::MetricsBatchBuilder;
 
 /// The metrics stage's settings (`[metrics]` in a pipeline file).
@@ -295,26 +295,22 @@ impl MetricsStage {
             let mut b = MetricsBatchBuilder::new(&dims);
             let mut sealed = Vec::with_capacity(w.series.len());
             let mut gauges = Vec::with_capacity(w.series.len());
-            for (key, s) in &w.series {
+            for (key, s) in &mut w.series {
                 let seal = s.seal();
-                let hists = [
-                    &s.hists[0],
-                    &s.hists[1],
-                    &s.hists[2],
-                    &s.hists[3],
-                    &s.hists[4],
-                ];
+                let counters = s.counters.clone();
+                let h = s.histograms();
+                let hists = [&h[0], &h[1], &h[2], &h[3], &h[4]];
                 b.append(
                     &self.fine,
                     w.start_ms,
                     w.end_ms,
                     &self.stream,
                     key,
-                    &s.counters,
+                    &counters,
                     &hists,
                     &seal.hists,
                 );
-                gauges.push(gauge(&dims, key, s, w.end_ms - w.start_ms));
+                gauges.push(gauge(&dims, key, &counters, &h[0], w.end_ms - w.start_ms));
                 sealed.push((key.clone(), seal));
             }
             files.push((
@@ -405,11 +401,10 @@ impl MetricsStage {
 fn gauge(
     dims: &[Dimension],
     key: &crate::window::SeriesKey,
-    s: &SeriesMetrics,
+    c: &series::Counters,
+    lat: &hdrhistogram::Histogram<u32>,
     window_ms: i64,
 ) -> SeriesGauge {
-    let c = &s.counters;
-    let lat = &s.hists[Measure::LatencyMs as usize];
     let q = |p: f64| (!lat.is_empty()).then(|| lat.value_at_quantile(p) as f64);
     let minutes = window_ms as f64 / 60_000.0;
     SeriesGauge {

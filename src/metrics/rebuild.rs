@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::{MetricsStage, fmt_ms, table, window_file};
 use crate::event::LlmEvent;
 use crate::metrics::series::CostSource;
-use crate::sink::{SinkError, io_err};
+use crate::sink::{SinkError, io_err, manifest_files};
 use crate::window::{DIMENSION_FIELDS, Dimension};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -124,13 +124,7 @@ fn pending_files(root: &Path, topic: &str, partition: i32) -> Result<HashSet<Pat
         if path.extension().is_none_or(|x| x != "json") {
             continue;
         }
-        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-        let files = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("files").cloned())
-            .and_then(|f| serde_json::from_value::<Vec<String>>(f).ok())
-            .unwrap_or_default();
-        out.extend(files.into_iter().map(|f| root.join(f)));
+        out.extend(manifest_files(&path)?.into_iter().map(|f| root.join(f)));
     }
     Ok(out)
 }

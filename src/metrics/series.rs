@@ -163,23 +163,62 @@ impl CostSource {
     }
 }
 
-/// A series' live state in one open window.
+/// A series' state in one open window. Histograms are live while the window receives events
+/// in order; once every partition has moved past the window ([`WindowState::settle`]) they are
+/// packed into their V2 bytes (a few hundred bytes instead of kilobytes) and unpacked again
+/// only if a straggler arrives, so the windows kept open for late events cost little.
 #[derive(Debug, Clone)]
 pub struct SeriesMetrics {
     pub counters: Counters,
-    pub hists: [Histogram<u32>; 5],
+    hists: Hists,
+}
+
+#[derive(Debug, Clone)]
+enum Hists {
+    Live(Box<[Histogram<u32>; 5]>),
+    Packed(Box<[Vec<u8>; 5]>),
 }
 
 impl Default for SeriesMetrics {
     fn default() -> Self {
         SeriesMetrics {
             counters: Counters::default(),
-            hists: std::array::from_fn(|_| new_histogram()),
+            hists: Hists::Live(Box::new(std::array::from_fn(|_| new_histogram()))),
+        }
+    }
+}
+
+impl crate::window::WindowState for SeriesMetrics {
+    fn settle(&mut self) {
+        if let Hists::Live(h) = &self.hists {
+            self.hists = Hists::Packed(Box::new(std::array::from_fn(|i| serialize(&h[i]))));
         }
     }
 }
 
 impl SeriesMetrics {
+    /// The live histograms, unpacking them if the window was settled.
+    pub fn histograms(&mut self) -> &mut [Histogram<u32>; 5] {
+        if let Hists::Packed(p) = &self.hists {
+            let live: [Histogram<u32>; 5] = std::array::from_fn(|i| {
+                let mut h: Histogram<u32> = Deserializer::new()
+                    .deserialize(&mut &p[i][..])
+                    .expect("bytes this process serialized decode");
+                h.auto(true);
+                h
+            });
+            self.hists = Hists::Live(Box::new(live));
+        }
+        match &mut self.hists {
+            Hists::Live(h) => h,
+            Hists::Packed(_) => unreachable!("unpacked above"),
+        }
+    }
+
+    pub fn is_packed(&self) -> bool {
+        matches!(self.hists, Hists::Packed(_))
+    }
+
     pub fn observe(&mut self, e: &LlmEvent<'_>, cost: Option<CostSource>) {
         let c = &mut self.counters;
         c.events += 1;
@@ -202,11 +241,12 @@ impl SeriesMetrics {
             Some(CostSource::Unknown) => c.cost_unknown += 1,
             _ => {}
         }
-        for (h, m) in self.hists.iter_mut().zip(Measure::ALL) {
+        if let Some(v) = Measure::Cost.value(e) {
+            self.counters.cost_nano_usd += v;
+        }
+        let hists = self.histograms();
+        for (h, m) in hists.iter_mut().zip(Measure::ALL) {
             if let Some(v) = m.value(e) {
-                if m == Measure::Cost {
-                    c.cost_nano_usd += v;
-                }
                 // Auto-resizing: `record` grows the range (`saturating_record` would clamp
                 // to the current one); it fails only past u64 ranges, then saturate.
                 if h.record(v).is_err() {
@@ -218,12 +258,18 @@ impl SeriesMetrics {
 
     /// Heap and inline bytes held, for the memory figures.
     pub fn memory_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self
-                .hists
+        let hists = match &self.hists {
+            Hists::Live(h) => h
                 .iter()
-                .map(|h| h.distinct_values() * std::mem::size_of::<u32>())
-                .sum::<usize>()
+                .map(|h| {
+                    std::mem::size_of::<Histogram<u32>>()
+                        + h.distinct_values() * std::mem::size_of::<u32>()
+                })
+                .sum::<usize>(),
+            Hists::Packed(p) => p.iter().map(|b| 24 + b.capacity()).sum(),
+        };
+        std::mem::size_of::<Self>()
+            + hists
             + (self.counters.error_types.0.len() + self.counters.finish_reasons.0.len()) * 32
     }
 
@@ -231,7 +277,10 @@ impl SeriesMetrics {
     pub fn seal(&self) -> SealedMetrics {
         SealedMetrics {
             counters: self.counters.clone(),
-            hists: std::array::from_fn(|i| serialize(&self.hists[i])),
+            hists: match &self.hists {
+                Hists::Live(h) => std::array::from_fn(|i| serialize(&h[i])),
+                Hists::Packed(p) => (**p).clone(),
+            },
         }
     }
 }

@@ -21,20 +21,7 @@ use super::series::{Counters, LabelCounts, Measure, NANO_USD, QUANTILES, SealedM
 use crate::window::{Dimension, SeriesKey};
 
 fn counts_map_type() -> DataType {
-    DataType::Map(
-        Arc::new(Field::new(
-            "entries",
-            DataType::Struct(
-                vec![
-                    Field::new("keys", DataType::Utf8, false),
-                    Field::new("values", DataType::Int64, true),
-                ]
-                .into(),
-            ),
-            false,
-        )),
-        false,
-    )
+    crate::event::map_type(DataType::Int64)
 }
 
 const SUMS: [&str; 5] = [
@@ -221,8 +208,17 @@ impl MetricsBatchBuilder {
             let n = h.len();
             cols.count.append_value(n as i64);
             let scale = m.scale();
-            for (b, (q, _)) in cols.quantiles.iter_mut().zip(QUANTILES) {
-                b.append_option((n > 0).then(|| h.value_at_quantile(q) as f64 * scale));
+            if n > 0 {
+                // One pass over the counts for all five quantiles (same values as
+                // `value_at_quantile`, which `hdr_quantile` uses).
+                let values = h.value_at_quantiles(QUANTILES.map(|(q, _)| q));
+                for (b, v) in cols.quantiles.iter_mut().zip(values) {
+                    b.append_value(v as f64 * scale);
+                }
+            } else {
+                for b in &mut cols.quantiles {
+                    b.append_null();
+                }
             }
             cols.max
                 .append_option((n > 0).then(|| h.max() as f64 * scale));

@@ -74,10 +74,10 @@ proptest! {
         prop_assert_eq!(fingerprint(&merged), fingerprint(&whole.seal()));
         // …and both hold the real values, to the histograms' precision.
         let true_max = values.iter().map(|v| v.0.round()).fold(0.0, f64::max);
-        let got = whole.hists[0].max() as f64;
+        let got = whole.histograms()[0].max() as f64;
         prop_assert!((got - true_max).abs() <= 0.01 * true_max + 1.0, "max {} vs {}", got, true_max);
         for (i, m) in Measure::ALL.iter().enumerate() {
-            let (hm, hw) = (merged.histogram(*m), &whole.hists[i]);
+            let (hm, hw) = (merged.histogram(*m), &whole.histograms()[i]);
             for q in [0.5, 0.9, 0.95, 0.99, 0.999, 1.0] {
                 prop_assert_eq!(hm.value_at_quantile(q), hw.value_at_quantile(q));
             }
@@ -91,67 +91,57 @@ fn batch_rows(b: &RecordBatch, dims: &[Dimension]) -> Vec<(SeriesKey, SealedMetr
     rows
 }
 
-/// Sixty one-minute windows rolled up equal one window an hour long, series by series.
-#[test]
-fn sixty_minutes_roll_up_to_the_hour_exactly() {
-    let stats = Arc::new(Stats::default());
-    let mut minute = MetricsStage::new(MetricsConfig::default(), "t", false, stats.clone());
-    let mut hourly_cfg = MetricsConfig::default();
-    hourly_cfg.window.size_ms = 60 * MIN;
-    hourly_cfg.window.rollup_ms = 120 * MIN;
-    let mut hour = MetricsStage::new(hourly_cfg, "t", false, stats);
-    let h0 = 500_000 * 60 * MIN;
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
-    use rand::{Rng, SeedableRng};
-    let apps = ["a", "b", "c"];
-    for i in 0..20_000i64 {
-        let ts = h0 + i * (60 * MIN) / 20_000;
-        let mut e = event(
-            ts,
-            rng.random_range(50.0..9000.0),
-            rng.random_range(1..4000),
-            rng.random_bool(0.02),
-        );
-        e.app = Some(apps[rng.random_range(0..3)].into());
-        minute.observe(&e, 0);
-        hour.observe(&e, 0);
-    }
-    let out = minute.finish().unwrap();
-    let dims = minute.dimensions().to_vec();
-    let minutes = out
-        .files
-        .iter()
-        .filter(|(p, _)| p.to_string_lossy().contains("-1m-"))
-        .count();
-    assert_eq!(minutes, 60);
-    let (_, rolled) = out
-        .files
-        .iter()
-        .find(|(p, _)| p.to_string_lossy().contains("-1h-"))
-        .expect("an hourly row set");
-    let direct = hour.finish().unwrap();
-    let (_, direct) = direct
-        .files
-        .iter()
-        .find(|(p, _)| p.to_string_lossy().contains("-1h-"))
-        .unwrap();
-    let a: Vec<_> = batch_rows(rolled, &dims)
-        .iter()
-        .map(|(k, s)| (k.clone(), fingerprint(s)))
-        .collect();
-    let b: Vec<_> = batch_rows(direct, &dims)
-        .iter()
-        .map(|(k, s)| (k.clone(), fingerprint(s)))
-        .collect();
-    assert_eq!(a.len(), 3);
-    assert_eq!(a, b);
-    // The quantile columns agree too.
-    for col in ["latency_ms_p99", "cost_usd_p50", "events", "errors"] {
-        assert_eq!(
-            rolled.column_by_name(col),
-            direct.column_by_name(col),
-            "{col}"
-        );
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Sixty one-minute windows rolled up equal one window an hour long, series by series.
+    #[test]
+    fn sixty_minutes_roll_up_to_the_hour_exactly(seed in any::<u64>(), n in 500i64..4000) {
+        use rand::{Rng, SeedableRng};
+        let stats = Arc::new(Stats::default());
+        let mut minute = MetricsStage::new(MetricsConfig::default(), "t", false, stats.clone());
+        let mut hourly_cfg = MetricsConfig::default();
+        hourly_cfg.window.size_ms = 60 * MIN;
+        hourly_cfg.window.rollup_ms = 120 * MIN;
+        let mut hour = MetricsStage::new(hourly_cfg, "t", false, stats);
+        let h0 = 500_000 * 60 * MIN;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let apps = ["a", "b", "c"];
+        for i in 0..n {
+            let ts = h0 + i * (60 * MIN) / n;
+            let mut e = event(
+                ts,
+                rng.random_range(50.0..90_000.0),
+                rng.random_range(1..40_000),
+                rng.random_bool(0.02),
+            );
+            e.app = Some(apps[rng.random_range(0..3)].into());
+            minute.observe(&e, 0);
+            hour.observe(&e, 0);
+        }
+        let out = minute.finish().unwrap();
+        let dims = minute.dimensions().to_vec();
+        let file = |out: &MetricsOutput, res: &str| {
+            out.files
+                .iter()
+                .filter(|(p, _)| p.to_string_lossy().contains(res))
+                .map(|(_, b)| b.clone())
+                .collect::<Vec<_>>()
+        };
+        prop_assert_eq!(file(&out, "-1m-").len(), 60);
+        let rolled = file(&out, "-1h-").pop().expect("an hourly row set");
+        let direct = file(&hour.finish().unwrap(), "-1h-").pop().unwrap();
+        let fp = |b: &RecordBatch| {
+            batch_rows(b, &dims)
+                .iter()
+                .map(|(k, s)| (k.clone(), fingerprint(s)))
+                .collect::<Vec<_>>()
+        };
+        prop_assert_eq!(fp(&rolled).len(), 3);
+        prop_assert_eq!(fp(&rolled), fp(&direct));
+        for col in ["latency_ms_p99", "cost_usd_p50", "output_tokens_max", "events", "errors"] {
+            prop_assert_eq!(rolled.column_by_name(col), direct.column_by_name(col), "{}", col);
+        }
     }
 }
 
@@ -394,16 +384,76 @@ fn serialized_histograms_merge_into_an_empty_one() {
     assert!((min - 30.0).abs() <= 1.0, "min {min}");
     assert_eq!(
         acc.value_at_quantile(1.0),
-        s.hists[0].value_at_quantile(1.0)
+        s.histograms()[0].value_at_quantile(1.0)
     );
     assert_eq!(
         acc.value_at_quantile(0.5),
-        s.hists[0].value_at_quantile(0.5)
+        s.histograms()[0].value_at_quantile(0.5)
+    );
+    let qs = [0.5, 0.9, 0.95, 0.99, 0.999];
+    let batch: Vec<u64> = acc.value_at_quantiles(qs).collect();
+    let one: Vec<u64> = qs.iter().map(|q| acc.value_at_quantile(*q)).collect();
+    assert_eq!(
+        batch, one,
+        "the table's one-pass quantiles match hdr_quantile's"
     );
     let round = super::series::deserialize(&super::series::serialize(&acc)).unwrap();
     assert_eq!(
         round.value_at_quantile(0.5),
-        s.hists[0].value_at_quantile(0.5),
+        s.histograms()[0].value_at_quantile(0.5),
         "serialized after merging"
+    );
+}
+
+/// A window every partition has moved past packs its histograms; a straggler unpacks them;
+/// the numbers never change.
+#[test]
+fn settled_windows_pack_small_and_still_take_stragglers() {
+    use crate::window::WindowState;
+    let (mut a, mut b) = (SeriesMetrics::default(), SeriesMetrics::default());
+    for i in 0..500 {
+        let e = event(0, 100.0 + i as f64 * 37.0, 10 + i, i % 50 == 0);
+        a.observe(&e, None);
+        b.observe(&e, None);
+    }
+    let live = a.memory_bytes();
+    a.settle();
+    assert!(a.is_packed());
+    assert!(
+        a.memory_bytes() * 4 < live,
+        "packed {} vs live {live} bytes",
+        a.memory_bytes()
+    );
+    assert_eq!(fingerprint(&a.seal()), fingerprint(&b.seal()));
+    let straggler = event(0, 99_000.0, 7, false);
+    a.observe(&straggler, None);
+    b.observe(&straggler, None);
+    assert!(!a.is_packed());
+    assert_eq!(fingerprint(&a.seal()), fingerprint(&b.seal()));
+
+    // In a stage: only the window still receiving in-order events stays live.
+    let mut stage = MetricsStage::new(
+        MetricsConfig::default(),
+        "t",
+        false,
+        Arc::new(Stats::default()),
+    );
+    let t0 = 1_000 * MIN;
+    for i in 0..(4 * 60) {
+        stage.observe(&event(t0 + i * 1000, 500.0 + i as f64, 100, false), 0);
+    }
+    stage.tick(None);
+    let (mut packed, mut live) = (0, 0);
+    stage.windows().for_each_open(|s| {
+        if s.is_packed() {
+            packed += 1
+        } else {
+            live += 1
+        }
+    });
+    assert_eq!(
+        (packed, live),
+        (2, 1),
+        "minutes 1 and 2 wait for stragglers packed; minute 3 is live"
     );
 }

@@ -336,13 +336,7 @@ impl Sink {
                     "resume position inside a written job; keeping its files"
                 );
             } else {
-                let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-                let files = serde_json::from_str::<serde_json::Value>(&text)
-                    .ok()
-                    .and_then(|v| v.get("files").cloned())
-                    .and_then(|f| serde_json::from_value::<Vec<String>>(f).ok())
-                    .unwrap_or_default();
-                for rel in files {
+                for rel in manifest_files(&path)? {
                     let p = self.root.join(rel);
                     for candidate in [tmp_name(&p), p] {
                         match fs::remove_file(&candidate) {
@@ -371,6 +365,17 @@ impl Sink {
         fsync_dir(&dir)?;
         Ok(rolled_back)
     }
+}
+
+/// The files a manifest lists, relative to the data root (none if it is unreadable JSON: a
+/// manifest cut short by a crash lists nothing that was written).
+pub(crate) fn manifest_files(path: &Path) -> Result<Vec<String>, SinkError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    Ok(serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("files").cloned())
+        .and_then(|f| serde_json::from_value::<Vec<String>>(f).ok())
+        .unwrap_or_default())
 }
 
 fn manifest_range(path: &Path) -> Option<(i64, i64)> {

@@ -45,6 +45,14 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_statistics_enabled(path, EnabledStatistics::None);
     }
+    if table == Table::Metrics {
+        // Small files (a window's rows) with many narrow columns: zstd's per-column-chunk
+        // setup would cost more than it saves, except on the histograms.
+        b = b.set_compression(Compression::UNCOMPRESSED);
+        for col in long_text {
+            b = b.set_column_compression(ColumnPath::from(*col), Compression::ZSTD(level));
+        }
+    }
     if table == Table::Events {
         for col in EVENT_LOW_CARDINALITY_COLUMNS {
             b = b.set_column_compression(ColumnPath::from(*col), Compression::UNCOMPRESSED);

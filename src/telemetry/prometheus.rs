@@ -81,17 +81,6 @@ pub fn render(stats: &Stats) -> String {
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
     );
-    o.single(
-        "telltale_ready",
-        "gauge",
-        "1 once the source is consuming (Kafka: partitions assigned).",
-        if stats.ready.load(Ordering::Relaxed) {
-            1.0
-        } else {
-            0.0
-        },
-    );
-
     o.family(
         "telltale_records_total",
         "counter",
@@ -109,12 +98,6 @@ pub fn render(stats: &Stats) -> String {
             v,
         );
     }
-    o.single(
-        "telltale_source_bytes_total",
-        "counter",
-        "Bytes of record payload read from the source.",
-        g(&stats.bytes_in),
-    );
     o.family(
         "telltale_sink_rows_total",
         "counter",
@@ -127,66 +110,87 @@ pub fn render(stats: &Stats) -> String {
     ] {
         o.sample("telltale_sink_rows_total", &[("table", table)], v);
     }
-    o.single(
-        "telltale_sink_files_total",
-        "counter",
-        "Parquet files written.",
-        g(&stats.files_written),
-    );
-    o.single(
-        "telltale_sink_bytes_total",
-        "counter",
-        "Bytes of Parquet written.",
-        g(&stats.bytes_written),
-    );
-    o.single(
-        "telltale_sink_errors_total",
-        "counter",
-        "Failed Parquet writes (each is retried).",
-        g(&stats.sink_errors),
-    );
-    o.single(
-        "telltale_commit_failures_total",
-        "counter",
-        "Offset commits that failed (the batches are redone by the partition's next owner).",
-        g(&stats.commit_failures),
-    );
-    o.single(
-        "telltale_batches_rolled_back_total",
-        "counter",
-        "Written but uncommitted batches rolled back at partition assignment.",
-        g(&stats.batches_rolled_back),
-    );
-    o.single(
-        "telltale_backpressure_pauses_total",
-        "counter",
-        "Times the consumer paused because the Parquet writer fell behind.",
-        g(&stats.backpressure_pauses),
-    );
-    o.single(
-        "telltale_late_events_total",
-        "counter",
-        "Events whose metrics window had already closed (written to events, not to metrics).",
-        g(&stats.late_events),
-    );
-    o.single(
-        "telltale_series_overflowed_total",
-        "counter",
-        "Events folded into the __other__ series because the live-series cap was reached.",
-        g(&stats.series_overflowed),
-    );
-    o.single(
-        "telltale_live_series",
-        "gauge",
-        "Series with state in an open window.",
-        g(&stats.live_series),
-    );
-    o.single(
-        "telltale_window_close_delay_seconds",
-        "gauge",
-        "Wall-clock time from the end of the last closed window to its closing.",
-        g(&stats.window_close_delay_ms) / 1000.0,
-    );
+    let singles: [(&str, &str, &str, f64); 12] = [
+        (
+            "telltale_sink_files_total",
+            "counter",
+            "Parquet files written.",
+            g(&stats.files_written),
+        ),
+        (
+            "telltale_sink_bytes_total",
+            "counter",
+            "Bytes of Parquet written.",
+            g(&stats.bytes_written),
+        ),
+        (
+            "telltale_sink_errors_total",
+            "counter",
+            "Failed Parquet writes (each is retried).",
+            g(&stats.sink_errors),
+        ),
+        (
+            "telltale_commit_failures_total",
+            "counter",
+            "Offset commits that failed (the batches are redone by the partition's next owner).",
+            g(&stats.commit_failures),
+        ),
+        (
+            "telltale_batches_rolled_back_total",
+            "counter",
+            "Written but uncommitted batches rolled back at partition assignment.",
+            g(&stats.batches_rolled_back),
+        ),
+        (
+            "telltale_backpressure_pauses_total",
+            "counter",
+            "Times the consumer paused because the Parquet writer fell behind.",
+            g(&stats.backpressure_pauses),
+        ),
+        (
+            "telltale_late_events_total",
+            "counter",
+            "Events whose metrics window had already closed (written to events, not to metrics).",
+            g(&stats.late_events),
+        ),
+        (
+            "telltale_series_overflowed_total",
+            "counter",
+            "Events folded into the __other__ series because the live-series cap was reached.",
+            g(&stats.series_overflowed),
+        ),
+        (
+            "telltale_live_series",
+            "gauge",
+            "Series with state in an open window.",
+            g(&stats.live_series),
+        ),
+        (
+            "telltale_window_close_delay_seconds",
+            "gauge",
+            "Wall-clock time from the end of the last closed window to its closing.",
+            g(&stats.window_close_delay_ms) / 1000.0,
+        ),
+        (
+            "telltale_source_bytes_total",
+            "counter",
+            "Bytes of record payload read from the source.",
+            g(&stats.bytes_in),
+        ),
+        (
+            "telltale_ready",
+            "gauge",
+            "1 once the source is consuming (Kafka: partitions assigned).",
+            if stats.ready.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        ),
+    ];
+    for (name, kind, help, v) in singles {
+        o.single(name, kind, help, v);
+    }
 
     {
         let lag = stats.lag.lock().unwrap_or_else(|p| p.into_inner());

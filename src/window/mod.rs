@@ -33,7 +33,7 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::event::LlmEvent;
 
@@ -43,12 +43,14 @@ pub const OTHER: &str = "__other__";
 /// One dimension of the series key: an event field or an attribute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dimension {
-    Field(&'static str),
+    /// An event field, as its index in [`DIMENSION_FIELDS`] (matching on an index, not on the
+    /// name, keeps string comparisons off the per-event path).
+    Field(usize),
     /// `attributes.<key>`.
     Attribute(String),
 }
 
-/// Event fields a series can be keyed by.
+/// Event fields a series can be keyed by (the order is [`Dimension::Field`]'s index).
 pub const DIMENSION_FIELDS: &[&str] = &[
     "app",
     "environment",
@@ -76,8 +78,8 @@ impl Dimension {
         }
         DIMENSION_FIELDS
             .iter()
-            .find(|f| **f == s)
-            .map(|f| Dimension::Field(f))
+            .position(|f| *f == s)
+            .map(Dimension::Field)
             .ok_or_else(|| {
                 format!(
                     "unknown dimension {s:?} (expected one of: {}, or attributes.<key>)",
@@ -89,7 +91,7 @@ impl Dimension {
     /// The column name in output tables (`attributes.team` → `attr_team`).
     pub fn column(&self) -> String {
         match self {
-            Dimension::Field(f) => (*f).to_owned(),
+            Dimension::Field(i) => DIMENSION_FIELDS[*i].to_owned(),
             Dimension::Attribute(k) => format!(
                 "attr_{}",
                 k.chars()
@@ -102,20 +104,20 @@ impl Dimension {
     /// This dimension's value in an event.
     pub fn value<'e>(&self, e: &'e LlmEvent<'_>) -> Option<&'e str> {
         match self {
-            Dimension::Field(f) => match *f {
-                "app" => e.app.as_deref(),
-                "environment" => e.environment.as_deref(),
-                "operation" => e.operation.as_deref(),
-                "provider" => e.provider.as_deref(),
-                "model" => e.model.as_deref(),
-                "response_model" => e.response_model.as_deref(),
-                "prompt_id" => e.prompt_id.as_deref(),
-                "prompt_version" => e.prompt_version.as_deref(),
-                "variant" => e.variant.as_deref(),
-                "experiment" => e.experiment.as_deref(),
-                "status" => Some(&e.status),
-                "finish_reason" => e.finish_reason.as_deref(),
-                "error_type" => e.error_type.as_deref(),
+            Dimension::Field(i) => match *i {
+                0 => e.app.as_deref(),
+                1 => e.environment.as_deref(),
+                2 => e.operation.as_deref(),
+                3 => e.provider.as_deref(),
+                4 => e.model.as_deref(),
+                5 => e.response_model.as_deref(),
+                6 => e.prompt_id.as_deref(),
+                7 => e.prompt_version.as_deref(),
+                8 => e.variant.as_deref(),
+                9 => e.experiment.as_deref(),
+                10 => Some(&e.status),
+                11 => e.finish_reason.as_deref(),
+                12 => e.error_type.as_deref(),
                 _ => None,
             },
             Dimension::Attribute(k) => e
@@ -130,7 +132,7 @@ impl Dimension {
 impl fmt::Display for Dimension {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Dimension::Field(n) => f.write_str(n),
+            Dimension::Field(i) => f.write_str(DIMENSION_FIELDS[*i]),
             Dimension::Attribute(k) => write!(f, "attributes.{k}"),
         }
     }
@@ -140,7 +142,7 @@ impl fmt::Display for Dimension {
 pub fn default_dimensions() -> Vec<Dimension> {
     ["app", "environment", "model", "prompt_version"]
         .into_iter()
-        .map(Dimension::Field)
+        .map(|f| Dimension::parse(f).expect("a known field"))
         .collect()
 }
 
@@ -182,19 +184,24 @@ impl fmt::Debug for SeriesKey {
     }
 }
 
-fn hash_values(values: &[Option<&str>]) -> u64 {
-    let mut h = Xxh3::new();
+/// A 128-bit fingerprint of a series' values, as two 64-bit halves: one-shot xxh3 per value,
+/// each seeded with the hash so far (a streaming hasher's state is hundreds of bytes to set
+/// up and move, per event: measured at a fifth of the stage).
+fn hash_values(values: &[Option<&str>]) -> (u64, u64) {
+    let (mut a, mut b): (u64, u64) = (0x9e37_79b9_7f4a_7c15, 0xc2b2_ae3d_27d4_eb4f);
     for v in values {
         match v {
-            None => h.update(&[0]),
+            None => {
+                a = (a ^ 0x5851_f42d_4c95_7f2d).rotate_left(29);
+                b = (b ^ 0x1405_7b7e_f767_814f).rotate_left(31);
+            }
             Some(s) => {
-                h.update(&[1]);
-                h.update(&(s.len() as u32).to_le_bytes());
-                h.update(s.as_bytes());
+                a = xxh3_64_with_seed(s.as_bytes(), a);
+                b = xxh3_64_with_seed(s.as_bytes(), b);
             }
         }
     }
-    h.digest()
+    (a, b)
 }
 
 /// Keys that are already hashes need no more hashing.
@@ -215,9 +222,14 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type HashIndex = HashMap<u64, u32, BuildHasherDefault<IdentityHasher>>;
+/// First half of the fingerprint → (second half, id).
+type HashIndex = HashMap<u64, (u64, u32), BuildHasherDefault<IdentityHasher>>;
 
 /// Interns series keys as small ids, with the live-series cap.
+///
+/// A series is found by its 128-bit fingerprint alone, without comparing strings (which would
+/// chase a pointer per dimension into cold memory at 10 000 series): two different series
+/// share a fingerprint with probability about n² / 2¹²⁹, some 10⁻³¹ at 10 000 series.
 struct SeriesTable {
     index: HashIndex,
     keys: Vec<Option<(u64, SeriesKey)>>,
@@ -243,29 +255,29 @@ impl SeriesTable {
 
     /// The id of a series, interning it; `(id, overflowed)`.
     fn intern(&mut self, values: &[Option<&str>]) -> (u32, bool) {
-        let mut h = hash_values(values);
-        // Open addressing on the 64-bit hash: a collision (never seen in practice) moves on.
+        let (mut h, check) = hash_values(values);
+        // Open addressing on the first half when only it collides.
         loop {
             match self.index.get(&h) {
                 None => break,
-                Some(&id) => {
-                    let (_, key) = self.keys[id as usize]
-                        .as_ref()
-                        .expect("indexed ids are live");
-                    if key.matches(values) {
-                        return (id, false);
-                    }
-                    h = h.wrapping_add(1);
+                Some(&(c, id)) if c == check => {
+                    debug_assert!(
+                        self.keys[id as usize]
+                            .as_ref()
+                            .is_some_and(|(_, k)| k.matches(values))
+                    );
+                    return (id, false);
                 }
+                Some(_) => h = h.wrapping_add(1),
             }
         }
         if self.live >= self.max_series {
             return (self.other_id(), true);
         }
-        (self.insert(h, SeriesKey::new(values)), false)
+        (self.insert(h, check, SeriesKey::new(values)), false)
     }
 
-    fn insert(&mut self, h: u64, key: SeriesKey) -> u32 {
+    fn insert(&mut self, h: u64, check: u64, key: SeriesKey) -> u32 {
         let id = match self.free.pop() {
             Some(id) => {
                 self.keys[id as usize] = Some((h, key));
@@ -276,7 +288,7 @@ impl SeriesTable {
                 (self.keys.len() - 1) as u32
             }
         };
-        self.index.insert(h, id);
+        self.index.insert(h, (check, id));
         self.live += 1;
         id
     }
@@ -388,6 +400,15 @@ impl Default for Lane {
     }
 }
 
+/// Per-series state kept in a window.
+pub trait WindowState: Default {
+    /// Called once every active partition's events have moved past the window's end: from
+    /// now on only stragglers land in it, so the state may pack itself small.
+    fn settle(&mut self) {}
+}
+
+impl WindowState for u64 {}
+
 /// Open windows of per-series state `S`, keyed by window start.
 pub struct Windows<S> {
     config: WindowConfig,
@@ -395,6 +416,8 @@ pub struct Windows<S> {
     open: BTreeMap<i64, Vec<Option<Box<S>>>>,
     /// Every window ending at or before this is closed.
     closed_through: i64,
+    /// Every window ending at or before this has been settled.
+    settled_through: i64,
     lanes: Vec<Lane>,
     /// Wall clock at the last [`Windows::advance`] (`None` on event time alone).
     now_ms: Option<i64>,
@@ -404,7 +427,7 @@ pub struct Windows<S> {
     overflowed: u64,
 }
 
-impl<S: Default> Windows<S> {
+impl<S: WindowState> Windows<S> {
     /// `closed_through`: the end of the last window closed by an earlier run (`i64::MIN`
     /// for none).
     pub fn new(config: WindowConfig, closed_through: i64) -> Self {
@@ -414,6 +437,7 @@ impl<S: Default> Windows<S> {
             table,
             open: BTreeMap::new(),
             closed_through,
+            settled_through: i64::MIN,
             lanes: Vec::new(),
             now_ms: None,
             events_since_advance: 0,
@@ -429,7 +453,9 @@ impl<S: Default> Windows<S> {
 
     /// Start of the window holding `ts`.
     pub fn window_start(&self, ts: i64) -> i64 {
-        ts.div_euclid(self.config.size_ms) * self.config.size_ms
+        // `ts - ts mod size`, saturating for the sentinel times near i64::MIN.
+        ts.checked_sub(ts.rem_euclid(self.config.size_ms))
+            .unwrap_or(i64::MIN)
     }
 
     /// The state of the event's series in the event's window; `lane` is the event's source
@@ -490,6 +516,11 @@ impl<S: Default> Windows<S> {
         l.active_at = l.active_at.max(now_ms);
     }
 
+    /// Event time every active partition has reached (the watermark before lateness).
+    fn event_frontier(&self) -> i64 {
+        self.watermark().saturating_add(self.config.lateness_ms)
+    }
+
     /// The watermark: windows ending at or before it close.
     pub fn watermark(&self) -> i64 {
         let lateness = self.config.lateness_ms;
@@ -524,6 +555,7 @@ impl<S: Default> Windows<S> {
         }
         self.events_since_advance = 0;
         let wm = self.watermark();
+        let frontier = self.window_start(self.event_frontier());
         for l in &mut self.lanes {
             if l.seen {
                 l.active_at = now_ms.unwrap_or(0);
@@ -533,13 +565,27 @@ impl<S: Default> Windows<S> {
         if wm == i64::MIN {
             return Vec::new();
         }
-        self.close_through(self.window_start(wm))
+        let closed = self.close_through(self.window_start(wm));
+        if frontier > self.settled_through {
+            let size = self.config.size_ms;
+            for (_, states) in self
+                .open
+                .range_mut(self.settled_through.saturating_sub(size)..)
+                .take_while(|(start, _)| start.saturating_add(size) <= frontier)
+            {
+                for s in states.iter_mut().flatten() {
+                    s.settle();
+                }
+            }
+            self.settled_through = frontier;
+        }
+        closed
     }
 
     /// Closes every open window (end of a finite input).
     pub fn close_all(&mut self) -> Vec<Closed<S>> {
         let end = match self.open.keys().next_back() {
-            Some(start) => start + self.config.size_ms,
+            Some(start) => start.saturating_add(self.config.size_ms),
             None => return Vec::new(),
         };
         self.close_through(end)
@@ -554,7 +600,7 @@ impl<S: Default> Windows<S> {
         let size = self.config.size_ms;
         let mut closed = Vec::new();
         while let Some((&start, _)) = self.open.first_key_value() {
-            if start + size > through {
+            if start.saturating_add(size) > through {
                 break;
             }
             let (_, states) = self.open.pop_first().expect("checked above");
@@ -565,7 +611,7 @@ impl<S: Default> Windows<S> {
                 .collect();
             closed.push(Closed {
                 start_ms: start,
-                end_ms: start + size,
+                end_ms: start.saturating_add(size),
                 series,
             });
         }
@@ -632,7 +678,8 @@ impl<C> Rollup<C> {
     }
 
     pub fn window_start(&self, ts: i64) -> i64 {
-        ts.div_euclid(self.size_ms) * self.size_ms
+        ts.checked_sub(ts.rem_euclid(self.size_ms))
+            .unwrap_or(i64::MIN)
     }
 
     /// Adds a finer window that closed (finer windows close in order); returns the roll-up
@@ -661,7 +708,7 @@ impl<C> Rollup<C> {
     /// its end) or a later one has started.
     pub fn close_before(&mut self, through: i64) -> Option<Closed<C>> {
         let (start, _) = self.current.as_ref()?;
-        if start + self.size_ms > through {
+        if start.saturating_add(self.size_ms) > through {
             return None;
         }
         let (start, map) = self.current.take().expect("checked above");
@@ -669,7 +716,7 @@ impl<C> Rollup<C> {
         series.sort_by(|a, b| a.0.cmp(&b.0));
         Some(Closed {
             start_ms: start,
-            end_ms: start + self.size_ms,
+            end_ms: start.saturating_add(self.size_ms),
             series,
         })
     }

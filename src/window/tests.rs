@@ -4,7 +4,7 @@ const MIN: i64 = 60_000;
 
 fn config() -> WindowConfig {
     WindowConfig {
-        dimensions: vec![Dimension::Field("app")],
+        dimensions: vec![Dimension::parse("app").unwrap()],
         size_ms: MIN,
         lateness_ms: 2 * MIN,
         rollup_ms: 60 * MIN,
@@ -160,6 +160,18 @@ fn a_registered_partition_holds_the_watermark_until_it_speaks_or_idles() {
 }
 
 #[test]
+fn times_near_the_ends_of_the_range_do_not_overflow() {
+    let mut w: Windows<u64> = Windows::new(config(), i64::MIN);
+    assert_eq!(w.window_start(i64::MIN + 5), i64::MIN);
+    assert_eq!(w.window_start(-1), -MIN);
+    // A registered lane with no events yet: the watermark sits at the bottom of the range.
+    w.register_lane(0, 1_000 * MIN);
+    assert!(w.advance(Some(1_000 * MIN)).is_empty());
+    assert!(add(&mut w, i64::MAX - 1, "a"));
+    w.advance(Some(1_000 * MIN));
+}
+
+#[test]
 fn an_idle_source_closes_its_last_windows_by_wall_clock() {
     let mut w = Windows::new(config(), i64::MIN);
     let t0 = 1_000 * MIN;
@@ -219,7 +231,8 @@ fn rollup_merges_closed_windows_and_closes_at_its_end() {
 
 #[test]
 fn dimensions_parse_with_clear_errors() {
-    assert_eq!(Dimension::parse("model"), Ok(Dimension::Field("model")));
+    assert_eq!(Dimension::parse("model"), Ok(Dimension::Field(4)));
+    assert_eq!(Dimension::Field(4).to_string(), "model");
     assert_eq!(
         Dimension::parse("attributes.team"),
         Ok(Dimension::Attribute("team".into()))
@@ -240,5 +253,26 @@ fn dimensions_parse_with_clear_errors() {
     };
     assert_eq!(Dimension::parse("model").unwrap().value(&e), Some("m"));
     assert_eq!(Dimension::Attribute("team".into()).value(&e), Some("x"));
-    assert_eq!(Dimension::Field("app").value(&e), None);
+    assert_eq!(Dimension::parse("app").unwrap().value(&e), None);
+    // Every listed field reads its own value.
+    let named = LlmEvent {
+        app: Some("app".into()),
+        environment: Some("environment".into()),
+        operation: Some("operation".into()),
+        provider: Some("provider".into()),
+        model: Some("model".into()),
+        response_model: Some("response_model".into()),
+        prompt_id: Some("prompt_id".into()),
+        prompt_version: Some("prompt_version".into()),
+        variant: Some("variant".into()),
+        experiment: Some("experiment".into()),
+        status: "status".into(),
+        finish_reason: Some("finish_reason".into()),
+        error_type: Some("error_type".into()),
+        ..Default::default()
+    };
+    for (i, f) in DIMENSION_FIELDS.iter().enumerate() {
+        assert_eq!(Dimension::Field(i).column(), *f);
+        assert_eq!(Dimension::Field(i).value(&named), Some(*f));
+    }
 }

@@ -30,6 +30,21 @@ fn file_pipeline(dir: &Path) -> std::path::PathBuf {
     p
 }
 
+/// Writes `records` as a gzip export and imports it with `telltale run --source file:…`;
+/// returns the data root.
+fn import(dir: &Path, records: &[telltale::demo::GeneratedRecord]) -> std::path::PathBuf {
+    write_jsonl_gz(&dir.join("export.jsonl.gz"), records);
+    let pipeline = file_pipeline(dir);
+    succeed(
+        telltale()
+            .args(["run", "--pipeline"])
+            .arg(&pipeline)
+            .arg("--source")
+            .arg(format!("file:{}/export.jsonl.gz", dir.display())),
+    );
+    dir.join("data")
+}
+
 fn listing(root: &Path) -> Vec<String> {
     let mut f: Vec<String> = files_with_suffix(root, ".parquet")
         .iter()
@@ -78,17 +93,7 @@ fn file_import_is_idempotent() {
 #[test]
 fn sql_formats_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let records = traffic(4, 300, None);
-    write_jsonl_gz(&dir.path().join("x.jsonl.gz"), &records);
-    let pipeline = file_pipeline(dir.path());
-    succeed(
-        telltale()
-            .args(["run", "--pipeline"])
-            .arg(&pipeline)
-            .arg("--source")
-            .arg(format!("file:{}/x.jsonl.gz", dir.path().display())),
-    );
-    let root = dir.path().join("data");
+    let root = import(dir.path(), &traffic(4, 300, None));
     let sql = |args: &[&str], stdin: Option<&str>| {
         let mut c = telltale();
         c.arg("sql").arg("--data-dir").arg(&root).args(args);
@@ -295,16 +300,7 @@ fn replay_sends_every_line_with_its_key() {
 fn metrics_histograms_merge_to_the_raw_quantile() {
     let dir = tempfile::tempdir().unwrap();
     let records = traffic(31, 8000, None);
-    write_jsonl_gz(&dir.path().join("week.jsonl.gz"), &records);
-    let pipeline = file_pipeline(dir.path());
-    succeed(
-        telltale()
-            .args(["run", "--pipeline"])
-            .arg(&pipeline)
-            .arg("--source")
-            .arg(format!("file:{}/week.jsonl.gz", dir.path().display())),
-    );
-    let root = dir.path().join("data");
+    let root = import(dir.path(), &records);
     let valid = records.len() as i64;
     for res in ["1m", "1h"] {
         assert_eq!(

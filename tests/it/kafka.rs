@@ -309,7 +309,11 @@ listen = "127.0.0.1:{port}"
     }
     assert_eq!(health.map(|h| h.0), Some(200), "/healthz answers");
     while http_get(port, "/readyz").map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "/readyz never became ready");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never became ready; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     broker.wait_caught_up("prom", "prom", 2, Duration::from_secs(60));
