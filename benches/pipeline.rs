@@ -15,7 +15,10 @@
 //!   the 3 s roll the wall time includes waiting for the roll, so read its per-CPU figure.
 //!   The bench also prints events per CPU-second of telltale's own threads (ingest + writer,
 //!   from /proc) and of the whole process (librdkafka's threads and the broker included).
-//!   The 500 ms roll runs twice, without and with the metrics stage, for its cost.
+//!   The 500 ms roll runs without and with the metrics stage, for its cost, at two densities
+//!   of event time: 100 k events over an hour (60 windows close per run, as when a sparse
+//!   backlog is caught up) and over one second (`live_density_*`: a live stream of 100 k
+//!   events/s, where a window closes once per 6 M events).
 //! - `metrics`: the metrics stage alone: one event into its series' window (series lookup,
 //!   five histograms, counters) at 1 and at 10 000 live series — the event hot in cache, as a
 //!   just-decoded one is; each of 100 k generated events' numbers in turn — and closing a
@@ -247,35 +250,47 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+const HOUR: i64 = 3_600_000;
+
 fn end_to_end(c: &mut Criterion) {
+    let half = Duration::from_millis(500);
+    // The 100 k events span an hour of event time: 60 windows close during a run, as when a
+    // sparse backlog is caught up.
     end_to_end_with(
         c,
         "kafka_to_parquet_zstd1_roll_500ms_no_metrics",
-        Duration::from_millis(500),
+        half,
         false,
+        HOUR,
     );
-    end_to_end_with(
-        c,
-        "kafka_to_parquet_zstd1_roll_500ms",
-        Duration::from_millis(500),
-        true,
-    );
+    end_to_end_with(c, "kafka_to_parquet_zstd1_roll_500ms", half, true, HOUR);
+    // …or one second of event time, as in a live stream of 100 k events/s, where a window
+    // closes once per 6 M events.
+    end_to_end_with(c, "live_density_roll_500ms_no_metrics", half, false, 1_000);
+    end_to_end_with(c, "live_density_roll_500ms", half, true, 1_000);
     // One file per partition: closer to production, where files hold a minute or 64 MiB.
     end_to_end_with(
         c,
         "kafka_to_parquet_zstd1_roll_3s",
         Duration::from_secs(3),
         true,
+        HOUR,
     );
 }
 
-fn end_to_end_with(c: &mut Criterion, name: &str, roll_interval: Duration, metrics: bool) {
+fn end_to_end_with(
+    c: &mut Criterion,
+    name: &str,
+    roll_interval: Duration,
+    metrics: bool,
+    span_ms: i64,
+) {
     let n: u64 = 100_000;
     let partitions = 64;
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("bench", partitions, 1).unwrap();
     let servers = cluster.bootstrap_servers();
-    let traffic = TrafficGenerator::new(5, T0, 3_600_000, n).malformed_every(None);
+    let traffic = TrafficGenerator::new(5, T0, span_ms, n).malformed_every(None);
     telltale::demo::produce(&servers, "bench", traffic, n).unwrap();
 
     let mut g = c.benchmark_group("end_to_end");

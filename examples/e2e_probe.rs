@@ -1,5 +1,5 @@
 //! Diagnoses end-to-end throughput: in-process broker → pipeline, printing progress every 250 ms.
-//! `cargo run --release --example e2e_probe -- [records] [partitions]`
+//! `cargo run --release --example e2e_probe -- [records] [partitions] [event-time span ms]`
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,11 +15,12 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let partitions: i32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
+    let span: i64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(3_600_000);
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("probe", partitions, 1).unwrap();
     let servers = cluster.bootstrap_servers();
     let t = Instant::now();
-    let traffic = TrafficGenerator::new(5, 1_795_752_000_000, 3_600_000, n).malformed_every(None);
+    let traffic = TrafficGenerator::new(5, 1_795_752_000_000, span, n).malformed_every(None);
     telltale::demo::produce(&servers, "probe", traffic, n).unwrap();
     println!("produced {n} in {:?}", t.elapsed());
     let dir = tempfile::tempdir().unwrap();
@@ -58,4 +59,10 @@ fn main() {
     println!("peak RSS of the whole process (broker holding the backlog included): {hwm}");
     shutdown.trigger();
     h.join().unwrap().unwrap();
+    for table in ["events", "rejects", "metrics"] {
+        let files = glob::glob(&format!("{}/{table}/*/*/*.parquet", dir.path().display()))
+            .unwrap()
+            .count();
+        println!("{table}: {files} files");
+    }
 }
