@@ -15,7 +15,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let partitions: i32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
-    let span: i64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(3_600_000);
+    let span: i64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3_600_000);
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("probe", partitions, 1).unwrap();
     let servers = cluster.bootstrap_servers();

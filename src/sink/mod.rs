@@ -134,6 +134,16 @@ pub struct Written {
     pub bytes: u64,
 }
 
+impl Written {
+    /// Adds the files and bytes to the pipeline's counters.
+    fn count(&self, stats: &Stats) {
+        stats
+            .files_written
+            .fetch_add(self.files.len() as u64, Ordering::Relaxed);
+        stats.bytes_written.fetch_add(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// Writes jobs under a data root.
 #[derive(Clone)]
 pub struct Sink {
@@ -449,12 +459,7 @@ pub fn run_writer(
             }
             SinkMsg::Metrics(out) => {
                 let written = retry(keep_trying, &stats, || sink.write_metrics(&out))?;
-                stats
-                    .files_written
-                    .fetch_add(written.files.len() as u64, Ordering::Relaxed);
-                stats
-                    .bytes_written
-                    .fetch_add(written.bytes, Ordering::Relaxed);
+                written.count(&stats);
                 stats
                     .metrics_rows_written
                     .fetch_add(out.rows() as u64, Ordering::Relaxed);
@@ -466,12 +471,7 @@ pub fn run_writer(
         for job in &jobs {
             let written = retry(keep_trying, &stats, || sink.write(job))?;
             files += written.files.len();
-            stats
-                .files_written
-                .fetch_add(written.files.len() as u64, Ordering::Relaxed);
-            stats
-                .bytes_written
-                .fetch_add(written.bytes, Ordering::Relaxed);
+            written.count(&stats);
             stats
                 .events_written
                 .fetch_add(job.events.num_rows() as u64, Ordering::Relaxed);
