@@ -52,8 +52,13 @@ fn payloads(n: usize) -> Vec<Vec<u8>> {
 
 /// CPU seconds used so far by this process's live threads named `telltale-*` (ingest, writer).
 fn telltale_thread_cpu_seconds() -> f64 {
+    telltale_threads_cpu_seconds().iter().map(|(_, s)| s).sum()
+}
+
+/// The same per thread name.
+fn telltale_threads_cpu_seconds() -> Vec<(String, f64)> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let mut total = 0.0;
+    let mut out: Vec<(String, f64)> = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()
@@ -74,9 +79,14 @@ fn telltale_thread_cpu_seconds() -> f64 {
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        total += (field(14) + field(15)) / ticks;
+        let secs = (field(14) + field(15)) / ticks;
+        let name = comm.trim().to_owned();
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, s)) => *s += secs,
+            None => out.push((name, secs)),
+        }
     }
-    total
+    out
 }
 
 fn cpu_seconds() -> f64 {
@@ -301,6 +311,7 @@ fn end_to_end_with(
     let files = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (mut cpu_total, mut own_cpu_total, mut events_total) = (0.0, 0.0, 0u64);
     let mut join_total = Duration::ZERO;
+    let mut per_thread: Vec<(String, f64)> = Vec::new();
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -346,6 +357,12 @@ fn end_to_end_with(
                 }
                 total += start.elapsed();
                 cpu_total += cpu_seconds() - cpu0;
+                for (name, secs) in telltale_threads_cpu_seconds() {
+                    match per_thread.iter_mut().find(|(n, _)| *n == name) {
+                        Some((_, s)) => *s += secs,
+                        None => per_thread.push((name, secs)),
+                    }
+                }
                 own_cpu_total += telltale_thread_cpu_seconds();
                 events_total += n;
                 shutdown.trigger();
@@ -366,6 +383,14 @@ fn end_to_end_with(
          {:.0} per CPU-second of the whole process (with librdkafka and the in-process broker)",
         events_total as f64 / own_cpu_total,
         events_total as f64 / cpu_total
+    );
+    let split: Vec<String> = per_thread
+        .iter()
+        .map(|(n, s)| format!("{n} {:.2} µs", s * 1e6 / events_total as f64))
+        .collect();
+    eprintln!(
+        "end_to_end/{name}: CPU per event by thread: {}",
+        split.join(", ")
     );
 }
 

@@ -1,5 +1,6 @@
 //! Diagnoses end-to-end throughput: in-process broker → pipeline, printing progress every 250 ms.
 //! `cargo run --release --example e2e_probe -- [records] [partitions] [event-time span ms]`
+//! (`TELLTALE_PROBE_METRICS=0` runs without the metrics stage)
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -32,7 +33,9 @@ fn main() {
         roll_interval: Duration::from_millis(500),
         ..SinkConfig::default()
     };
-    let config = PipelineConfig::kafka(&servers, "probe", "probe", dir.path(), sink);
+    let mut config = PipelineConfig::kafka(&servers, "probe", "probe", dir.path(), sink);
+    // TELLTALE_PROBE_METRICS=0: the backbone alone.
+    config.metrics.enabled = std::env::var("TELLTALE_PROBE_METRICS").as_deref() != Ok("0");
     let stats = Arc::new(Stats::default());
     let shutdown = Shutdown::new();
     let (s2, sh2) = (stats.clone(), shutdown.clone());
