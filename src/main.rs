@@ -66,9 +66,11 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Run SQL over the Parquet tables (events, rejects, …) with DataFusion.
+    /// Run SQL over the Parquet tables (events, rejects, metrics, …) with DataFusion; hdr_merge,
+    /// hdr_quantile and hdr_count read the metrics table's histograms.
     #[command(
         after_help = "Examples:\n  telltale sql \"SELECT count(*) FROM events\"\n  \
+        telltale sql \"SELECT prompt_version, hdr_quantile(hdr_merge(latency_ms_hist), 0.99) AS p99_ms FROM metrics WHERE resolution = '1m' AND window_start >= now() - INTERVAL '6 hours' GROUP BY 1\"\n  \
         telltale sql --format csv \"SELECT app, model, count(*) FROM events GROUP BY 1, 2\" > counts.csv\n  \
         echo \"SELECT reason, count(*) FROM rejects GROUP BY 1\" | telltale sql --data-dir /data/telltale"
     )]
