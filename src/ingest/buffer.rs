@@ -97,10 +97,6 @@ impl Accumulator {
         self
     }
 
-    pub fn metrics(&self) -> Option<&MetricsStage> {
-        self.metrics.as_ref()
-    }
-
     /// Closes the metrics windows the watermark has passed (`now_ms`: the wall clock, `None`
     /// for event time only).
     pub fn tick_metrics(&mut self, now_ms: Option<i64>) -> Option<MetricsOutput> {

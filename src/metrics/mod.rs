@@ -129,15 +129,10 @@ pub fn stream_name(raw: &str) -> String {
         .collect()
 }
 
-fn hour_dir(ms: i64) -> String {
-    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    t.format("date=%Y-%m-%d/hour=%H").to_string()
-}
-
 /// The relative path of one window's file.
 pub fn window_file(stream: &str, resolution: &str, start_ms: i64) -> PathBuf {
     PathBuf::from("metrics")
-        .join(hour_dir(start_ms))
+        .join(crate::sink::hour_dir(start_ms.div_euclid(3_600_000)))
         .join(format!("metrics-{stream}-{resolution}-{start_ms}.parquet"))
 }
 
@@ -209,10 +204,6 @@ impl MetricsStage {
             info!(stream = %stage.stream, closed_through = %fmt_ms(through), restored_windows = restored, "metrics state restored");
         }
         Ok(stage)
-    }
-
-    pub fn stream(&self) -> &str {
-        &self.stream
     }
 
     pub fn dimensions(&self) -> &[Dimension] {
@@ -414,11 +405,7 @@ fn gauge(
             .map(|(d, v)| (d.column(), v.as_deref().unwrap_or("").to_owned()))
             .collect(),
         requests_per_second: c.events as f64 / (window_ms as f64 / 1000.0),
-        error_ratio: if c.events == 0 {
-            0.0
-        } else {
-            c.errors as f64 / c.events as f64
-        },
+        error_ratio: c.error_rate(),
         latency_p95_ms: q(0.95),
         latency_p99_ms: q(0.99),
         cost_usd_per_minute: c.cost_nano_usd as f64 / series::NANO_USD / minutes,

@@ -41,26 +41,30 @@ pub fn state_body(closed_through: i64) -> String {
     .to_string()
 }
 
-fn read_parquet(path: &Path, columns: &[&str]) -> Result<Vec<RecordBatch>, SinkError> {
+/// A Parquet file's rows; `columns`: only these top-level columns (`None`: all).
+fn read_parquet(path: &Path, columns: Option<&[&str]>) -> Result<Vec<RecordBatch>, SinkError> {
     let pq = |source| SinkError::Parquet {
         path: path.to_owned(),
         source,
     };
     let file = fs::File::open(path).map_err(io_err(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
-    let schema = builder.parquet_schema();
-    let indices: Vec<usize> = schema
-        .columns()
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| {
-            let root = c.path().parts().first().map(String::as_str).unwrap_or("");
-            columns.contains(&root)
-        })
-        .map(|(i, _)| i)
-        .collect();
-    let mask = ProjectionMask::leaves(schema, indices);
-    let reader = builder.with_projection(mask).build().map_err(pq)?;
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
+    if let Some(columns) = columns {
+        let schema = builder.parquet_schema();
+        let indices: Vec<usize> = schema
+            .columns()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                let root = c.path().parts().first().map(String::as_str).unwrap_or("");
+                columns.contains(&root)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mask = ProjectionMask::leaves(schema, indices);
+        builder = builder.with_projection(mask);
+    }
+    let reader = builder.build().map_err(pq)?;
     reader
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pq(parquet::errors::ParquetError::ArrowError(e.to_string())))
@@ -76,11 +80,11 @@ pub fn restore_rollup(
     let hour = stage.rollup.window_start(closed_through.saturating_sub(1));
     let mut restored = 0;
     let mut start = hour;
+    let dims = stage.config.window.dimensions.clone();
     while start + size <= closed_through {
         let path = root.join(window_file(&stage.stream, &stage.fine, start));
         if path.exists() {
-            let dims = stage.config.window.dimensions.clone();
-            for batch in read_all(&path)? {
+            for batch in read_parquet(&path, None)? {
                 let (rows, bad) = table::sealed_rows(&batch, &dims);
                 if bad > 0 {
                     warn!(path = %path.display(), rows = bad, "metrics rows with unreadable histograms skipped");
@@ -93,21 +97,6 @@ pub fn restore_rollup(
         start += size;
     }
     Ok(restored)
-}
-
-fn read_all(path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
-    let pq = |source| SinkError::Parquet {
-        path: path.to_owned(),
-        source,
-    };
-    let file = fs::File::open(path).map_err(io_err(path))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(pq)?
-        .build()
-        .map_err(pq)?;
-    reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pq(parquet::errors::ParquetError::ArrowError(e.to_string())))
 }
 
 /// Files listed by pending manifests of a partition: not known to be committed.
@@ -243,7 +232,7 @@ pub fn rebuild_partition(
             skipped_files += 1;
             continue;
         }
-        for batch in read_parquet(path, &columns)? {
+        for batch in read_parquet(path, Some(&columns))? {
             counted += observe_batch(stage, &batch, horizon, from_offset, &mut next, lane);
         }
     }

@@ -119,6 +119,15 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Errors per event (0 without events).
+    pub fn error_rate(&self) -> f64 {
+        if self.events == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.events as f64
+        }
+    }
+
     pub fn merge(&mut self, o: &Counters) {
         self.events += o.events;
         self.errors += o.errors;

@@ -181,11 +181,7 @@ impl MetricsBatchBuilder {
         let c = counters;
         self.events.append_value(c.events as i64);
         self.errors.append_value(c.errors as i64);
-        self.error_rate.append_value(if c.events == 0 {
-            0.0
-        } else {
-            c.errors as f64 / c.events as f64
-        });
+        self.error_rate.append_value(c.error_rate());
         append_counts(&mut self.error_types, &c.error_types);
         append_counts(&mut self.finish_reasons, &c.finish_reasons);
         let sums = [

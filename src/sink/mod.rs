@@ -151,7 +151,8 @@ pub struct Sink {
     config: SinkConfig,
 }
 
-fn hour_dir(hour: i64) -> String {
+/// `date=YYYY-MM-DD/hour=HH` of an hour since the epoch: the Hive directory of every table.
+pub(crate) fn hour_dir(hour: i64) -> String {
     let t = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default();
     t.format("date=%Y-%m-%d/hour=%H").to_string()
 }
