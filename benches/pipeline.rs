@@ -24,6 +24,10 @@
 //!   just-decoded one is; each of 100 k generated events' numbers in turn — and closing a
 //!   window of 10 000 series (rows, serialized histograms, the hourly roll-up). Prints the
 //!   memory per live series.
+//! - `alert`: judging one closed window of 10 000 series (the metrics stage's real rows) with
+//!   1 000 rules that all apply to every series — 990 thresholds over six columns and 10
+//!   `change` rules against the trailing hour — so 10 M rule × series judgements per window,
+//!   counted as elements. The baseline in the same run is one rule (10 k judgements).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -394,5 +398,105 @@ fn end_to_end_with(
     );
 }
 
-criterion_group!(benches, decode, metrics, end_to_end);
+fn alert(c: &mut Criterion) {
+    use telltale::alert::{Engine, Frame, RuleContext, rule};
+    let stats = Arc::new(Stats::default());
+    let (template, numbers) = measures(100_000);
+    // A real window of 10 000 series, as the metrics stage writes it.
+    let mut stage = MetricsStage::new(MetricsConfig::default(), "bench", false, stats);
+    for (i, x) in numbers.iter().enumerate() {
+        use std::borrow::Cow::{Borrowed, Owned};
+        let e = LlmEvent {
+            timestamp_ms: T0,
+            app: Some(Owned(format!("app-{:05}", i % 10_000))),
+            environment: template.environment.as_deref().map(Borrowed),
+            model: template.model.as_deref().map(Borrowed),
+            prompt_version: template.prompt_version.as_deref().map(Borrowed),
+            latency_ms: x.latency_ms,
+            ttft_ms: x.ttft_ms,
+            input_tokens: x.input_tokens,
+            output_tokens: x.output_tokens,
+            cost_usd: x.cost_usd,
+            status: Borrowed(&x.status),
+            error_type: x.error_type.as_deref().map(Borrowed),
+            ..Default::default()
+        };
+        stage.observe(&e, 0);
+    }
+    let out = stage.finish().expect("a window closes");
+    let batch = out
+        .files
+        .iter()
+        .map(|(_, b)| b.clone())
+        .max_by_key(|b| b.num_rows())
+        .expect("rows");
+    let ctx = RuleContext {
+        dimensions: vec![
+            "app".into(),
+            "environment".into(),
+            "model".into(),
+            "prompt_version".into(),
+        ],
+        window_ms: 60_000,
+        rollup_ms: HOUR,
+    };
+    let metrics = [
+        "latency_ms_p99",
+        "latency_ms_p50",
+        "error_rate",
+        "ttft_ms_p90",
+        "cost_usd_sum",
+        "output_tokens_p50",
+    ];
+    let mut text = String::new();
+    for i in 0..1000 {
+        let m = metrics[i % metrics.len()];
+        if i % 100 == 99 {
+            text.push_str(&format!("[[rule]]\nname = \"r{i}\"\nmetric = \"{m}\"\nmin_samples = 5\nchange = {{ ratio_above = 2, trailing = \"1h\" }}\n"));
+        } else {
+            text.push_str(&format!("[[rule]]\nname = \"r{i}\"\nmetric = \"{m}\"\nmin_samples = 5\nfor = \"3m\"\nthreshold = {{ above = {} }}\n", 1000 + i * 37));
+        }
+    }
+    let set = rule::parse_rules(&text, "bench.toml", &ctx).expect("bench rules parse");
+    let one = rule::parse_rules(
+        &text
+            .split("[[rule]]")
+            .nth(1)
+            .map(|r| format!("[[rule]]{r}"))
+            .unwrap(),
+        "one.toml",
+        &ctx,
+    )
+    .expect("one rule parses");
+    let mut g = c.benchmark_group("alert");
+    g.sample_size(10);
+    for (name, rules) in [("1_rule", one.rules), ("1000_rules", set.rules)] {
+        let n = rules.len() as u64 * batch.num_rows() as u64;
+        g.throughput(Throughput::Elements(n));
+        let mut engine = Engine::new(rules, ctx.dimensions.clone(), HOUR);
+        let mut end = T0;
+        g.bench_function(
+            BenchmarkId::new(
+                "judge_window",
+                format!("{name}_x_{}_series", batch.num_rows()),
+            ),
+            |b| {
+                b.iter(|| {
+                    end += 60_000;
+                    let f = Frame {
+                        source: "metrics".into(),
+                        resolution_ms: 60_000,
+                        start_ms: end - 60_000,
+                        end_ms: end,
+                        batch: batch.clone(),
+                    };
+                    std::hint::black_box(engine.evaluate(&f))
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, metrics, end_to_end, alert);
 criterion_main!(benches);

@@ -20,6 +20,7 @@
 //! typed config; [`demo`] is the self-contained `telltale demo`; [`telemetry`] is telltale's own
 //! logs, counters and `/metrics` endpoint.
 
+pub mod alert;
 pub mod config;
 pub mod decode;
 pub mod demo;

@@ -13,7 +13,7 @@ use telltale::config::{PipelineConfig, SourceConfig};
 use telltale::ingest::{self, Shutdown};
 use telltale::query::{self, OutputFormat};
 use telltale::telemetry::{self, Stats};
-use telltale::{demo, replay};
+use telltale::{alert, demo, replay};
 
 #[derive(Parser)]
 #[command(
@@ -98,6 +98,34 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Mute alerts that match label matchers for a while (Alertmanager's silences).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  telltale silence add 'alertname=\"LatencyRegression\"' 'app=\"support-bot\"' --for 2h --comment \"provider incident\"\n  \
+        telltale silence list\n  telltale silence expire 3f2a9c1e"
+    )]
+    Silence(SilenceCommand),
+    /// Exit non-zero when critical alerts fire for a prompt version: a CI/CD deployment gate.
+    #[command(
+        after_help = "Example:\n  telltale gate --app support-bot --env prod --prompt-version v4 || ./rollback.sh\n\n\
+        Exit status: 0 no critical alert fires for that version; 1 some do (listed, with the last\n\
+        known-good version to roll back to); 2 the state could not be read."
+    )]
+    Gate {
+        #[arg(long)]
+        app: String,
+        #[arg(long = "env")]
+        environment: String,
+        #[arg(long)]
+        prompt_version: String,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+    /// List pending and firing alerts (from the running pipelines' state).
+    Alerts {
+        #[command(flatten)]
+        root: RootArgs,
+    },
     /// Run the whole pipeline on generated traffic with an in-process broker; no setup needed.
     #[command(
         after_help = "Example:\n  telltale demo\n  telltale sql \"SELECT app, count(*) FROM events GROUP BY app\""
@@ -111,6 +139,63 @@ enum Command {
         records: u64,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct RootArgs {
+    /// The data root (default: ./telltale-data, or the pipeline's data_root with --pipeline).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Take the data root (and alerting settings) from this pipeline file.
+    #[arg(long, short)]
+    pipeline: Option<PathBuf>,
+}
+
+impl RootArgs {
+    fn resolve(&self) -> Result<(PathBuf, Option<PipelineConfig>)> {
+        Ok(match (&self.data_dir, &self.pipeline) {
+            (Some(d), p) => (
+                d.clone(),
+                p.as_deref().map(PipelineConfig::load).transpose()?,
+            ),
+            (None, Some(p)) => {
+                let c = PipelineConfig::load(p)?;
+                (c.data_root.clone(), Some(c))
+            }
+            (None, None) => (PathBuf::from("./telltale-data"), None),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum SilenceCommand {
+    /// Add a silence: every matcher must match (name="v", name!="v", name=~"re", name!~"re").
+    Add {
+        #[arg(required = true)]
+        matchers: Vec<String>,
+        /// How long, e.g. 30m, 2h, 1d.
+        #[arg(long = "for", default_value = "1h")]
+        duration: String,
+        #[arg(long, short)]
+        comment: String,
+        #[arg(long, env = "USER", default_value = "unknown")]
+        author: String,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+    /// List silences (active and pending; --all adds expired ones).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+    /// End a silence now.
+    Expire {
+        id: String,
+        #[command(flatten)]
+        root: RootArgs,
     },
 }
 
@@ -211,6 +296,93 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Check { pipeline, offline } => check(&pipeline, offline).await,
+        Command::Silence(cmd) => silence(cmd),
+        Command::Gate {
+            app,
+            environment,
+            prompt_version,
+            root,
+        } => {
+            let (root, cfg) = root.resolve()?;
+            let after = cfg.map_or(alert::AlertingConfig::default().known_good_after_ms, |c| {
+                c.alerting.known_good_after_ms
+            });
+            let report = match alert::gate(&root, after, &app, &environment, &prompt_version) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            if report.streams == 0 {
+                eprintln!(
+                    "note: no alert state under {} (is a pipeline with [alerting] running there?)",
+                    root.display()
+                );
+            }
+            let target = format!("{app}/{environment} prompt_version {prompt_version}");
+            if report.blocking.is_empty() {
+                println!("ok: no critical alert fires for {target}");
+                return Ok(());
+            }
+            println!(
+                "blocked: {} critical alert(s) fire for {target}",
+                report.blocking.len()
+            );
+            for a in &report.blocking {
+                let summary = a.annotations.get("summary").cloned().unwrap_or_default();
+                println!(
+                    "  {} since {} (value {}) {summary}",
+                    a.rule,
+                    telltale::metrics::fmt_ms(a.fired_at.unwrap_or(a.active_at)),
+                    alert::rule::human(a.value)
+                );
+            }
+            match report.known_good {
+                Some(g) if g != prompt_version => {
+                    println!("roll back to prompt_version {g} (the last known-good version)")
+                }
+                _ => println!("no known-good version to roll back to"),
+            }
+            std::process::exit(1);
+        }
+        Command::Alerts { root } => {
+            let (root, _) = root.resolve()?;
+            let mut n = 0;
+            let dir = alert::state_dir(&root);
+            let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+                Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+                Err(_) => Vec::new(),
+            };
+            files.sort();
+            for f in files.iter().filter(|p| {
+                p.extension().is_some_and(|x| x == "json") && !p.ends_with("silences.json")
+            }) {
+                let st = alert::read_state(f)?;
+                for a in &st.engine.alerts {
+                    n += 1;
+                    let labels: Vec<String> = a
+                        .labels
+                        .iter()
+                        .filter(|(k, _)| *k != "alertname" && *k != "severity")
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    println!(
+                        "{:<8} {:<9} {:<24} since {}  value {}  {}",
+                        format!("{:?}", a.state).to_lowercase(),
+                        a.severity,
+                        a.rule,
+                        telltale::metrics::fmt_ms(a.fired_at.unwrap_or(a.active_at)),
+                        alert::rule::human(a.value),
+                        labels.join(" ")
+                    );
+                }
+            }
+            if n == 0 {
+                println!("no pending or firing alerts under {}", root.display());
+            }
+            Ok(())
+        }
         Command::Demo {
             data_dir,
             records,
@@ -227,6 +399,83 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn silence(cmd: SilenceCommand) -> Result<()> {
+    let now = chrono::Utc::now().timestamp_millis();
+    match cmd {
+        SilenceCommand::Add {
+            matchers,
+            duration,
+            comment,
+            author,
+            root,
+        } => {
+            let (root, _) = root.resolve()?;
+            for m in &matchers {
+                alert::rule::Matcher::parse(m).map_err(anyhow::Error::msg)?;
+            }
+            let ms = alert::rule::parse_duration_ms(&duration)
+                .map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+            if ms <= 0 {
+                bail!("--for must be longer than 0");
+            }
+            let mut all = alert::read_silences(&root)?;
+            let id = format!(
+                "{:08x}",
+                xxhash_rust::xxh3::xxh3_64(format!("{now}{matchers:?}{comment}").as_bytes()) as u32
+            );
+            all.push(alert::Silence {
+                id: id.clone(),
+                matchers,
+                starts_at: now,
+                ends_at: now + ms,
+                created_by: author,
+                comment,
+            });
+            alert::write_silences(&root, &all)?;
+            println!(
+                "silence {id} until {} (running pipelines pick it up within a second)",
+                telltale::metrics::fmt_ms(now + ms)
+            );
+        }
+        SilenceCommand::List { all, root } => {
+            let (root, _) = root.resolve()?;
+            let silences = alert::read_silences(&root)?;
+            let shown: Vec<_> = silences.iter().filter(|s| all || s.ends_at > now).collect();
+            if shown.is_empty() {
+                println!("no silences");
+            }
+            for s in shown {
+                let state = if s.is_active(now) {
+                    "active"
+                } else if s.starts_at > now {
+                    "pending"
+                } else {
+                    "expired"
+                };
+                println!(
+                    "{}  {state:<7}  until {}  by {}  {}  ({})",
+                    s.id,
+                    telltale::metrics::fmt_ms(s.ends_at),
+                    s.created_by,
+                    s.matchers.join(" "),
+                    s.comment
+                );
+            }
+        }
+        SilenceCommand::Expire { id, root } => {
+            let (root, _) = root.resolve()?;
+            let mut all = alert::read_silences(&root)?;
+            let Some(s) = all.iter_mut().find(|s| s.id == id) else {
+                bail!("no silence with id {id} (see `telltale silence list --all`)");
+            };
+            s.ends_at = s.ends_at.min(now);
+            alert::write_silences(&root, &all)?;
+            println!("silence {id} expired");
+        }
+    }
+    Ok(())
 }
 
 /// First signal: graceful shutdown. Second: exit at once.
@@ -309,6 +558,22 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
             .map_or("(built-in)".to_owned(), |p| p.display().to_string()),
         prices.len()
     );
+    if config.alerting.enabled {
+        let ctx = alert::rule_context(&config.metrics);
+        let rules = alert::load_rules(&config.alerting, &ctx)?;
+        println!(
+            "ok   alert rules: {} rules, {} inhibit rules; receivers: {}",
+            rules.rules.len(),
+            rules.inhibits.len(),
+            config
+                .alerting
+                .receivers
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if offline {
         return Ok(());
     }

@@ -12,6 +12,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::alert::dispatch::Route;
+use crate::alert::notify::{EmailTransport, PAGERDUTY_EVENTS_URL, ReceiverConfig, SmtpTls};
+use crate::alert::{AlertingConfig, Clock, RulesFrom};
 use crate::decode::{DecoderConfig, Format};
 use crate::metrics::MetricsConfig;
 use crate::metrics::cost::{Price, Rates};
@@ -70,6 +73,7 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
+    pub alerting: AlertingConfig,
 }
 
 /// telltale's own HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -178,6 +182,22 @@ impl PipelineConfig {
             let dir = path.parent().unwrap_or(Path::new("."));
             cfg.metrics.prices = Some(dir.join(p));
         }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let RulesFrom::Dir(d) = &cfg.alerting.rules
+            && d.is_relative()
+        {
+            cfg.alerting.rules = RulesFrom::Dir(dir.join(d));
+        }
+        for r in cfg.alerting.receivers.values_mut() {
+            if let ReceiverConfig::Email {
+                transport: EmailTransport::Dir(d),
+                ..
+            } = r
+                && d.is_relative()
+            {
+                *d = dir.join(&*d);
+            }
+        }
         Ok(cfg)
     }
 
@@ -281,6 +301,7 @@ impl PipelineConfig {
         sink.finish(e);
         let metrics = read_metrics(&mut root, e);
         let telemetry = read_telemetry(&mut root, e);
+        let alerting = read_alerting(&mut root, e);
         root.finish(e);
 
         Some(PipelineConfig {
@@ -296,6 +317,7 @@ impl PipelineConfig {
             sink: sink_cfg,
             metrics,
             telemetry,
+            alerting,
         })
     }
 
@@ -325,6 +347,7 @@ impl PipelineConfig {
             sink,
             metrics: MetricsConfig::default(),
             telemetry: TelemetryConfig { listen: None },
+            alerting: AlertingConfig::default(),
         }
     }
 
@@ -446,6 +469,219 @@ fn read_telemetry(root: &mut Obj, e: &mut Errors) -> TelemetryConfig {
         }
         t.finish(e);
     }
+    cfg
+}
+
+fn read_route(r: &mut Obj, e: &mut Errors, base: &Route) -> Route {
+    let dur = |v: i64| Duration::from_millis(v as u64);
+    let matchers = r.string_list(e, "matchers").unwrap_or_default();
+    Route {
+        matchers: crate::alert::rule::parse_matchers(&matchers, &r.path_of("matchers"), e),
+        receivers: r
+            .string_list(e, "notify")
+            .unwrap_or_else(|| base.receivers.clone()),
+        group_by: r
+            .string_list(e, "group_by")
+            .unwrap_or_else(|| base.group_by.clone()),
+        group_wait_ms: ms(r.duration(e, "group_wait", dur(base.group_wait_ms))),
+        group_interval_ms: ms(r.duration(e, "group_interval", dur(base.group_interval_ms))),
+        repeat_interval_ms: ms(r.duration(e, "repeat_interval", dur(base.repeat_interval_ms))),
+        continue_matching: false,
+    }
+}
+
+const RECEIVER_TYPES: &str = "email, webhook, slack, pagerduty, alertmanager, log";
+
+fn read_receiver(t: &mut Obj, e: &mut Errors) -> Option<ReceiverConfig> {
+    let kind = t.required_string(e, "type", RECEIVER_TYPES);
+    let url = |t: &mut Obj, e: &mut Errors| {
+        let u = t.required_string(e, "url", "e.g. \"https://hooks.example.com/telltale\"");
+        if let Some(u) = &u
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            e.push(&t.path_of("url"), format!("{u:?} is not an http(s) URL"));
+        }
+        u
+    };
+    let r = match kind.as_deref()? {
+        "email" => {
+            let from = t.required_string(e, "from", "e.g. \"telltale@example.com\"");
+            let to = t.string_list(e, "to").unwrap_or_default();
+            if to.is_empty() {
+                e.push(&t.path_of("to"), "needs at least one address");
+            }
+            let smtp = t.string(e, "smtp");
+            let dir = t.string(e, "dir");
+            let tls = match t.string_or(e, "tls", "starttls").as_str() {
+                "starttls" => SmtpTls::StartTls,
+                "tls" => SmtpTls::Tls,
+                "none" => SmtpTls::None,
+                other => {
+                    e.push(
+                        &t.path_of("tls"),
+                        format!("{other:?} is not one of starttls, tls, none"),
+                    );
+                    SmtpTls::StartTls
+                }
+            };
+            let username = t.string(e, "username").filter(|s| !s.is_empty());
+            let password = t.string(e, "password").filter(|s| !s.is_empty());
+            let accept_invalid_certs = t.boolean(e, "accept_invalid_certs").unwrap_or(false);
+            let transport = match (smtp, dir) {
+                (Some(_), Some(_)) | (None, None) => {
+                    e.push(
+                        &t.path_of("smtp"),
+                        "set exactly one of `smtp` (\"host:port\") or `dir` (a directory for .eml files)",
+                    );
+                    None
+                }
+                (None, Some(d)) => Some(EmailTransport::Dir(PathBuf::from(d))),
+                (Some(hp), None) => {
+                    let default_port = if tls == SmtpTls::Tls { 465 } else { 587 };
+                    let (host, port) = match hp.rsplit_once(':') {
+                        Some((h, p)) => (h.to_owned(), p.parse::<u16>().ok()),
+                        None => (hp.clone(), Some(default_port)),
+                    };
+                    if port.is_none() || host.is_empty() {
+                        e.push(
+                            &t.path_of("smtp"),
+                            format!("{hp:?} is not host:port (e.g. \"smtp.example.com:587\")"),
+                        );
+                    }
+                    if username.is_some() != password.is_some() {
+                        e.push(&t.path_of("password"), "username and password go together (use \"${SMTP_PASSWORD}\" to keep it out of the file)");
+                    }
+                    Some(EmailTransport::Smtp {
+                        host,
+                        port: port.unwrap_or(default_port),
+                        tls,
+                        username,
+                        password,
+                        accept_invalid_certs,
+                    })
+                }
+            };
+            ReceiverConfig::Email {
+                transport: transport?,
+                from: from?,
+                to,
+            }
+        }
+        "webhook" => ReceiverConfig::Webhook {
+            url: url(t, e)?,
+            secret: t.string(e, "secret").filter(|s| !s.is_empty()),
+        },
+        "slack" => ReceiverConfig::Slack { url: url(t, e)? },
+        "pagerduty" => {
+            let key = t.required_string(
+                e,
+                "routing_key",
+                "the integration key, e.g. \"${PAGERDUTY_ROUTING_KEY}\"",
+            );
+            let u = t.string_or(e, "url", PAGERDUTY_EVENTS_URL);
+            ReceiverConfig::PagerDuty {
+                url: u,
+                routing_key: key?,
+            }
+        }
+        "alertmanager" => ReceiverConfig::Alertmanager { url: url(t, e)? },
+        "log" => ReceiverConfig::Log,
+        other => {
+            e.push(
+                &t.path_of("type"),
+                format!("{other:?} is not a receiver type (expected one of {RECEIVER_TYPES})"),
+            );
+            t.discard(&[
+                "url",
+                "secret",
+                "smtp",
+                "dir",
+                "tls",
+                "from",
+                "to",
+                "username",
+                "password",
+                "routing_key",
+                "accept_invalid_certs",
+            ]);
+            return None;
+        }
+    };
+    Some(r)
+}
+
+fn read_alerting(root: &mut Obj, e: &mut Errors) -> AlertingConfig {
+    let mut cfg = AlertingConfig::default();
+    let Some(mut a) = root.table(e, "alerting") else {
+        return cfg;
+    };
+    cfg.enabled = a.boolean(e, "enabled").unwrap_or(true);
+    if let Some(r) = a.string(e, "rules") {
+        cfg.rules = RulesFrom::Dir(PathBuf::from(r));
+    }
+    cfg.clock = match a.string_or(e, "clock", "wall").as_str() {
+        "wall" => Clock::Wall,
+        "event" => Clock::Event,
+        other => {
+            e.push(
+                &a.path_of("clock"),
+                format!("{other:?} is not a clock (expected \"wall\" or \"event\")"),
+            );
+            Clock::Wall
+        }
+    };
+    let base = cfg.default_route.clone();
+    cfg.default_route = read_route(&mut a, e, &base);
+    cfg.default_route.matchers.clear();
+    cfg.send_resolved = a.boolean(e, "send_resolved").unwrap_or(true);
+    cfg.known_good_after_ms = ms(a.duration(
+        e,
+        "known_good_after",
+        Duration::from_millis(cfg.known_good_after_ms as u64),
+    ));
+    cfg.deadline = a.duration(e, "notify_deadline", cfg.deadline);
+    cfg.external_url = a.string_or(e, "external_url", "");
+    for mut r in a.tables(e, "routes") {
+        let mut route = read_route(&mut r, e, &cfg.default_route);
+        route.continue_matching = r.boolean(e, "continue").unwrap_or(false);
+        if route.matchers.is_empty() {
+            e.push(&r.path_of("matchers"), "a route needs matchers (e.g. ['severity=\"critical\"']); unmatched alerts go to alerting.notify");
+        }
+        r.finish(e);
+        cfg.routes.push(route);
+    }
+    if let Some(mut recv) = a.table(e, "receivers") {
+        for (name, mut t) in recv.named_tables(e) {
+            if let Some(r) = read_receiver(&mut t, e) {
+                cfg.receivers.insert(name, r);
+            }
+            t.finish(e);
+        }
+        recv.finish(e);
+    }
+    let mut check = |path: String, names: &[String]| {
+        for n in names {
+            if !cfg.receivers.contains_key(n) {
+                let known: Vec<&str> = cfg.receivers.keys().map(String::as_str).collect();
+                e.push(
+                    &path,
+                    format!(
+                        "no receiver named {n:?} (defined: {})",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+    };
+    check(a.path_of("notify"), &cfg.default_route.receivers);
+    for (i, r) in cfg.routes.iter().enumerate() {
+        check(format!("{}[{i}].notify", a.path_of("routes")), &r.receivers);
+    }
+    a.finish(e);
     cfg
 }
 

@@ -65,6 +65,11 @@ impl Obj {
         self.map.remove(key)
     }
 
+    /// The raw value, for types the helpers below do not cover.
+    pub fn value(&mut self, key: &'static str) -> Option<toml::Value> {
+        self.take(key)
+    }
+
     pub fn has(&self, key: &str) -> bool {
         self.map.contains_key(key)
     }

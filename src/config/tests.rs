@@ -261,3 +261,90 @@ listen = \"localhost\"
         errors[0].message
     );
 }
+
+#[test]
+fn alerting_section_reads_routes_and_receivers_and_reports_every_mistake() {
+    let ok = load(&format!(
+        r#"{MINIMAL}
+[alerting]
+rules = "rules"
+clock = "event"
+notify = ["log"]
+group_wait = "10s"
+[[alerting.routes]]
+matchers = ['severity="critical"']
+notify = ["pager", "mail"]
+repeat_interval = "1h"
+[alerting.receivers.log]
+type = "log"
+[alerting.receivers.pager]
+type = "pagerduty"
+routing_key = "abc"
+[alerting.receivers.mail]
+type = "email"
+smtp = "smtp.example.com"
+tls = "tls"
+from = "telltale@example.com"
+to = ["oncall@example.com"]
+"#
+    ))
+    .unwrap();
+    let a = &ok.alerting;
+    assert!(a.enabled);
+    assert_eq!(a.clock, crate::alert::Clock::Event);
+    assert_eq!(a.default_route.receivers, ["log"]);
+    assert_eq!(a.default_route.group_wait_ms, 10_000);
+    assert_eq!(a.routes[0].receivers, ["pager", "mail"]);
+    assert_eq!(
+        a.routes[0].group_wait_ms, 10_000,
+        "routes inherit the defaults"
+    );
+    assert_eq!(a.routes[0].repeat_interval_ms, 3_600_000);
+    assert_eq!(
+        a.receivers["mail"],
+        ReceiverConfig::Email {
+            transport: EmailTransport::Smtp {
+                host: "smtp.example.com".into(),
+                port: 465,
+                tls: SmtpTls::Tls,
+                username: None,
+                password: None,
+                accept_invalid_certs: false,
+            },
+            from: "telltale@example.com".into(),
+            to: vec!["oncall@example.com".into()],
+        }
+    );
+    let err = load(&format!(
+        r#"{MINIMAL}
+[alerting]
+notify = ["nobody"]
+[[alerting.routes]]
+notify = ["log"]
+[alerting.receivers.log]
+type = "sms"
+[alerting.receivers.hook]
+type = "webhook"
+url = "hooks.example.com"
+[alerting.receivers.mail]
+type = "email"
+smtp = "smtp.example.com:587"
+dir = "out"
+from = "telltale@example.com"
+to = []
+"#
+    ))
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "alerting.routes[0].matchers: a route needs matchers",
+        "alerting.receivers.\"log\".type: \"sms\" is not a receiver type",
+        "alerting.receivers.\"hook\".url: \"hooks.example.com\" is not an http(s) URL",
+        "alerting.receivers.\"mail\".to: needs at least one address",
+        "alerting.receivers.\"mail\".smtp: set exactly one of `smtp`",
+        "alerting.notify: no receiver named \"nobody\"",
+        "alerting.routes[0].notify: no receiver named \"log\"",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in\n{err}");
+    }
+}

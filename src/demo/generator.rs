@@ -4,7 +4,7 @@
 //! log-normal distributions shaped like real chat traffic (prompt p50 ≈ 14 words, response
 //! p50 ≈ 140 words; records average ≈ 1.5 KB); latency = per-model overhead + per-token cost with log-normal noise;
 //! about 1.5 % errors; a share of records in the OpenAI request/response shape; one series
-//! (support-bot v4) whose latency degrades over the run; and, at a configurable rate,
+//! (support-bot v4) whose latency triples for a fifth of the run and then recovers; and, at a configurable rate,
 //! malformed records of every reject reason. The texts are written for
 //! this project. Same seed, same traffic.
 
@@ -137,6 +137,18 @@ const APPS: &[App] = &[
     },
 ];
 
+/// How far the degrading series is degraded at `progress` (0..1) through the run: normal for
+/// the first 45 %, worse over the next 5 % until fully degraded, held until 70 %, then back to
+/// normal (the bad version was fixed or rolled back), so that its alerts fire and resolve.
+pub fn degradation(progress: f64) -> f64 {
+    match progress {
+        p if p < 0.45 => 0.0,
+        p if p < 0.50 => (p - 0.45) / 0.05,
+        p if p < 0.70 => 1.0,
+        _ => 0.0,
+    }
+}
+
 /// (overhead ms, ms per output token, ms per input token)
 fn latency_profile(model: &str) -> (f64, f64, f64) {
     match model {
@@ -181,7 +193,8 @@ pub struct TrafficGenerator {
     noise: LogNormal<f64>,
     run_tag: String,
     total: u64,
-    /// (app, prompt_version, latency factor reached at the end): one series slows down.
+    /// (app, prompt_version, latency factor at worst): one series slows down, then recovers
+    /// ([`degradation`]).
     degrade: Option<(&'static str, &'static str, f64)>,
 }
 
@@ -306,8 +319,7 @@ impl TrafficGenerator {
             && a == app.name
             && v == version
         {
-            let progress = (self.seq as f64 / self.total as f64).min(1.0);
-            let f = 1.0 + (factor - 1.0) * progress * progress;
+            let f = 1.0 + (factor - 1.0) * degradation(self.seq as f64 / self.total as f64);
             latency *= f;
             ttft *= f;
         }

@@ -116,7 +116,16 @@ pub fn run(
     let writer_stats = stats.clone();
     let writer = thread::Builder::new()
         .name("telltale-writer".into())
-        .spawn(move || run_writer(rx, sink, Arc::new(NoCommit), writer_stats, &|| true))
+        .spawn(move || {
+            run_writer(
+                rx,
+                sink,
+                Arc::new(NoCommit),
+                writer_stats,
+                &|| true,
+                &|_| {},
+            )
+        })
         .map_err(|e| IngestError::Io {
             path: "writer thread".into(),
             source: e,

@@ -26,9 +26,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use super::{Accumulator, IngestError, Shutdown, SourceRecord};
+use crate::alert::AlertStage;
 use crate::config::{KafkaSourceConfig, PipelineConfig};
 use crate::decode::Decoder;
-use crate::metrics::{MetricsStage, load_prices};
+use crate::metrics::{MetricsStage, load_prices, stream_name};
 use crate::sink::{Committer, Sink, SinkJob, SinkMsg, run_writer};
 use crate::telemetry::Stats;
 
@@ -297,15 +298,38 @@ pub fn run(
         .map_err(kerr("cannot subscribe"))?;
     info!(brokers = %k.brokers, topics = ?k.topics, group = %k.group_id, root = %config.data_root.display(), "consuming");
 
+    // Alerts judge the windows the writer makes durable.
+    let alerts = if config.alerting.enabled && config.metrics.enabled {
+        let ctx = crate::alert::rule_context(&config.metrics);
+        Some(AlertStage::start(
+            &config.alerting,
+            &ctx,
+            &config.data_root,
+            &stream_name(&k.group_id),
+        )?)
+    } else {
+        None
+    };
+    let frames = alerts.as_ref().map(AlertStage::sender);
+
     let committer = Arc::new(KafkaCommitter(consumer.clone()));
     let writer_stats = stats.clone();
     let writer_shutdown = shutdown.clone();
     let writer = thread::Builder::new()
         .name("telltale-writer".into())
         .spawn(move || {
-            run_writer(rx, sink, committer, writer_stats, &|| {
-                !writer_shutdown.is_triggered()
-            })
+            run_writer(
+                rx,
+                sink,
+                committer,
+                writer_stats,
+                &|| !writer_shutdown.is_triggered(),
+                &|out| {
+                    if let Some(f) = &frames {
+                        f.send_metrics(out);
+                    }
+                },
+            )
         })
         .map_err(|e| IngestError::Io {
             path: "writer thread".into(),
@@ -330,6 +354,10 @@ pub fn run(
         path: "writer thread".into(),
         source: std::io::Error::other("writer thread panicked"),
     }));
+    // The writer is done: the last windows reached the alert stage; let it deliver and stop.
+    if let Some(a) = alerts {
+        a.stop();
+    }
     result?;
     writer_result?;
     if !flushed {

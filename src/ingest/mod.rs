@@ -48,6 +48,8 @@ pub enum IngestError {
     WriterGone,
     #[error(transparent)]
     Prices(#[from] crate::metrics::cost::PriceError),
+    #[error(transparent)]
+    Alert(#[from] crate::alert::AlertError),
 }
 
 /// Asks a running pipeline to stop: buffers are flushed, offsets committed, then it returns.

@@ -412,7 +412,8 @@ fn gauge(
     }
 }
 
-pub(crate) fn fmt_ms(ms: i64) -> String {
+/// An epoch-milliseconds time as RFC 3339 (the number itself when out of range).
+pub fn fmt_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339())
         .unwrap_or_else(|| ms.to_string())

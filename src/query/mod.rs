@@ -36,6 +36,7 @@ fn known_schema(table: &str) -> Option<SchemaRef> {
     match table {
         "events" => Some(crate::event::event_schema()),
         "rejects" => Some(crate::rejects::reject_schema()),
+        "alerts" => Some(crate::alert::table::alerts_schema()),
         _ => None,
     }
 }
@@ -55,7 +56,12 @@ pub fn table_names(root: &Path) -> Result<Vec<String>, QueryError> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.path().is_dir() && !name.starts_with('_') && !name.starts_with('.') {
+        // A table is a directory of Hive partitions (`date=…`); anything else (a folder of
+        // .eml files, a user's notes) is not one.
+        let partitioned = std::fs::read_dir(entry.path()).is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("date=")))
+        });
+        if partitioned && !name.starts_with('_') && !name.starts_with('.') {
             names.push(name);
         }
     }
@@ -77,7 +83,7 @@ pub async fn session(root: &Path) -> Result<SessionContext, QueryError> {
         root.to_owned()
     };
     let mut names = table_names(&root)?;
-    for t in ["events", "rejects"] {
+    for t in ["events", "rejects", "alerts"] {
         if !names.iter().any(|n| n == t) {
             names.push(t.to_owned());
         }

@@ -50,6 +50,7 @@ pub enum Table {
     Events,
     Rejects,
     Metrics,
+    Alerts,
 }
 
 impl Table {
@@ -58,6 +59,7 @@ impl Table {
             Table::Events => "events",
             Table::Rejects => "rejects",
             Table::Metrics => "metrics",
+            Table::Alerts => "alerts",
         }
     }
 }
@@ -444,12 +446,14 @@ fn retry(
 /// commit throttled 64 partitions to ~3 k events/s; see the end_to_end bench).
 /// A failing write is retried with backoff for as long as `keep_trying` says so; nothing in
 /// the group is committed before all of it is durable.
+/// `after_metrics` hears of every metrics output once it is durable (the alert stage).
 pub fn run_writer(
     rx: Receiver<SinkMsg>,
     sink: Sink,
     committer: Arc<dyn Committer>,
     stats: Arc<Stats>,
     keep_trying: &dyn Fn() -> bool,
+    after_metrics: &dyn Fn(&crate::metrics::MetricsOutput),
 ) -> Result<(), SinkError> {
     for msg in rx {
         let jobs = match msg {
@@ -464,6 +468,7 @@ pub fn run_writer(
                 stats
                     .metrics_rows_written
                     .fetch_add(out.rows() as u64, Ordering::Relaxed);
+                after_metrics(&out);
                 continue;
             }
         };

@@ -37,6 +37,7 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
             "output_tokens_hist",
             "cost_usd_hist",
         ],
+        Table::Alerts => &["error"],
     };
     for col in long_text {
         // Mostly-unique long text: dictionaries and page statistics cost time and buy nothing.

@@ -213,7 +213,7 @@ fn writer_retries_until_the_directory_is_writable_then_commits() {
     let stats = Arc::new(Stats::default());
     let (tx, rx) = crossbeam_channel::bounded(1);
     let (rec2, stats2) = (recorder.clone(), stats.clone());
-    let handle = std::thread::spawn(move || run_writer(rx, sink, rec2, stats2, &|| true));
+    let handle = std::thread::spawn(move || run_writer(rx, sink, rec2, stats2, &|| true, &|_| {}));
     tx.send(SinkMsg::Jobs(vec![job(0, &[T0], 0)])).unwrap();
     // Let it fail at least once, then repair the root.
     while stats.sink_errors.load(Ordering::Relaxed) == 0 {

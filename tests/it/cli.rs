@@ -225,6 +225,64 @@ fn demo_runs_end_to_end_and_refuses_foreign_directories() {
     assert!(foreign.join("precious.txt").exists());
 }
 
+/// The demo's slowdown of support-bot v4 fires the shipped latency rule, with the rollback
+/// hint, to the terminal and as .eml files; the recovery resolves it.
+#[test]
+fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo-data");
+    let out = succeed(telltale().args(["demo", "--data-dir"]).arg(&data));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("alert → terminal: [FIRING:1] LatencyRegression support-bot prod"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("hint: roll back support-bot/prod to prompt_version v3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("alert → terminal: [RESOLVED] LatencyRegression support-bot prod"),
+        "{stdout}"
+    );
+    let changes = strings(&sql(
+        &data,
+        "SELECT rule || ' ' || labels['prompt_version'] || ' ' || status FROM alerts
+         WHERE kind = 'transition' AND status IN ('firing', 'resolved') ORDER BY window_end",
+    ));
+    assert_eq!(
+        changes,
+        [
+            "LatencyRegression v4 firing",
+            "LatencyRegression v4 resolved"
+        ]
+    );
+    let emails = files_with_suffix(&data.join("alert-emails"), ".eml");
+    assert_eq!(emails.len(), 2);
+    let bodies: Vec<String> = emails
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b.contains("Subject: [FIRING:1] LatencyRegression support-bot prod"))
+    );
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b.contains("Subject: [RESOLVED] LatencyRegression support-bot prod"))
+    );
+    let sent = scalar(
+        &data,
+        "SELECT count(*) FROM alerts WHERE kind = 'notification' AND result = 'ok'",
+    );
+    assert_eq!(
+        sent, 4,
+        "two notifications, each to the terminal and to email"
+    );
+}
+
 /// `telltale replay` sends every non-blank line, keyed by the chosen field, and the pipeline
 /// reads them back unchanged.
 #[test]

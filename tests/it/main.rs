@@ -1,5 +1,6 @@
 //! Integration tests: one binary (see STYLE.md), real broker, real files.
 
+mod alerts;
 mod cli;
 mod kafka;
 mod shared_data;

@@ -1,0 +1,954 @@
+//! Rule evaluation over closed windows and the alert lifecycle (inactive → pending → firing →
+//! resolved). Pure: windows and times come in as arguments, transitions come out; notification
+//! is the [`super::dispatch`] module's business and I/O the driver's.
+//!
+//! Rules are judged once per closed window of their resolution, in **event time**: `for:` and
+//! `keep_firing_for:` count window ends, so a backfill, a replay and the live stream reach the
+//! same decisions. A window with fewer than `min_samples` events (or no row at all) is not
+//! judged: a pending alert falls back to inactive (`for:` needs consecutive evidence), a firing
+//! one keeps firing until its series has been silent for [`STALE_WINDOWS`] windows, then
+//! resolves.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMillisecondType};
+use serde::{Deserialize, Serialize};
+
+use super::rule::{ChangeKind, Condition, Rule, Scope, Severity, Var, human, matches_all};
+
+/// Windows without a judgement after which a firing alert resolves ("no data").
+pub const STALE_WINDOWS: i64 = 10;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// One closed window of a per-window table (today: `metrics`), all series of it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub source: String,
+    pub resolution_ms: i64,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub batch: RecordBatch,
+}
+
+impl Frame {
+    /// A `metrics` file's rows (one window of one resolution); `None` when empty.
+    pub fn from_metrics(batch: &RecordBatch) -> Option<Frame> {
+        if batch.num_rows() == 0 {
+            return None;
+        }
+        let ts = |name: &str| {
+            batch
+                .column_by_name(name)?
+                .as_primitive_opt::<TimestampMillisecondType>()
+                .map(|a| a.value(0))
+        };
+        let (start_ms, end_ms) = (ts("window_start")?, ts("window_end")?);
+        Some(Frame {
+            source: "metrics".into(),
+            resolution_ms: end_ms - start_ms,
+            start_ms,
+            end_ms,
+            batch: batch.clone(),
+        })
+    }
+
+    fn key(&self) -> String {
+        format!("{}/{}", self.source, self.resolution_ms)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Firing,
+}
+
+/// An alert that is pending or firing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Alert {
+    pub rule: String,
+    #[serde(with = "hex_u64")]
+    pub fingerprint: u64,
+    pub severity: String,
+    pub labels: Labels,
+    pub annotations: BTreeMap<String, String>,
+    pub state: State,
+    /// Window end of the first violating window of this episode.
+    pub active_at: i64,
+    pub fired_at: Option<i64>,
+    pub last_violation: i64,
+    /// Window end of the last judged window (violating or clear).
+    pub last_judged: i64,
+    pub value: f64,
+    pub baseline: Option<f64>,
+    pub threshold: f64,
+}
+
+/// A change of an alert's state, at a window end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub at_ms: i64,
+    pub rule: String,
+    pub fingerprint: u64,
+    pub severity: String,
+    pub labels: Labels,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub value: f64,
+    pub baseline: Option<f64>,
+}
+
+/// Alertmanager-style fingerprint: a hash of the sorted label pairs.
+pub fn fingerprint(labels: &Labels) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (k, v) in labels {
+        h.update(k.as_bytes());
+        h.update(&[0xff]);
+        h.update(v.as_bytes());
+        h.update(&[0xfe]);
+    }
+    h.digest()
+}
+
+pub mod hex_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:016x}"))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = String::deserialize(d)?;
+        u64::from_str_radix(&s, 16).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Trailing sums in buckets: (Σ a, Σ b) per bucket of `bucket_ms`, `len` buckets kept.
+#[derive(Debug, Clone)]
+struct Ring {
+    bucket_ms: i64,
+    len: usize,
+    buckets: VecDeque<(i64, f64, f64)>,
+}
+
+impl Ring {
+    fn new(span_ms: i64, resolution_ms: i64, max_buckets: i64) -> Ring {
+        let bucket_ms = (span_ms / max_buckets).max(resolution_ms).max(1);
+        Ring {
+            bucket_ms,
+            len: (span_ms / bucket_ms) as usize + 1,
+            buckets: VecDeque::new(),
+        }
+    }
+
+    fn add(&mut self, start_ms: i64, a: f64, b: f64) {
+        let idx = start_ms.div_euclid(self.bucket_ms);
+        match self.buckets.back_mut() {
+            Some(last) if last.0 == idx => {
+                last.1 += a;
+                last.2 += b;
+            }
+            Some(last) if last.0 > idx => {
+                // An older window (out of order): add it where it belongs, if still kept.
+                if let Some(b_) = self.buckets.iter_mut().find(|x| x.0 == idx) {
+                    b_.1 += a;
+                    b_.2 += b;
+                }
+            }
+            _ => self.buckets.push_back((idx, a, b)),
+        }
+        while self.buckets.len() > self.len {
+            self.buckets.pop_front();
+        }
+    }
+
+    /// Sums over the windows that start in [from_ms, to_ms).
+    fn sum(&self, from_ms: i64, to_ms: i64) -> (f64, f64) {
+        let (lo, hi) = (
+            from_ms.div_euclid(self.bucket_ms),
+            (to_ms - 1).div_euclid(self.bucket_ms),
+        );
+        self.buckets
+            .iter()
+            .filter(|b| b.0 >= lo && b.0 <= hi)
+            .fold((0.0, 0.0), |acc, b| (acc.0 + b.1, acc.1 + b.2))
+    }
+}
+
+/// Exponentially weighted mean and variance (West 1979 / Finch 2009 incremental form).
+#[derive(Debug, Clone, Default)]
+struct Ewm {
+    n: u32,
+    mean: f64,
+    var: f64,
+}
+
+impl Ewm {
+    /// Adds `v`. Once `warm`, deviations are clipped at 3 standard deviations (a Huber-style
+    /// robust update): an unclipped outlier inflates the variance by α·d², which after a
+    /// level shift of 10σ shrinks the z-score below any sane threshold within three windows,
+    /// before `for:` could ever elapse. Clipped, a lasting shift keeps a high z for hours and
+    /// is absorbed gradually.
+    fn update(&mut self, v: f64, alpha: f64, warm: bool) {
+        if self.n == 0 {
+            self.mean = v;
+            self.var = 0.0;
+        } else {
+            let mut d = v - self.mean;
+            if warm {
+                let lim = 3.0 * self.sd();
+                d = d.clamp(-lim, lim);
+            }
+            self.mean += alpha * d;
+            self.var = (1.0 - alpha) * (self.var + alpha * d * d);
+        }
+        self.n = self.n.saturating_add(1);
+    }
+
+    /// The z-score of `v`. The standard deviation is floored at 1 % of the mean so that a
+    /// perfectly flat history does not turn the first wobble into an infinite z.
+    fn z(&self, v: f64) -> f64 {
+        (v - self.mean) / self.sd()
+    }
+
+    fn sd(&self) -> f64 {
+        self.var.sqrt().max(self.mean.abs() * 0.01).max(1e-12)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum History {
+    None,
+    Ring(Ring),
+    Ewm(Ewm),
+}
+
+enum Judgement {
+    /// Too few events: no decision.
+    Unjudged,
+    Clear(f64, Option<f64>),
+    Violating(f64, Option<f64>),
+}
+
+struct RuleRt {
+    rule: Rule,
+    /// Per series id: 0 not yet known, 1 selected, 2 not selected.
+    selected: Vec<u8>,
+    history: Vec<History>,
+    active: HashMap<u32, Alert>,
+}
+
+/// The series seen so far, by the values of their dimension columns.
+#[derive(Default)]
+struct SeriesIndex {
+    ids: HashMap<u128, u32>,
+    labels: Vec<Arc<Labels>>,
+}
+
+/// Per app and environment, what each prompt version did: for the rollback hint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VersionSeen {
+    pub first_seen: i64,
+    pub last_seen: i64,
+    /// Window end of the last window in which a critical alert fired for this version.
+    pub bad_until: Option<i64>,
+}
+
+/// Everything the engine must not forget across a restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EngineState {
+    /// Per `source/resolution`, the end of the last window judged.
+    pub evaluated_through: BTreeMap<String, i64>,
+    pub alerts: Vec<Alert>,
+    /// `app\u{1f}environment` → prompt_version → what it did.
+    pub versions: BTreeMap<String, BTreeMap<String, VersionSeen>>,
+}
+
+/// What came out of judging one window.
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    pub transitions: Vec<Transition>,
+    /// Alerts firing after this window (every one, with current values).
+    pub firing: Vec<Alert>,
+    /// Fingerprints (with the window end) of alerts that resolved in this window.
+    pub resolved: Vec<(Alert, i64)>,
+}
+
+pub struct Engine {
+    rules: Vec<RuleRt>,
+    dimensions: Vec<String>,
+    series: SeriesIndex,
+    evaluated_through: BTreeMap<String, i64>,
+    versions: BTreeMap<String, BTreeMap<String, VersionSeen>>,
+    known_good_after_ms: i64,
+}
+
+const VERSION_DIMS: [&str; 3] = ["app", "environment", "prompt_version"];
+const KEEP_VERSIONS: usize = 32;
+
+impl Engine {
+    pub fn new(rules: Vec<Rule>, dimensions: Vec<String>, known_good_after_ms: i64) -> Engine {
+        Engine {
+            rules: rules
+                .into_iter()
+                .map(|rule| RuleRt {
+                    rule,
+                    selected: Vec::new(),
+                    history: Vec::new(),
+                    active: HashMap::new(),
+                })
+                .collect(),
+            dimensions,
+            series: SeriesIndex::default(),
+            evaluated_through: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            known_good_after_ms,
+        }
+    }
+
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().map(|r| &r.rule)
+    }
+
+    /// Restores alerts and version history; alerts of rules that no longer exist are dropped
+    /// (returned, so the driver can say so).
+    pub fn restore(&mut self, state: EngineState) -> Vec<Alert> {
+        self.evaluated_through = state.evaluated_through;
+        self.versions = state.versions;
+        let mut dropped = Vec::new();
+        for a in state.alerts {
+            let Some(ri) = self.rules.iter().position(|r| r.rule.name == a.rule) else {
+                dropped.push(a);
+                continue;
+            };
+            let values: Vec<Option<&str>> = self
+                .dimensions
+                .iter()
+                .map(|d| a.labels.get(d).map(String::as_str))
+                .collect();
+            let sid = self.series.intern(&self.dimensions, &values);
+            self.rules[ri].active.insert(sid, a);
+        }
+        dropped
+    }
+
+    pub fn state(&self) -> EngineState {
+        let mut alerts: Vec<Alert> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.active.values().cloned())
+            .collect();
+        alerts.sort_by_key(|a| a.fingerprint);
+        EngineState {
+            evaluated_through: self.evaluated_through.clone(),
+            alerts,
+            versions: self.versions.clone(),
+        }
+    }
+
+    /// Every pending and firing alert.
+    pub fn alerts(&self) -> impl Iterator<Item = &Alert> {
+        self.rules.iter().flat_map(|r| r.active.values())
+    }
+
+    /// Whether `frame` was already judged (before a restart): feed it to [`Engine::warm`].
+    pub fn already_judged(&self, frame: &Frame) -> bool {
+        self.evaluated_through
+            .get(&frame.key())
+            .is_some_and(|t| frame.end_ms <= *t)
+    }
+
+    /// Feeds a window judged before a restart into the rules' histories only.
+    pub fn warm(&mut self, frame: &Frame) {
+        self.run(frame, false);
+    }
+
+    /// Judges a closed window.
+    pub fn evaluate(&mut self, frame: &Frame) -> Evaluation {
+        if self.already_judged(frame) {
+            return Evaluation::default();
+        }
+        let ev = self.run(frame, true);
+        self.evaluated_through.insert(frame.key(), frame.end_ms);
+        ev
+    }
+
+    /// The most recent prompt version of `app`/`environment` that ran for the known-good
+    /// period with no critical alert firing for it.
+    pub fn known_good(&self, app: &str, environment: &str) -> Option<&str> {
+        known_good(
+            &self.versions,
+            self.known_good_after_ms,
+            app,
+            environment,
+            None,
+        )
+    }
+
+    pub fn versions(&self) -> &BTreeMap<String, BTreeMap<String, VersionSeen>> {
+        &self.versions
+    }
+
+    fn run(&mut self, frame: &Frame, judge: bool) -> Evaluation {
+        let batch = &frame.batch;
+        let dim_cols: Vec<Option<&arrow::array::StringArray>> = self
+            .dimensions
+            .iter()
+            .map(|d| {
+                batch
+                    .column_by_name(d)
+                    .and_then(|c| c.as_string_opt::<i32>())
+            })
+            .collect();
+        let mut values: Vec<Option<&str>> = vec![None; dim_cols.len()];
+        let sids: Vec<u32> = (0..batch.num_rows())
+            .map(|i| {
+                for (v, c) in values.iter_mut().zip(&dim_cols) {
+                    *v = c.and_then(|c| (!c.is_null(i)).then(|| c.value(i)));
+                }
+                self.series.intern(&self.dimensions, &values)
+            })
+            .collect();
+        let events = int_column(batch, "events");
+        let errors = int_column(batch, "errors");
+        if judge {
+            self.see_versions(frame, &sids);
+        }
+        let mut ev = Evaluation::default();
+        let end = frame.end_ms;
+        let versions = &self.versions;
+        let kg_after = self.known_good_after_ms;
+        for rt in &mut self.rules {
+            let rule = &rt.rule;
+            if rule.source != frame.source || rule.resolution_ms != frame.resolution_ms {
+                continue;
+            }
+            let metric = numeric_column(batch, &rule.metric);
+            let slow = match rule.condition {
+                Condition::BurnRate {
+                    slow_above_ms: Some(t),
+                    ..
+                } => Some((
+                    t,
+                    batch
+                        .column_by_name("latency_ms_hist")
+                        .and_then(|c| c.as_binary_opt::<i32>().cloned()),
+                )),
+                _ => None,
+            };
+            let mut judged_now: Vec<(u32, Judgement)> = Vec::new();
+            for (row, &sid) in sids.iter().enumerate() {
+                let s = sid as usize;
+                if rt.selected.len() <= s {
+                    rt.selected.resize(s + 1, 0);
+                }
+                if rt.selected[s] == 0 {
+                    let labels = &self.series.labels[s];
+                    let ok = matches_all(&rule.select, |k| labels.get(k).map(String::as_str));
+                    rt.selected[s] = if ok { 1 } else { 2 };
+                }
+                if rt.selected[s] != 1 {
+                    continue;
+                }
+                if rt.history.len() <= s {
+                    rt.history.resize(s + 1, History::None);
+                }
+                let n = events.map_or(0, |c| c.value(row)) as f64;
+                let j = match &rule.condition {
+                    Condition::BurnRate { .. } => {
+                        let bad = match &slow {
+                            Some((t, Some(hist))) => slow_count(hist.value(row), *t),
+                            Some((_, None)) => 0.0,
+                            None => errors.map_or(0, |c| c.value(row)) as f64,
+                        };
+                        judge_burn(rule, &mut rt.history[s], frame, bad, n)
+                    }
+                    _ => {
+                        let v = metric.as_ref().and_then(|m| m(row));
+                        judge_value(rule, &mut rt.history[s], frame, v, n)
+                    }
+                };
+                if judge && !matches!(j, Judgement::Unjudged) {
+                    judged_now.push((sid, j));
+                } else if judge && rt.active.contains_key(&sid) {
+                    judged_now.push((sid, Judgement::Unjudged));
+                }
+            }
+            if !judge {
+                continue;
+            }
+            // Alerts whose series had no row in this window are unjudged too.
+            let mut seen: std::collections::HashSet<u32> =
+                judged_now.iter().map(|(s, _)| *s).collect();
+            for sid in rt.active.keys() {
+                if seen.insert(*sid) {
+                    judged_now.push((*sid, Judgement::Unjudged));
+                }
+            }
+            for (sid, j) in judged_now {
+                step(
+                    rt,
+                    &self.series.labels[sid as usize],
+                    sid,
+                    j,
+                    end,
+                    &mut ev,
+                    &|a: &str, e: &str, x: Option<&str>| {
+                        known_good(versions, kg_after, a, e, x).map(str::to_owned)
+                    },
+                );
+            }
+            ev.firing.extend(
+                rt.active
+                    .values()
+                    .filter(|a| a.state == State::Firing)
+                    .cloned(),
+            );
+        }
+        if judge {
+            self.mark_bad_versions(&ev.firing, end);
+        }
+        ev
+    }
+
+    fn see_versions(&mut self, frame: &Frame, sids: &[u32]) {
+        if !VERSION_DIMS
+            .iter()
+            .all(|d| self.dimensions.iter().any(|x| x == d))
+        {
+            return;
+        }
+        for &sid in sids {
+            let l = &self.series.labels[sid as usize];
+            let (Some(app), Some(env), Some(v)) =
+                (l.get("app"), l.get("environment"), l.get("prompt_version"))
+            else {
+                continue;
+            };
+            let per = self
+                .versions
+                .entry(format!("{app}\u{1f}{env}"))
+                .or_default();
+            let seen = per.entry(v.clone()).or_insert(VersionSeen {
+                first_seen: frame.start_ms,
+                last_seen: frame.end_ms,
+                bad_until: None,
+            });
+            seen.first_seen = seen.first_seen.min(frame.start_ms);
+            seen.last_seen = seen.last_seen.max(frame.end_ms);
+            if per.len() > KEEP_VERSIONS {
+                let oldest = per
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_seen)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    per.remove(&k);
+                }
+            }
+        }
+    }
+
+    fn mark_bad_versions(&mut self, firing: &[Alert], end: i64) {
+        for a in firing {
+            if a.severity != Severity::Critical.as_str() {
+                continue;
+            }
+            let (Some(app), Some(env), Some(v)) = (
+                a.labels.get("app"),
+                a.labels.get("environment"),
+                a.labels.get("prompt_version"),
+            ) else {
+                continue;
+            };
+            if let Some(seen) = self
+                .versions
+                .get_mut(&format!("{app}\u{1f}{env}"))
+                .and_then(|p| p.get_mut(v))
+            {
+                seen.bad_until = Some(seen.bad_until.map_or(end, |b| b.max(end)));
+            }
+        }
+    }
+}
+
+/// The most recent prompt version (by first appearance) of `app`/`environment` that ran for
+/// `after_ms` since it was last involved in a critical alert (or since it appeared), other
+/// than `except`.
+pub fn known_good<'a>(
+    versions: &'a BTreeMap<String, BTreeMap<String, VersionSeen>>,
+    after_ms: i64,
+    app: &str,
+    environment: &str,
+    except: Option<&str>,
+) -> Option<&'a str> {
+    versions
+        .get(&format!("{app}\u{1f}{environment}"))?
+        .iter()
+        .filter(|(v, _)| Some(v.as_str()) != except)
+        .filter(|(_, s)| {
+            s.last_seen - s.bad_until.unwrap_or(i64::MIN).max(s.first_seen) >= after_ms
+        })
+        .max_by_key(|(_, s)| s.first_seen)
+        .map(|(v, _)| v.as_str())
+}
+
+impl SeriesIndex {
+    fn intern(&mut self, dims: &[String], values: &[Option<&str>]) -> u32 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for v in values {
+            match v {
+                Some(s) => {
+                    h.update(&[1]);
+                    h.update(s.as_bytes());
+                    h.update(&[0xff]);
+                }
+                None => h.update(&[0]),
+            }
+        }
+        let key = h.digest128();
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        let id = self.labels.len() as u32;
+        let labels: Labels = dims
+            .iter()
+            .zip(values)
+            .filter_map(|(d, v)| v.map(|v| (d.clone(), v.to_owned())))
+            .collect();
+        self.labels.push(Arc::new(labels));
+        self.ids.insert(key, id);
+        id
+    }
+}
+
+fn int_column<'a>(b: &'a RecordBatch, name: &str) -> Option<&'a arrow::array::Int64Array> {
+    b.column_by_name(name)?.as_primitive_opt::<Int64Type>()
+}
+
+type Getter<'a> = Box<dyn Fn(usize) -> Option<f64> + 'a>;
+
+fn numeric_column<'a>(b: &'a RecordBatch, name: &str) -> Option<Getter<'a>> {
+    let c = b.column_by_name(name)?;
+    match c.data_type() {
+        DataType::Float64 => {
+            let a = c.as_primitive::<Float64Type>();
+            Some(Box::new(move |i| (!a.is_null(i)).then(|| a.value(i))))
+        }
+        DataType::Int64 => {
+            let a = c.as_primitive::<Int64Type>();
+            Some(Box::new(move |i| {
+                (!a.is_null(i)).then(|| a.value(i) as f64)
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Requests slower than `threshold_ms` in a serialized latency histogram.
+fn slow_count(bytes: &[u8], threshold_ms: f64) -> f64 {
+    match crate::metrics::series::deserialize(bytes) {
+        Ok(h) => {
+            let t = threshold_ms.max(0.0) as u64;
+            let at_or_below = h
+                .iter_recorded()
+                .filter(|v| v.value_iterated_to() <= t)
+                .map(|v| v.count_at_value())
+                .sum::<u64>();
+            (h.len() - at_or_below) as f64
+        }
+        Err(_) => 0.0,
+    }
+}
+
+fn judge_value(
+    rule: &Rule,
+    hist: &mut History,
+    frame: &Frame,
+    v: Option<f64>,
+    n: f64,
+) -> Judgement {
+    let Some(v) = v.filter(|v| v.is_finite()) else {
+        return Judgement::Unjudged;
+    };
+    let enough = n >= rule.min_samples as f64;
+    match &rule.condition {
+        Condition::Threshold { cmp, value } => {
+            if !enough {
+                Judgement::Unjudged
+            } else if cmp.holds(v, *value) {
+                Judgement::Violating(v, None)
+            } else {
+                Judgement::Clear(v, None)
+            }
+        }
+        Condition::Change {
+            kind,
+            cmp,
+            value,
+            trailing_ms,
+        } => {
+            if matches!(hist, History::None) {
+                *hist = History::Ring(Ring::new(*trailing_ms, rule.resolution_ms, 60));
+            }
+            let History::Ring(ring) = hist else {
+                return Judgement::Unjudged;
+            };
+            let (ws, w) = ring.sum(frame.start_ms - trailing_ms, frame.start_ms);
+            if n > 0.0 {
+                ring.add(frame.start_ms, v * n, n);
+            }
+            if !enough || w < rule.min_samples.max(1) as f64 {
+                return Judgement::Unjudged;
+            }
+            let base = ws / w;
+            let stat = match kind {
+                ChangeKind::Ratio if base > 0.0 => v / base,
+                ChangeKind::Ratio => return Judgement::Unjudged,
+                ChangeKind::Difference => v - base,
+            };
+            if cmp.holds(stat, *value) {
+                Judgement::Violating(v, Some(base))
+            } else {
+                Judgement::Clear(v, Some(base))
+            }
+        }
+        Condition::ZScore {
+            cmp,
+            value,
+            half_life_ms,
+            min_history,
+        } => {
+            if matches!(hist, History::None) {
+                *hist = History::Ewm(Ewm::default());
+            }
+            let History::Ewm(ewm) = hist else {
+                return Judgement::Unjudged;
+            };
+            if !enough {
+                return Judgement::Unjudged;
+            }
+            let before = ewm.clone();
+            let alpha = 1.0 - 0.5f64.powf(rule.resolution_ms as f64 / *half_life_ms as f64);
+            ewm.update(v, alpha, before.n >= *min_history);
+            if before.n < *min_history {
+                return Judgement::Unjudged;
+            }
+            let z = before.z(v);
+            if cmp.holds(z, *value) {
+                Judgement::Violating(v, Some(before.mean))
+            } else {
+                Judgement::Clear(v, Some(before.mean))
+            }
+        }
+        Condition::BurnRate { .. } => Judgement::Unjudged,
+    }
+}
+
+fn judge_burn(rule: &Rule, hist: &mut History, frame: &Frame, bad: f64, n: f64) -> Judgement {
+    let Condition::BurnRate {
+        objective,
+        long_ms,
+        short_ms,
+        factor,
+        ..
+    } = rule.condition
+    else {
+        return Judgement::Unjudged;
+    };
+    if matches!(hist, History::None) {
+        *hist = History::Ring(Ring::new(long_ms, rule.resolution_ms, 120));
+    }
+    let History::Ring(ring) = hist else {
+        return Judgement::Unjudged;
+    };
+    ring.add(frame.start_ms, bad, n);
+    let budget = 1.0 - objective;
+    let (lb, ln) = ring.sum(frame.end_ms - long_ms, frame.end_ms);
+    let (sb, sn) = ring.sum(frame.end_ms - short_ms, frame.end_ms);
+    if sn < rule.min_samples as f64 || ln <= 0.0 || sn <= 0.0 {
+        return Judgement::Unjudged;
+    }
+    let (long, short) = ((lb / ln) / budget, (sb / sn) / budget);
+    if long > factor && short > factor {
+        Judgement::Violating(long, Some(short))
+    } else {
+        Judgement::Clear(long, Some(short))
+    }
+}
+
+fn threshold_of(c: &Condition) -> f64 {
+    match c {
+        Condition::Threshold { value, .. }
+        | Condition::Change { value, .. }
+        | Condition::ZScore { value, .. } => *value,
+        Condition::BurnRate { factor, .. } => *factor,
+    }
+}
+
+/// (app, environment, a version to leave out) → the last known-good version.
+type KnownGood<'a> = dyn Fn(&str, &str, Option<&str>) -> Option<String> + 'a;
+
+/// Moves one (rule, series) through the lifecycle.
+fn step(
+    rt: &mut RuleRt,
+    series: &Labels,
+    sid: u32,
+    j: Judgement,
+    end: i64,
+    ev: &mut Evaluation,
+    known_good: &KnownGood,
+) {
+    let RuleRt { rule, active, .. } = rt;
+    let transition = |a: &Alert, from: &'static str, to: &'static str| Transition {
+        at_ms: end,
+        rule: a.rule.clone(),
+        fingerprint: a.fingerprint,
+        severity: a.severity.clone(),
+        labels: a.labels.clone(),
+        from,
+        to,
+        value: a.value,
+        baseline: a.baseline,
+    };
+    match j {
+        Judgement::Violating(value, baseline) => {
+            let new = !active.contains_key(&sid);
+            let a = active.entry(sid).or_insert_with(|| {
+                let mut labels = series.clone();
+                labels.extend(rule.labels.clone());
+                labels.insert("alertname".into(), rule.name.clone());
+                labels.insert("severity".into(), rule.severity.as_str().into());
+                Alert {
+                    rule: rule.name.clone(),
+                    fingerprint: fingerprint(&labels),
+                    severity: rule.severity.as_str().into(),
+                    labels,
+                    annotations: BTreeMap::new(),
+                    state: State::Pending,
+                    active_at: end,
+                    fired_at: None,
+                    last_violation: end,
+                    last_judged: end,
+                    value,
+                    baseline,
+                    threshold: threshold_of(&rule.condition),
+                }
+            });
+            a.value = value;
+            a.baseline = baseline;
+            a.last_violation = end;
+            a.last_judged = end;
+            if new {
+                ev.transitions.push(transition(a, "inactive", "pending"));
+            }
+            if a.state == State::Pending && end - a.active_at >= rule.for_ms {
+                a.state = State::Firing;
+                a.fired_at = Some(end);
+                ev.transitions.push(transition(a, "pending", "firing"));
+            }
+            annotate(a, rule, end, known_good);
+        }
+        Judgement::Clear(value, baseline) => {
+            let Some(a) = active.get_mut(&sid) else {
+                return;
+            };
+            a.value = value;
+            a.baseline = baseline;
+            a.last_judged = end;
+            // Annotations show the numbers of the window that cleared it, too.
+            annotate(a, rule, end, known_good);
+            match a.state {
+                State::Pending => {
+                    let a = active.remove(&sid).expect("present");
+                    ev.transitions.push(transition(&a, "pending", "inactive"));
+                }
+                State::Firing if end - a.last_violation >= rule.keep_firing_for_ms => {
+                    let a = active.remove(&sid).expect("present");
+                    ev.transitions.push(transition(&a, "firing", "resolved"));
+                    ev.resolved.push((a, end));
+                }
+                State::Firing => {}
+            }
+        }
+        Judgement::Unjudged => {
+            let Some(a) = active.get(&sid) else {
+                return;
+            };
+            match a.state {
+                State::Pending => {
+                    let a = active.remove(&sid).expect("present");
+                    ev.transitions.push(transition(&a, "pending", "inactive"));
+                }
+                State::Firing if end - a.last_judged >= STALE_WINDOWS * rule.resolution_ms => {
+                    let a = active.remove(&sid).expect("present");
+                    ev.transitions.push(transition(&a, "firing", "resolved"));
+                    ev.resolved.push((a, end));
+                }
+                State::Firing => {}
+            }
+        }
+    }
+}
+
+struct AlertScope<'a> {
+    alert: &'a Alert,
+    rule: &'a Rule,
+    window_end: i64,
+    rollback_to: Option<String>,
+}
+
+impl Scope for AlertScope<'_> {
+    fn var(&self, v: &Var) -> String {
+        let a = self.alert;
+        match v {
+            Var::Series(d) | Var::Label(d) => a.labels.get(d).cloned().unwrap_or_default(),
+            Var::Value => human(a.value),
+            Var::Baseline => a.baseline.map(human).unwrap_or_else(|| "n/a".into()),
+            Var::Threshold => human(a.threshold),
+            Var::Rule => self.rule.name.clone(),
+            Var::Severity => a.severity.clone(),
+            Var::Window => crate::metrics::fmt_ms(self.window_end),
+            Var::RollbackTo => self.rollback_to.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Renders the rule's annotations and adds the rollback hint.
+fn annotate(a: &mut Alert, rule: &Rule, end: i64, known_good: &KnownGood) {
+    let rollback_to = match (
+        a.labels.get("app"),
+        a.labels.get("environment"),
+        a.labels.get("prompt_version"),
+    ) {
+        // A version with a critical alert firing is not a rollback target, even before the
+        // window's end marks it so.
+        (Some(app), Some(env), Some(v)) => {
+            let own_bad = a.severity == Severity::Critical.as_str() && a.state == State::Firing;
+            known_good(app, env, own_bad.then_some(v.as_str())).filter(|g| g != v)
+        }
+        _ => None,
+    };
+    let scope = AlertScope {
+        alert: a,
+        rule,
+        window_end: end,
+        rollback_to: rollback_to.clone(),
+    };
+    let mut out: BTreeMap<String, String> = rule
+        .annotations
+        .iter()
+        .map(|(k, t)| (k.clone(), t.render(&scope)))
+        .collect();
+    if let Some(g) = rollback_to {
+        let app = a.labels.get("app").cloned().unwrap_or_default();
+        let env = a.labels.get("environment").cloned().unwrap_or_default();
+        out.insert(
+            "rollback".into(),
+            format!("roll back {app}/{env} to prompt_version {g} (the last known-good version)"),
+        );
+        out.insert("rollback_to".into(), g);
+    }
+    a.annotations = out;
+}

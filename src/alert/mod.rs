@@ -1,0 +1,676 @@
+//! The alert stage: rules over closed windows → alerts → notifications.
+//!
+//! In: every closed window the metrics stage made durable ([`Frame`]s, handed over by the
+//! sink's writer after the window's file is written). Out: notifications to receivers
+//! (email, webhooks, Slack, PagerDuty, Alertmanager-format, the terminal), the `alerts` table
+//! (every transition and delivery attempt), and the state file
+//! `<root>/_state/alerts/<stream>.json`.
+//!
+//! ```text
+//!  closed windows ─► engine (rules, for:, keep_firing_for:) ─► dispatcher (routes, groups,
+//!  (metrics files)     pending → firing → resolved              silences, inhibition, dedup)
+//!                                                                     │ notifications
+//!                                                 notifier tasks ◄────┘ retries, deadline
+//!                                                 (own thread + runtime)  └─► attempts ─► alerts table
+//! ```
+//!
+//! ## Time
+//! Rules run on event time (window ends), so `for: 5m` means five minutes of traffic, not of
+//! processing, and a backfill decides as the live stream would. Grouping timers
+//! (`group_wait`, `group_interval`, `repeat_interval`) run on the wall clock, as in
+//! Alertmanager — or on event time with `clock = "event"` (replays and the demo, where two
+//! hours of traffic pass in seconds).
+//!
+//! ## State and delivery
+//! After every window and every finished delivery, the engine's alerts, the groups'
+//! notification log and the per-version history are written to the state file (atomically).
+//! A restart resumes them: it neither forgets a firing alert nor re-sends a notification that
+//! was delivered; a notification that was being delivered at the crash is sent again
+//! (at-least-once, as Alertmanager). Windows the engine had judged are not judged twice.
+//! Silences live in `<root>/_state/alerts/silences.json`, written by `telltale silence` and
+//! re-read by running pipelines when it changes.
+//!
+//! The stage never blocks ingestion: frames go through a bounded queue that is drained
+//! promptly, evaluation is in-memory, and deliveries run on their own thread.
+
+pub mod dispatch;
+pub mod engine;
+pub mod notify;
+pub mod rule;
+pub mod table;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+pub use dispatch::{Dispatcher, Group, Notification, Route, Silence, Status};
+pub use engine::{Alert, Engine, EngineState, Frame};
+pub use notify::{DeliveryConfig, Notifier, ReceiverConfig};
+pub use rule::{RuleContext, RuleError, RuleSet};
+use table::AlertRow;
+
+/// The rule files shipped in `alerts/`, built in so that `telltale demo` needs no files.
+pub const BUILTIN_RULES: &[(&str, &str)] = &[
+    (
+        "alerts/latency.toml",
+        include_str!("../../alerts/latency.toml"),
+    ),
+    (
+        "alerts/errors.toml",
+        include_str!("../../alerts/errors.toml"),
+    ),
+    ("alerts/cost.toml", include_str!("../../alerts/cost.toml")),
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RulesFrom {
+    Dir(PathBuf),
+    Builtin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    Wall,
+    Event,
+}
+
+/// `[alerting]` in a pipeline file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertingConfig {
+    pub enabled: bool,
+    pub rules: RulesFrom,
+    pub clock: Clock,
+    pub routes: Vec<Route>,
+    pub default_route: Route,
+    pub receivers: BTreeMap<String, ReceiverConfig>,
+    pub send_resolved: bool,
+    /// A prompt version is known-good after running this long with no critical alert.
+    pub known_good_after_ms: i64,
+    pub deadline: Duration,
+    pub external_url: String,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        AlertingConfig {
+            enabled: false,
+            rules: RulesFrom::Dir(PathBuf::from("alerts")),
+            clock: Clock::Wall,
+            routes: Vec::new(),
+            default_route: Route {
+                matchers: Vec::new(),
+                receivers: Vec::new(),
+                group_by: vec!["alertname".into(), "app".into(), "environment".into()],
+                group_wait_ms: 30_000,
+                group_interval_ms: 300_000,
+                repeat_interval_ms: 4 * 3_600_000,
+                continue_matching: false,
+            },
+            receivers: BTreeMap::new(),
+            send_resolved: true,
+            known_good_after_ms: 3_600_000,
+            deadline: Duration::from_secs(600),
+            external_url: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    #[error(transparent)]
+    Notify(#[from] notify::NotifyError),
+    #[error("{path}: {message}")]
+    State { path: String, message: String },
+    #[error("cannot start the alert stage: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What rules may refer to, from the metrics stage's settings.
+pub fn rule_context(m: &crate::metrics::MetricsConfig) -> RuleContext {
+    RuleContext {
+        dimensions: m.window.dimensions.iter().map(|d| d.column()).collect(),
+        window_ms: m.window.size_ms,
+        rollup_ms: m.window.rollup_ms,
+    }
+}
+
+/// Loads the configured rules.
+pub fn load_rules(cfg: &AlertingConfig, ctx: &RuleContext) -> Result<RuleSet, RuleError> {
+    match &cfg.rules {
+        RulesFrom::Dir(d) => rule::load_dir(d, ctx),
+        RulesFrom::Builtin => {
+            let mut set = RuleSet::default();
+            let mut problems = Vec::new();
+            for (file, src) in BUILTIN_RULES {
+                match rule::parse_rules(src, file, ctx) {
+                    Ok(s) => {
+                        set.rules.extend(s.rules);
+                        set.inhibits.extend(s.inhibits);
+                    }
+                    Err(p) => problems.extend(p),
+                }
+            }
+            if problems.is_empty() {
+                Ok(set)
+            } else {
+                Err(RuleError::Invalid(problems))
+            }
+        }
+    }
+}
+
+pub fn state_dir(root: &Path) -> PathBuf {
+    root.join("_state").join("alerts")
+}
+
+pub fn state_file(root: &Path, stream: &str) -> PathBuf {
+    state_dir(root).join(format!("{stream}.json"))
+}
+
+pub fn silences_file(root: &Path) -> PathBuf {
+    state_dir(root).join("silences.json")
+}
+
+/// The state file's body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Persisted {
+    pub version: u32,
+    pub engine: EngineState,
+    pub groups: Vec<Group>,
+}
+
+fn state_err(path: &Path, message: impl std::fmt::Display) -> AlertError {
+    AlertError::State {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+pub fn read_state(path: &Path) -> Result<Persisted, AlertError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            state_err(
+                path,
+                format!("unreadable alert state ({e}); move it away to start afresh"),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Persisted::default()),
+        Err(e) => Err(state_err(path, e)),
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), AlertError> {
+    let dir = path.parent().expect("state files live in a directory");
+    std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+    let body = serde_json::to_vec_pretty(v).expect("state serializes");
+    crate::sink::write_durably(path, &body).map_err(|e| state_err(path, e))
+}
+
+pub fn read_silences(root: &Path) -> Result<Vec<Silence>, AlertError> {
+    let path = silences_file(root);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| state_err(&path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(state_err(&path, e)),
+    }
+}
+
+pub fn write_silences(root: &Path, silences: &[Silence]) -> Result<(), AlertError> {
+    write_json(&silences_file(root), &silences)
+}
+
+/// Firing critical alerts for one deployment, from every stream's state under `root`: what
+/// `telltale gate` refuses on.
+pub fn gate(
+    root: &Path,
+    known_good_after_ms: i64,
+    app: &str,
+    environment: &str,
+    prompt_version: &str,
+) -> Result<GateReport, AlertError> {
+    let mut report = GateReport::default();
+    let dir = state_dir(root);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
+        Err(e) => return Err(state_err(&dir, e)),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json") && !p.ends_with("silences.json"))
+        .collect();
+    files.sort();
+    for f in files {
+        let st = read_state(&f)?;
+        report.streams += 1;
+        for a in &st.engine.alerts {
+            let l = |k: &str| a.labels.get(k).map(String::as_str);
+            if a.state == engine::State::Firing
+                && a.severity == "critical"
+                && l("app") == Some(app)
+                && l("environment") == Some(environment)
+                && l("prompt_version") == Some(prompt_version)
+            {
+                report.blocking.push(a.clone());
+            }
+        }
+        if report.known_good.is_none() {
+            report.known_good = engine::known_good(
+                &st.engine.versions,
+                known_good_after_ms,
+                app,
+                environment,
+                None,
+            )
+            .map(str::to_owned);
+        }
+        for (k, per) in &st.engine.versions {
+            if k == &format!("{app}\u{1f}{environment}") {
+                report
+                    .versions
+                    .extend(per.iter().map(|(v, s)| (v.clone(), s.clone())));
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Default)]
+pub struct GateReport {
+    pub streams: usize,
+    pub blocking: Vec<Alert>,
+    pub known_good: Option<String>,
+    pub versions: BTreeMap<String, engine::VersionSeen>,
+}
+
+/// What the pipeline hands the stage.
+pub enum Input {
+    Frames(Vec<Frame>),
+    /// Finish: deliver what is due, wait for deliveries, write state and table, exit.
+    Stop,
+}
+
+/// A running alert stage.
+pub struct AlertStage {
+    tx: Option<Sender<Input>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Sends closed windows to a running stage; cheap to clone.
+#[derive(Clone)]
+pub struct FrameSender(Sender<Input>);
+
+impl FrameSender {
+    /// Hands over closed windows (of any per-window table).
+    pub fn send(&self, frames: Vec<Frame>) {
+        if !frames.is_empty() {
+            let _ = self
+                .0
+                .send_timeout(Input::Frames(frames), Duration::from_secs(5));
+        }
+    }
+
+    /// Hands over the windows of a durable metrics output. Blocks only if the stage is 64
+    /// outputs behind (it evaluates in memory, so that means it is stuck or gone).
+    pub fn send_metrics(&self, out: &crate::metrics::MetricsOutput) {
+        let frames: Vec<Frame> = out
+            .files
+            .iter()
+            .filter_map(|(_, b)| Frame::from_metrics(b))
+            .collect();
+        if !frames.is_empty() {
+            let _ = self
+                .0
+                .send_timeout(Input::Frames(frames), Duration::from_secs(5));
+        }
+    }
+}
+
+impl AlertStage {
+    /// Loads rules, state and silences, builds the receivers, and starts the stage's threads.
+    pub fn start(
+        cfg: &AlertingConfig,
+        ctx: &RuleContext,
+        root: &Path,
+        stream: &str,
+    ) -> Result<AlertStage, AlertError> {
+        let rules = load_rules(cfg, ctx)?;
+        let delivery = DeliveryConfig {
+            deadline: cfg.deadline,
+            external_url: cfg.external_url.clone(),
+            ..DeliveryConfig::default()
+        };
+        let notifier = Arc::new(Notifier::new(&cfg.receivers, delivery)?);
+        let state_path = state_file(root, stream);
+        let persisted = read_state(&state_path)?;
+        let mut engine = Engine::new(rules.rules, ctx.dimensions.clone(), cfg.known_good_after_ms);
+        // Event time resumes where the judged windows ended.
+        let event_now = persisted
+            .engine
+            .evaluated_through
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(i64::MIN);
+        for a in engine.restore(persisted.engine) {
+            warn!(rule = %a.rule, "dropping an alert whose rule no longer exists");
+        }
+        let mut dispatcher = Dispatcher::new(
+            cfg.routes.clone(),
+            cfg.default_route.clone(),
+            rules.inhibits,
+            cfg.send_resolved,
+        );
+        dispatcher.restore(persisted.groups);
+        info!(
+            rules = engine.rules().count(),
+            receivers = cfg.receivers.len(),
+            "alerting on"
+        );
+        let (tx, rx) = bounded(64);
+        let driver = Driver {
+            engine,
+            dispatcher,
+            clock: cfg.clock,
+            event_now,
+            root: root.to_owned(),
+            stream: stream.to_owned(),
+            state_path,
+            silences_seen: None,
+            rows: Vec::new(),
+            rows_since: Instant::now(),
+            in_flight: HashMap::new(),
+            file_seq: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("telltale-alerts".into())
+            .spawn(move || driver.run(rx, notifier))
+            .map_err(AlertError::Thread)?;
+        Ok(AlertStage {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn sender(&self) -> FrameSender {
+        FrameSender(self.tx.clone().expect("the stage is running"))
+    }
+
+    /// Evaluates what was sent, delivers what is due (waiting for deliveries up to their
+    /// deadline), writes the state and the table, and stops.
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for AlertStage {
+    fn drop(&mut self) {
+        // Senders may live on elsewhere (a `FrameSender`): ask, rather than wait for the
+        // channel to close.
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Input::Stop);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Driver {
+    engine: Engine,
+    dispatcher: Dispatcher,
+    clock: Clock,
+    event_now: i64,
+    root: PathBuf,
+    stream: String,
+    state_path: PathBuf,
+    silences_seen: Option<SystemTime>,
+    rows: Vec<AlertRow>,
+    rows_since: Instant,
+    in_flight: HashMap<u64, Notification>,
+    file_seq: u64,
+}
+
+fn wall_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Rows are written at most this often (and at stop).
+const TABLE_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a stopping stage waits for deliveries in progress.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl Driver {
+    fn now(&self) -> i64 {
+        match self.clock {
+            Clock::Wall => wall_ms(),
+            Clock::Event => self.event_now,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Input>, notifier: Arc<Notifier>) {
+        let (attempt_tx, attempt_rx) = unbounded::<notify::Attempt>();
+        let (job_tx, job_rx) = tokio::sync::mpsc::unbounded_channel::<Notification>();
+        let notify_thread = std::thread::Builder::new()
+            .name("telltale-notify".into())
+            .spawn(move || deliver_loop(job_rx, notifier, attempt_tx));
+        let notify_thread = match notify_thread {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot start the notifier thread; alerts will not be delivered");
+                return;
+            }
+        };
+        self.reload_silences();
+        let mut rx = rx;
+        let mut stopping: Option<Instant> = None;
+        loop {
+            if let Some(since) = stopping {
+                if self.in_flight.is_empty() {
+                    break;
+                }
+                if since.elapsed() > STOP_GRACE {
+                    warn!(
+                        in_flight = self.in_flight.len(),
+                        "stopping with notifications still being delivered; they are sent again after a restart"
+                    );
+                    break;
+                }
+            }
+            let wait = self
+                .dispatcher
+                .next_due()
+                .map(|t| Duration::from_millis(t.saturating_sub(self.now()).clamp(0, 250) as u64))
+                .unwrap_or(Duration::from_millis(250));
+            crossbeam_channel::select! {
+                recv(rx) -> msg => match msg {
+                    Ok(Input::Frames(frames)) => self.frames(&frames, &job_tx),
+                    Ok(Input::Stop) | Err(_) => {
+                        stopping = Some(Instant::now());
+                        rx = crossbeam_channel::never();
+                    }
+                },
+                recv(attempt_rx) -> a => if let Ok(a) = a { self.attempt(a) },
+                default(wait) => {}
+            }
+            self.reload_silences();
+            // Also while stopping: a resolution waits for the firing notice before it.
+            self.flush(&job_tx);
+            if self.rows_since.elapsed() >= TABLE_EVERY {
+                self.write_rows();
+            }
+        }
+        drop(job_tx);
+        if self.in_flight.is_empty() {
+            let _ = notify_thread.join();
+        }
+        self.persist();
+        self.write_rows();
+    }
+
+    /// Judges each window and, after each, cuts what is due: with the event clock a burst of
+    /// windows (a backlog caught up) still notifies as the windows' times say.
+    fn frames(
+        &mut self,
+        frames: &[Frame],
+        job_tx: &tokio::sync::mpsc::UnboundedSender<Notification>,
+    ) {
+        let now_wall = wall_ms();
+        for f in frames {
+            if self.engine.already_judged(f) {
+                self.engine.warm(f);
+                continue;
+            }
+            let ev = self.engine.evaluate(f);
+            self.event_now = self.event_now.max(f.end_ms);
+            let now = self.now();
+            for t in &ev.transitions {
+                info!(rule = %t.rule, from = t.from, to = t.to, value = t.value, window_end = %crate::metrics::fmt_ms(t.at_ms), "alert");
+                self.rows.push(AlertRow::transition(t, now_wall));
+            }
+            self.dispatcher.firing(&ev.firing, now);
+            self.dispatcher.resolved(&ev.resolved, now);
+            self.flush(job_tx);
+        }
+        self.persist();
+    }
+
+    fn flush(&mut self, job_tx: &tokio::sync::mpsc::UnboundedSender<Notification>) {
+        let now = self.now();
+        let cut = self.dispatcher.flush(now);
+        for n in cut {
+            self.in_flight.insert(n.id, n.clone());
+            if job_tx.send(n).is_err() {
+                warn!("the notifier thread is gone; notification dropped");
+            }
+        }
+    }
+
+    fn attempt(&mut self, a: notify::Attempt) {
+        if let Some(n) = self.in_flight.get(&a.id) {
+            self.rows.extend(AlertRow::attempts(n, &a));
+            if !a.ok {
+                warn!(receiver = %a.receiver, attempt = a.attempt, error = a.error.as_deref().unwrap_or(""), gave_up = a.last, "notification failed");
+            }
+        }
+        if a.last {
+            self.in_flight.remove(&a.id);
+            self.dispatcher
+                .delivered(&a.receiver, &a.group_key, a.id, a.ok);
+            self.persist();
+        }
+    }
+
+    fn reload_silences(&mut self) {
+        let path = silences_file(&self.root);
+        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if mtime == self.silences_seen {
+            return;
+        }
+        self.silences_seen = mtime;
+        match read_silences(&self.root) {
+            Ok(s) => self.dispatcher.set_silences(&s),
+            Err(e) => warn!(error = %e, "cannot read silences; keeping the previous ones"),
+        }
+    }
+
+    fn persist(&mut self) {
+        let p = Persisted {
+            version: 1,
+            engine: self.engine.state(),
+            groups: self.dispatcher.groups().cloned().collect(),
+        };
+        if let Err(e) = write_json(&self.state_path, &p) {
+            warn!(error = %e, "cannot write the alert state");
+        }
+    }
+
+    fn write_rows(&mut self) {
+        self.rows_since = Instant::now();
+        if self.rows.is_empty() {
+            return;
+        }
+        let first = self.rows[0].time_ms;
+        self.file_seq += 1;
+        let rel = PathBuf::from("alerts")
+            .join(crate::sink::hour_dir(first.div_euclid(3_600_000)))
+            .join(format!(
+                "alerts-{}-{first}-{}-{}.parquet",
+                self.stream,
+                std::process::id(),
+                self.file_seq
+            ));
+        let path = self.root.join(rel);
+        let batch = table::to_batch(&self.rows);
+        match write_table_file(&path, &batch) {
+            Ok(()) => self.rows.clear(),
+            Err(e) => {
+                warn!(error = %e, path = %path.display(), "cannot write alert rows; keeping them for the next try")
+            }
+        }
+    }
+}
+
+fn write_table_file(
+    path: &Path,
+    batch: &arrow::array::RecordBatch,
+) -> Result<(), crate::sink::SinkError> {
+    let dir = path
+        .parent()
+        .expect("table files live in a partition directory");
+    std::fs::create_dir_all(dir).map_err(crate::sink::io_err(dir))?;
+    let tmp = path.with_extension("parquet.tmp");
+    crate::sink::write_parquet(
+        &tmp,
+        batch,
+        crate::sink::Table::Alerts,
+        &crate::config::SinkConfig::default(),
+    )?;
+    std::fs::rename(&tmp, path).map_err(crate::sink::io_err(path))?;
+    Ok(())
+}
+
+/// The notifier thread: one task per notification, on a small runtime of its own.
+fn deliver_loop(
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<Notification>,
+    notifier: Arc<Notifier>,
+    attempts: Sender<notify::Attempt>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(error = %e, "cannot build the notifier runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        while let Some(n) = jobs.recv().await {
+            let notifier = notifier.clone();
+            let attempts = attempts.clone();
+            tasks.spawn(async move {
+                let report = move |a: notify::Attempt| {
+                    let _ = attempts.send(a);
+                };
+                notifier.deliver(&n, &report).await;
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+}
+
+#[cfg(test)]
+mod tests;
