@@ -25,9 +25,10 @@
 //!   window of 10 000 series (rows, serialized histograms, the hourly roll-up). Prints the
 //!   memory per live series.
 //! - `alert`: judging one closed window of 10 000 series (the metrics stage's real rows) with
-//!   1 000 rules that all apply to every series — 990 thresholds over six columns and 10
-//!   `change` rules against the trailing hour — so 10 M rule × series judgements per window,
-//!   counted as elements. The baseline in the same run is one rule (10 k judgements).
+//!   1 000 rules that all apply to every series, so 10 M rule × series judgements per window,
+//!   counted as elements: 980 quiet thresholds over six columns, 10 busy ones (≈ 1 % of the
+//!   series over them: ≈ 1 000 alerts pending and firing) and 10 `change` rules against the
+//!   trailing hour. The baseline in the same run is one busy rule (10 k judgements).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -448,14 +449,46 @@ fn alert(c: &mut Criterion) {
         "cost_usd_sum",
         "output_tokens_p50",
     ];
+    // Each metric's values across the series, sorted: thresholds are set from them.
+    let sorted = |m: &str| {
+        use arrow::array::AsArray;
+        let c = batch.column_by_name(m).expect("metrics column");
+        let mut v: Vec<f64> = match c.data_type() {
+            arrow::datatypes::DataType::Float64 => c
+                .as_primitive::<arrow::datatypes::Float64Type>()
+                .iter()
+                .flatten()
+                .collect(),
+            _ => c
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .iter()
+                .flatten()
+                .map(|x| x as f64)
+                .collect(),
+        };
+        v.sort_by(f64::total_cmp);
+        v
+    };
     let mut text = String::new();
     for i in 0..1000 {
         let m = metrics[i % metrics.len()];
-        if i % 100 == 99 {
-            text.push_str(&format!("[[rule]]\nname = \"r{i}\"\nmetric = \"{m}\"\nmin_samples = 5\nchange = {{ ratio_above = 2, trailing = \"1h\" }}\n"));
+        let v = sorted(m);
+        let rule = if i % 100 == 99 {
+            // 10 rules against the trailing hour.
+            "change = { ratio_above = 2, trailing = \"1h\" }".to_owned()
+        } else if i % 100 == 0 {
+            // 10 busy rules: about 1 % of the series over the threshold.
+            format!("threshold = {{ above = {} }}", v[v.len() * 99 / 100])
         } else {
-            text.push_str(&format!("[[rule]]\nname = \"r{i}\"\nmetric = \"{m}\"\nmin_samples = 5\nfor = \"3m\"\nthreshold = {{ above = {} }}\n", 1000 + i * 37));
-        }
+            // The rest are quiet, as most rules are most of the time.
+            format!(
+                "threshold = {{ above = {} }}",
+                v[v.len() - 1] * 1.5 + i as f64
+            )
+        };
+        text.push_str(&format!(
+            "[[rule]]\nname = \"r{i}\"\nmetric = \"{m}\"\nmin_samples = 5\nfor = \"3m\"\n{rule}\n"
+        ));
     }
     let set = rule::parse_rules(&text, "bench.toml", &ctx).expect("bench rules parse");
     let one = rule::parse_rules(
@@ -498,5 +531,123 @@ fn alert(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, metrics, end_to_end, alert);
+/// One window of one series whose median latency is `p50`, ending at `end_ms`.
+fn latency_frame(app: &str, end_ms: i64, p50: f64) -> telltale::alert::Frame {
+    use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let s = |v: &str| Arc::new(StringArray::from(vec![v.to_owned()])) as arrow::array::ArrayRef;
+    let schema = Schema::new(vec![
+        Field::new("app", DataType::Utf8, true),
+        Field::new("environment", DataType::Utf8, true),
+        Field::new("model", DataType::Utf8, true),
+        Field::new("prompt_version", DataType::Utf8, true),
+        Field::new("events", DataType::Int64, false),
+        Field::new("latency_ms_p50", DataType::Float64, true),
+    ]);
+    let batch = RecordBatch::try_new(
+        Arc::new(schema),
+        vec![
+            s(app),
+            s("prod"),
+            s("gpt-4o-mini"),
+            s("v4"),
+            Arc::new(Int64Array::from(vec![100])),
+            Arc::new(Float64Array::from(vec![p50])),
+        ],
+    )
+    .expect("valid frame");
+    telltale::alert::Frame {
+        source: "metrics".into(),
+        resolution_ms: 60_000,
+        start_ms: end_ms - 60_000,
+        end_ms,
+        batch,
+    }
+}
+
+/// `alert/window_to_notifier`: from handing the alert stage a closed window that crosses a
+/// threshold to a real HTTP receiver (axum on 127.0.0.1) answering the webhook: evaluation,
+/// grouping (group_wait 0), the notifier thread and the HTTP round trip. One iteration is
+/// one alert on a new series; the time is per notification.
+fn alert_latency(c: &mut Criterion) {
+    use telltale::alert::{AlertStage, AlertingConfig, ReceiverConfig, RuleContext, RulesFrom};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let h2 = hits.clone();
+    let app = axum::Router::new().fallback(axum::routing::post(move || {
+        let h = h2.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            "ok"
+        }
+    }));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).expect("rules dir");
+    std::fs::write(
+        rules.join("slow.toml"),
+        "[[rule]]\nname = \"Slow\"\nmetric = \"latency_ms_p50\"\nthreshold = { above = 1000 }\n",
+    )
+    .expect("rule file");
+    let mut cfg = AlertingConfig {
+        enabled: true,
+        rules: RulesFrom::Dir(rules),
+        ..AlertingConfig::default()
+    };
+    cfg.receivers.insert(
+        "hook".into(),
+        ReceiverConfig::Webhook {
+            url: format!("http://127.0.0.1:{port}/hook"),
+            secret: Some("s".into()),
+        },
+    );
+    cfg.default_route.receivers = vec!["hook".into()];
+    cfg.default_route.group_wait_ms = 0;
+    let ctx = RuleContext {
+        dimensions: vec![
+            "app".into(),
+            "environment".into(),
+            "model".into(),
+            "prompt_version".into(),
+        ],
+        window_ms: 60_000,
+        rollup_ms: HOUR,
+    };
+    let stage = AlertStage::start(&cfg, &ctx, dir.path(), "bench", Default::default())
+        .expect("stage starts");
+    let tx = stage.sender();
+    let mut g = c.benchmark_group("alert");
+    g.sample_size(20);
+    let mut n = 0u64;
+    g.bench_function("window_to_notifier", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                n += 1;
+                let before = hits.load(Ordering::SeqCst);
+                let f = latency_frame(&format!("app-{n}"), T0 + n as i64 * 60_000, 5000.0);
+                let t = Instant::now();
+                tx.send(vec![f]);
+                while hits.load(Ordering::SeqCst) == before {
+                    std::thread::yield_now();
+                }
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+    drop(stage);
+}
+
+criterion_group!(benches, decode, metrics, end_to_end, alert, alert_latency);
 criterion_main!(benches);

@@ -245,6 +245,8 @@ struct RuleRt {
 struct SeriesIndex {
     ids: HashMap<u128, u32>,
     labels: Vec<Arc<Labels>>,
+    /// `app\u{1f}environment` and `prompt_version`, for series that have all three.
+    version_key: Vec<Option<(String, String)>>,
 }
 
 /// Per app and environment, what each prompt version did: for the rollback hint.
@@ -285,7 +287,6 @@ pub struct Engine {
     known_good_after_ms: i64,
 }
 
-const VERSION_DIMS: [&str; 3] = ["app", "environment", "prompt_version"];
 const KEEP_VERSIONS: usize = 32;
 
 impl Engine {
@@ -365,6 +366,33 @@ impl Engine {
         self.run(frame, false);
     }
 
+    /// Feeds a window into the histories and counts it as judged without judging it (the
+    /// first start over an existing table: old windows are history, not news).
+    pub fn warm_as_judged(&mut self, frame: &Frame) {
+        self.run(frame, false);
+        let t = self
+            .evaluated_through
+            .entry(frame.key())
+            .or_insert(i64::MIN);
+        *t = (*t).max(frame.end_ms);
+    }
+
+    /// How far back the rules look: the longest trailing period or burn-rate long window,
+    /// or four z-score half-lives; at most a day.
+    pub fn history_ms(&self) -> i64 {
+        self.rules
+            .iter()
+            .map(|r| match r.rule.condition {
+                Condition::Threshold { .. } => 0,
+                Condition::Change { trailing_ms, .. } => trailing_ms,
+                Condition::BurnRate { long_ms, .. } => long_ms,
+                Condition::ZScore { half_life_ms, .. } => half_life_ms.saturating_mul(4),
+            })
+            .max()
+            .unwrap_or(0)
+            .min(24 * 3_600_000)
+    }
+
     /// Judges a closed window.
     pub fn evaluate(&mut self, frame: &Frame) -> Evaluation {
         if self.already_judged(frame) {
@@ -438,12 +466,22 @@ impl Engine {
                 )),
                 _ => None,
             };
+            let series_count = self.series.labels.len();
+            if rt.selected.len() < series_count {
+                rt.selected.resize(series_count, 0);
+            }
+            let threshold = match rule.condition {
+                Condition::Threshold { cmp, value } => Some((cmp, value)),
+                _ => None,
+            };
+            if threshold.is_none() && rt.history.len() < series_count {
+                rt.history.resize(series_count, History::None);
+            }
+            let min = rule.min_samples as i64;
+            let has_active = !rt.active.is_empty();
             let mut judged_now: Vec<(u32, Judgement)> = Vec::new();
             for (row, &sid) in sids.iter().enumerate() {
                 let s = sid as usize;
-                if rt.selected.len() <= s {
-                    rt.selected.resize(s + 1, 0);
-                }
                 if rt.selected[s] == 0 {
                     let labels = &self.series.labels[s];
                     let ok = matches_all(&rule.select, |k| labels.get(k).map(String::as_str));
@@ -452,39 +490,51 @@ impl Engine {
                 if rt.selected[s] != 1 {
                     continue;
                 }
-                if rt.history.len() <= s {
-                    rt.history.resize(s + 1, History::None);
-                }
-                let n = events.map_or(0, |c| c.value(row)) as f64;
-                let j = match &rule.condition {
-                    Condition::BurnRate { .. } => {
-                        let bad = match &slow {
-                            Some((t, Some(hist))) => slow_count(hist.value(row), *t),
-                            Some((_, None)) => 0.0,
-                            None => errors.map_or(0, |c| c.value(row)) as f64,
-                        };
-                        judge_burn(rule, &mut rt.history[s], frame, bad, n)
+                let n = events.map_or(0, |c| c.value(row));
+                // The hot path: a stateless threshold, judged without building anything
+                // unless it is violated or the series has an alert.
+                let j = if let Some((cmp, t)) = threshold {
+                    match metric.as_ref().and_then(|m| m.get(row)) {
+                        Some(v) if n >= min && v.is_finite() => {
+                            if cmp.holds(v, t) {
+                                Judgement::Violating(v, None)
+                            } else {
+                                Judgement::Clear(v, None)
+                            }
+                        }
+                        _ => Judgement::Unjudged,
                     }
-                    _ => {
-                        let v = metric.as_ref().and_then(|m| m(row));
-                        judge_value(rule, &mut rt.history[s], frame, v, n)
-                    }
+                } else if let Condition::BurnRate { .. } = rule.condition {
+                    let bad = match &slow {
+                        Some((t, Some(hist))) => slow_count(hist.value(row), *t),
+                        Some((_, None)) => 0.0,
+                        None => errors.map_or(0, |c| c.value(row)) as f64,
+                    };
+                    judge_burn(rule, &mut rt.history[s], frame, bad, n as f64)
+                } else {
+                    let v = metric.as_ref().and_then(|m| m.get(row));
+                    judge_value(rule, &mut rt.history[s], frame, v, n as f64)
                 };
-                if judge && !matches!(j, Judgement::Unjudged) {
-                    judged_now.push((sid, j));
-                } else if judge && rt.active.contains_key(&sid) {
-                    judged_now.push((sid, Judgement::Unjudged));
+                if !judge {
+                    continue;
+                }
+                match j {
+                    Judgement::Violating(..) => judged_now.push((sid, j)),
+                    _ if has_active && rt.active.contains_key(&sid) => judged_now.push((sid, j)),
+                    _ => {}
                 }
             }
             if !judge {
                 continue;
             }
             // Alerts whose series had no row in this window are unjudged too.
-            let mut seen: std::collections::HashSet<u32> =
-                judged_now.iter().map(|(s, _)| *s).collect();
-            for sid in rt.active.keys() {
-                if seen.insert(*sid) {
-                    judged_now.push((*sid, Judgement::Unjudged));
+            if has_active {
+                let mut seen: std::collections::HashSet<u32> =
+                    judged_now.iter().map(|(s, _)| *s).collect();
+                for sid in rt.active.keys() {
+                    if seen.insert(*sid) {
+                        judged_now.push((*sid, Judgement::Unjudged));
+                    }
                 }
             }
             for (sid, j) in judged_now {
@@ -514,37 +564,37 @@ impl Engine {
     }
 
     fn see_versions(&mut self, frame: &Frame, sids: &[u32]) {
-        if !VERSION_DIMS
-            .iter()
-            .all(|d| self.dimensions.iter().any(|x| x == d))
-        {
-            return;
-        }
         for &sid in sids {
-            let l = &self.series.labels[sid as usize];
-            let (Some(app), Some(env), Some(v)) =
-                (l.get("app"), l.get("environment"), l.get("prompt_version"))
-            else {
+            let Some((key, v)) = &self.series.version_key[sid as usize] else {
                 continue;
             };
-            let per = self
-                .versions
-                .entry(format!("{app}\u{1f}{env}"))
-                .or_default();
-            let seen = per.entry(v.clone()).or_insert(VersionSeen {
-                first_seen: frame.start_ms,
-                last_seen: frame.end_ms,
-                bad_until: None,
-            });
-            seen.first_seen = seen.first_seen.min(frame.start_ms);
-            seen.last_seen = seen.last_seen.max(frame.end_ms);
-            if per.len() > KEEP_VERSIONS {
-                let oldest = per
-                    .iter()
-                    .min_by_key(|(_, s)| s.last_seen)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = oldest {
-                    per.remove(&k);
+            let per = match self.versions.get_mut(key.as_str()) {
+                Some(p) => p,
+                None => self.versions.entry(key.clone()).or_default(),
+            };
+            match per.get_mut(v.as_str()) {
+                Some(seen) => {
+                    seen.first_seen = seen.first_seen.min(frame.start_ms);
+                    seen.last_seen = seen.last_seen.max(frame.end_ms);
+                }
+                None => {
+                    per.insert(
+                        v.clone(),
+                        VersionSeen {
+                            first_seen: frame.start_ms,
+                            last_seen: frame.end_ms,
+                            bad_until: None,
+                        },
+                    );
+                    if per.len() > KEEP_VERSIONS {
+                        let oldest = per
+                            .iter()
+                            .min_by_key(|(_, s)| s.last_seen)
+                            .map(|(k, _)| k.clone());
+                        if let Some(k) = oldest {
+                            per.remove(&k);
+                        }
+                    }
                 }
             }
         }
@@ -617,6 +667,15 @@ impl SeriesIndex {
             .zip(values)
             .filter_map(|(d, v)| v.map(|v| (d.clone(), v.to_owned())))
             .collect();
+        let vk = match (
+            labels.get("app"),
+            labels.get("environment"),
+            labels.get("prompt_version"),
+        ) {
+            (Some(a), Some(e), Some(v)) => Some((format!("{a}\u{1f}{e}"), v.clone())),
+            _ => None,
+        };
+        self.version_key.push(vk);
         self.labels.push(Arc::new(labels));
         self.ids.insert(key, id);
         id
@@ -627,21 +686,27 @@ fn int_column<'a>(b: &'a RecordBatch, name: &str) -> Option<&'a arrow::array::In
     b.column_by_name(name)?.as_primitive_opt::<Int64Type>()
 }
 
-type Getter<'a> = Box<dyn Fn(usize) -> Option<f64> + 'a>;
+/// A numeric column of a frame.
+enum Column<'a> {
+    F64(&'a arrow::array::Float64Array),
+    I64(&'a arrow::array::Int64Array),
+}
 
-fn numeric_column<'a>(b: &'a RecordBatch, name: &str) -> Option<Getter<'a>> {
+impl Column<'_> {
+    #[inline]
+    fn get(&self, i: usize) -> Option<f64> {
+        match self {
+            Column::F64(a) => (!a.is_null(i)).then(|| a.value(i)),
+            Column::I64(a) => (!a.is_null(i)).then(|| a.value(i) as f64),
+        }
+    }
+}
+
+fn numeric_column<'a>(b: &'a RecordBatch, name: &str) -> Option<Column<'a>> {
     let c = b.column_by_name(name)?;
     match c.data_type() {
-        DataType::Float64 => {
-            let a = c.as_primitive::<Float64Type>();
-            Some(Box::new(move |i| (!a.is_null(i)).then(|| a.value(i))))
-        }
-        DataType::Int64 => {
-            let a = c.as_primitive::<Int64Type>();
-            Some(Box::new(move |i| {
-                (!a.is_null(i)).then(|| a.value(i) as f64)
-            }))
-        }
+        DataType::Float64 => Some(Column::F64(c.as_primitive::<Float64Type>())),
+        DataType::Int64 => Some(Column::I64(c.as_primitive::<Int64Type>())),
         _ => None,
     }
 }

@@ -42,6 +42,7 @@ pub mod table;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -177,6 +178,51 @@ pub fn state_file(root: &Path, stream: &str) -> PathBuf {
 
 pub fn silences_file(root: &Path) -> PathBuf {
     state_dir(root).join("silences.json")
+}
+
+/// The metrics windows of `stream` that start in [from_ms, to_ms), oldest first (unreadable
+/// files are skipped with a warning).
+pub fn metrics_frames(root: &Path, stream: &str, from_ms: i64, to_ms: i64) -> Vec<Frame> {
+    const HOUR: i64 = 3_600_000;
+    let prefix = format!("metrics-{stream}-");
+    let mut out = Vec::new();
+    for hour in from_ms.div_euclid(HOUR)..=to_ms.div_euclid(HOUR) {
+        let dir = root.join("metrics").join(crate::sink::hour_dir(hour));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let start = name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".parquet"))
+                .and_then(|r| r.rsplit_once('-'))
+                .and_then(|(_, s)| s.parse::<i64>().ok());
+            let Some(start) = start.filter(|s| (from_ms..to_ms).contains(s)) else {
+                continue;
+            };
+            let batch = crate::metrics::rebuild::read_parquet(&e.path(), None).and_then(|b| {
+                let schema = b.first().map(|x| x.schema());
+                match schema {
+                    Some(schema) => arrow::compute::concat_batches(&schema, &b)
+                        .map(Some)
+                        .map_err(|err| crate::sink::SinkError::Io {
+                            path: e.path(),
+                            source: std::io::Error::other(err),
+                        }),
+                    None => Ok(None),
+                }
+            });
+            match batch {
+                Ok(b) => out.extend(b.as_ref().and_then(Frame::from_metrics)),
+                Err(err) => {
+                    warn!(path = %e.path().display(), error = %err, start, "skipping an unreadable metrics file")
+                }
+            }
+        }
+    }
+    out.sort_by_key(|f| (f.end_ms, f.resolution_ms));
+    out
 }
 
 /// The state file's body.
@@ -341,6 +387,7 @@ impl AlertStage {
         ctx: &RuleContext,
         root: &Path,
         stream: &str,
+        stats: Arc<crate::telemetry::Stats>,
     ) -> Result<AlertStage, AlertError> {
         let rules = load_rules(cfg, ctx)?;
         let delivery = DeliveryConfig {
@@ -362,6 +409,33 @@ impl AlertStage {
             .unwrap_or(i64::MIN);
         for a in engine.restore(persisted.engine) {
             warn!(rule = %a.rule, "dropping an alert whose rule no longer exists");
+        }
+        // Rebuild the rules' histories from the metrics table, and judge the windows that were
+        // made durable but never judged (a crash between the two).
+        let had_state = state_path.exists();
+        let now = wall_ms();
+        let span = engine.history_ms();
+        let mut catch_up = Vec::new();
+        let mut warmed = 0;
+        if span > 0 || had_state {
+            for f in metrics_frames(root, stream, now - span.max(3_600_000), now + 600_000) {
+                if engine.already_judged(&f) {
+                    engine.warm(&f);
+                    warmed += 1;
+                } else if had_state {
+                    catch_up.push(f);
+                } else {
+                    engine.warm_as_judged(&f);
+                    warmed += 1;
+                }
+            }
+        }
+        if warmed + catch_up.len() > 0 {
+            info!(
+                warmed,
+                catch_up = catch_up.len(),
+                "alert rules' history rebuilt from the metrics table"
+            );
         }
         let mut dispatcher = Dispatcher::new(
             cfg.routes.clone(),
@@ -389,15 +463,19 @@ impl AlertStage {
             rows_since: Instant::now(),
             in_flight: HashMap::new(),
             file_seq: 0,
+            stats,
+            frames_at: None,
         };
         let thread = std::thread::Builder::new()
             .name("telltale-alerts".into())
             .spawn(move || driver.run(rx, notifier))
             .map_err(AlertError::Thread)?;
-        Ok(AlertStage {
+        let stage = AlertStage {
             tx: Some(tx),
             thread: Some(thread),
-        })
+        };
+        stage.sender().send(catch_up);
+        Ok(stage)
     }
 
     pub fn sender(&self) -> FrameSender {
@@ -435,8 +513,12 @@ struct Driver {
     silences_seen: Option<SystemTime>,
     rows: Vec<AlertRow>,
     rows_since: Instant,
-    in_flight: HashMap<u64, Notification>,
+    /// Each notification being delivered, with when the window that caused it arrived.
+    in_flight: HashMap<u64, (Notification, Instant)>,
     file_seq: u64,
+    stats: Arc<crate::telemetry::Stats>,
+    /// While windows are being judged: when they arrived.
+    frames_at: Option<Instant>,
 }
 
 fn wall_ms() -> i64 {
@@ -525,15 +607,25 @@ impl Driver {
         job_tx: &tokio::sync::mpsc::UnboundedSender<Notification>,
     ) {
         let now_wall = wall_ms();
+        self.frames_at = Some(Instant::now());
         for f in frames {
             if self.engine.already_judged(f) {
                 self.engine.warm(f);
                 continue;
             }
+            let started = Instant::now();
             let ev = self.engine.evaluate(f);
+            self.stats
+                .alert_evaluation_us
+                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.event_now = self.event_now.max(f.end_ms);
             let now = self.now();
             for t in &ev.transitions {
+                match t.to {
+                    "firing" => self.stats.alerts_fired.fetch_add(1, Ordering::Relaxed),
+                    "resolved" => self.stats.alerts_resolved.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
                 info!(rule = %t.rule, from = t.from, to = t.to, value = t.value, window_end = %crate::metrics::fmt_ms(t.at_ms), "alert");
                 self.rows.push(AlertRow::transition(t, now_wall));
             }
@@ -541,14 +633,25 @@ impl Driver {
             self.dispatcher.resolved(&ev.resolved, now);
             self.flush(job_tx);
         }
+        self.frames_at = None;
+        let (mut pending, mut firing) = (0, 0);
+        for a in self.engine.alerts() {
+            match a.state {
+                engine::State::Pending => pending += 1,
+                engine::State::Firing => firing += 1,
+            }
+        }
+        self.stats.alerts_pending.store(pending, Ordering::Relaxed);
+        self.stats.alerts_firing.store(firing, Ordering::Relaxed);
         self.persist();
     }
 
     fn flush(&mut self, job_tx: &tokio::sync::mpsc::UnboundedSender<Notification>) {
         let now = self.now();
         let cut = self.dispatcher.flush(now);
+        let since = self.frames_at.unwrap_or_else(Instant::now);
         for n in cut {
-            self.in_flight.insert(n.id, n.clone());
+            self.in_flight.insert(n.id, (n.clone(), since));
             if job_tx.send(n).is_err() {
                 warn!("the notifier thread is gone; notification dropped");
             }
@@ -556,7 +659,22 @@ impl Driver {
     }
 
     fn attempt(&mut self, a: notify::Attempt) {
-        if let Some(n) = self.in_flight.get(&a.id) {
+        let result = if a.ok {
+            "ok"
+        } else if a.last {
+            "gave_up"
+        } else {
+            "retrying"
+        };
+        if let Ok(mut m) = self.stats.notifications.lock() {
+            *m.entry((a.receiver.clone(), result)).or_default() += 1;
+        }
+        if let Some((n, since)) = self.in_flight.get(&a.id) {
+            if a.ok {
+                self.stats
+                    .alert_notification_delay_ms
+                    .store(since.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
             self.rows.extend(AlertRow::attempts(n, &a));
             if !a.ok {
                 warn!(receiver = %a.receiver, attempt = a.attempt, error = a.error.as_deref().unwrap_or(""), gave_up = a.last, "notification failed");

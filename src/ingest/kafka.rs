@@ -306,6 +306,7 @@ pub fn run(
             &ctx,
             &config.data_root,
             &stream_name(&k.group_id),
+            stats.clone(),
         )?)
     } else {
         None

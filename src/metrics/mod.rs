@@ -34,7 +34,7 @@
 //! rerun replaces its own rows.
 
 pub mod cost;
-mod rebuild;
+pub(crate) mod rebuild;
 pub mod series;
 pub mod table;
 pub mod udf;

@@ -42,7 +42,10 @@ pub fn state_body(closed_through: i64) -> String {
 }
 
 /// A Parquet file's rows; `columns`: only these top-level columns (`None`: all).
-fn read_parquet(path: &Path, columns: Option<&[&str]>) -> Result<Vec<RecordBatch>, SinkError> {
+pub(crate) fn read_parquet(
+    path: &Path,
+    columns: Option<&[&str]>,
+) -> Result<Vec<RecordBatch>, SinkError> {
     let pq = |source| SinkError::Parquet {
         path: path.to_owned(),
         source,

@@ -49,6 +49,19 @@ pub struct Stats {
     pub lag: Mutex<BTreeMap<(String, i32), i64>>,
     /// Headline numbers of the busiest series in the last closed window.
     pub series: Mutex<SeriesGauges>,
+    /// Alerts pending and firing now (gauges).
+    pub alerts_pending: AtomicU64,
+    pub alerts_firing: AtomicU64,
+    /// Alert transitions into firing and into resolved.
+    pub alerts_fired: AtomicU64,
+    pub alerts_resolved: AtomicU64,
+    /// Delivery attempts per (receiver, result: ok / retrying / gave_up). Receivers are the
+    /// configured ones, so the label set is bounded.
+    pub notifications: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Time to judge the last closed window against every rule (gauge, microseconds).
+    pub alert_evaluation_us: AtomicU64,
+    /// From a window reaching the alert stage to its notification's delivery (gauge, ms).
+    pub alert_notification_delay_ms: AtomicU64,
 }
 
 /// The last closed window's numbers for the exported series.

@@ -66,10 +66,70 @@ impl Out {
     }
 }
 
+fn render_alerts(o: &mut Out, stats: &Stats) {
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    o.family("telltale_alerts", "gauge", "Alerts pending and firing now.");
+    o.sample(
+        "telltale_alerts",
+        &[("state", "pending")],
+        g(&stats.alerts_pending),
+    );
+    o.sample(
+        "telltale_alerts",
+        &[("state", "firing")],
+        g(&stats.alerts_firing),
+    );
+    o.family(
+        "telltale_alert_transitions_total",
+        "counter",
+        "Alerts that started firing, and that resolved.",
+    );
+    o.sample(
+        "telltale_alert_transitions_total",
+        &[("to", "firing")],
+        g(&stats.alerts_fired),
+    );
+    o.sample(
+        "telltale_alert_transitions_total",
+        &[("to", "resolved")],
+        g(&stats.alerts_resolved),
+    );
+    o.family(
+        "telltale_alert_notifications_total",
+        "counter",
+        "Notification delivery attempts per receiver and result (ok, retrying, gave_up).",
+    );
+    let n = stats
+        .notifications
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    for ((receiver, result), v) in n {
+        o.sample(
+            "telltale_alert_notifications_total",
+            &[("receiver", &receiver), ("result", result)],
+            v as f64,
+        );
+    }
+    o.single(
+        "telltale_alert_evaluation_seconds",
+        "gauge",
+        "Time to judge the last closed window against every rule.",
+        g(&stats.alert_evaluation_us) / 1e6,
+    );
+    o.single(
+        "telltale_alert_notification_delay_seconds",
+        "gauge",
+        "From a window reaching the alert stage to the delivery of the notification it caused (the last one).",
+        g(&stats.alert_notification_delay_ms) / 1e3,
+    );
+}
+
 /// Renders every telltale metric.
 pub fn render(stats: &Stats) -> String {
     let mut o = Out(String::with_capacity(8192));
     let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    render_alerts(&mut o, stats);
 
     o.family(
         "telltale_build_info",
@@ -279,6 +339,11 @@ mod tests {
         stats.records_in.store(1234, Ordering::Relaxed);
         stats.late_events.store(3, Ordering::Relaxed);
         stats
+            .notifications
+            .lock()
+            .unwrap()
+            .insert(("pager".into(), "ok"), 2);
+        stats
             .lag
             .lock()
             .unwrap()
@@ -332,6 +397,10 @@ mod tests {
         assert_eq!(lat.len(), 1, "a missing quantile is not exported");
         assert_eq!(value(lat[0]), 900.0);
         assert_eq!(value(find("telltale_late_events_total")[0]), 3.0);
+        let sent = find("telltale_alert_notifications_total");
+        assert_eq!(sent[0].labels.get("receiver"), Some("pager"));
+        assert_eq!(sent[0].labels.get("result"), Some("ok"));
+        assert_eq!(value(sent[0]), 2.0);
         // Every family is announced once.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let mut names: Vec<_> = text

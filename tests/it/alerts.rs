@@ -558,9 +558,19 @@ fn rule_ctx() -> RuleContext {
     }
 }
 
+/// Minutes since the epoch where the test windows start: around 2025-11-24 by default.
+const BASE_MIN: i64 = 29_400_000;
+
 /// A metrics window (1 min) of one series with the given error count out of 100.
 fn errors_frame(end_min: i64, errors: i64) -> Frame {
+    errors_frame_at(BASE_MIN, end_min, errors)
+}
+
+fn errors_frame_at(base_min: i64, end_min: i64, errors: i64) -> Frame {
+    let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()));
     let schema = Schema::new(vec![
+        Field::new("window_start", ts.clone(), false),
+        Field::new("window_end", ts, false),
         Field::new("app", DataType::Utf8, true),
         Field::new("environment", DataType::Utf8, true),
         Field::new("model", DataType::Utf8, true),
@@ -569,10 +579,19 @@ fn errors_frame(end_min: i64, errors: i64) -> Frame {
         Field::new("errors", DataType::Int64, false),
         Field::new("error_rate", DataType::Float64, false),
     ]);
+    let (start_ms, end_ms) = (
+        (base_min + end_min - 1) * 60_000,
+        (base_min + end_min) * 60_000,
+    );
+    let t = |v: i64| {
+        Arc::new(arrow::array::TimestampMillisecondArray::from(vec![v]).with_timezone("UTC")) as _
+    };
     let s = |v: &str| Arc::new(StringArray::from(vec![v])) as _;
     let batch = RecordBatch::try_new(
         Arc::new(schema),
         vec![
+            t(start_ms),
+            t(end_ms),
             s("support-bot"),
             s("prod"),
             s("gpt-4o-mini"),
@@ -583,12 +602,11 @@ fn errors_frame(end_min: i64, errors: i64) -> Frame {
         ],
     )
     .unwrap();
-    let base = 29_400_000; // minutes since the epoch, around 2025-11-24
     Frame {
         source: "metrics".into(),
         resolution_ms: 60_000,
-        start_ms: (base + end_min - 1) * 60_000,
-        end_ms: (base + end_min) * 60_000,
+        start_ms,
+        end_ms,
         batch,
     }
 }
@@ -626,7 +644,7 @@ fn alert_stage_survives_a_restart_without_resending() {
     };
     let fired = |http: &HttpReceiver| sent(http, "firing");
 
-    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g").unwrap();
+    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g", Default::default()).unwrap();
     let tx = stage.sender();
     // 60 quiet minutes, then 50 % errors: the fast burn (14.4× of a 1 % budget) fires once
     // the last hour's error share passes 14.4 %, after 18 minutes.
@@ -638,7 +656,7 @@ fn alert_stage_survives_a_restart_without_resending() {
     assert!(state.contains("\"ErrorBudgetBurnFast\""), "{state}");
 
     // Restart: the alert is still firing and was delivered; nothing is sent again.
-    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g").unwrap();
+    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g", Default::default()).unwrap();
     let tx = stage.sender();
     tx.send((81..=82).map(|m| errors_frame(m, 50)).collect());
     // Windows judged before the restart are not judged again.
@@ -734,7 +752,7 @@ fn gate_fails_while_a_critical_alert_fires_for_the_version() {
     let root = dir.path().to_str().unwrap();
     let mut cfg = stage_config(http.url("/hook"), Clock::Event);
     cfg.known_good_after_ms = 30 * 60_000;
-    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g").unwrap();
+    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g", Default::default()).unwrap();
     let tx = stage.sender();
     tx.send((1..=60).map(|m| errors_frame(m, 0)).collect());
     tx.send((61..=80).map(|m| errors_frame(m, 50)).collect());
@@ -773,4 +791,47 @@ fn gate_fails_while_a_critical_alert_fires_for_the_version() {
             .unwrap()
             .starts_with("ok: no critical alert fires")
     );
+}
+
+/// Windows made durable in `metrics` but never judged (the process died in between) are
+/// judged at the next start, with the rules' history rebuilt from the table: the fast burn
+/// fires when the last hour's error share passes 14.4 %, not at the first bad window.
+#[test]
+fn alert_stage_judges_durable_windows_it_missed_with_history_from_the_table() {
+    let http = HttpReceiver::start(|_| 200);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = stage_config(http.url("/hook"), Clock::Event);
+    let base = chrono::Utc::now().timestamp_millis() / 60_000 - 90;
+    // Judged before the "crash": 60 quiet minutes.
+    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g", Default::default()).unwrap();
+    stage
+        .sender()
+        .send((1..=60).map(|m| errors_frame_at(base, m, 0)).collect());
+    stage.stop();
+    // The metrics table holds minutes 1..80; 61..80 have 50 % errors and were never judged.
+    for m in 1..=80 {
+        let f = errors_frame_at(base, m, if m > 60 { 50 } else { 0 });
+        let rel = telltale::metrics::window_file("g", "1m", f.start_ms);
+        let path = dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        telltale::sink::write_parquet(
+            &path,
+            &f.batch,
+            telltale::sink::Table::Metrics,
+            &telltale::config::SinkConfig::default(),
+        )
+        .unwrap();
+    }
+    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g", Default::default()).unwrap();
+    wait_for("the caught-up firing notification", || {
+        http.bodies("/hook").iter().any(|b| b["status"] == "firing")
+    });
+    stage.stop();
+    let fired_at = crate::support::strings(&crate::support::sql(
+        dir.path(),
+        "SELECT CAST(CAST(window_end AS BIGINT) AS VARCHAR) FROM alerts
+         WHERE kind = 'transition' AND status = 'firing' AND rule = 'ErrorBudgetBurnFast'",
+    ));
+    // 60 × 14.4 % / 50 % = 17.3 bad minutes: the 18th (minute 78) crosses.
+    assert_eq!(fired_at, [((base + 78) * 60_000).to_string()]);
 }
