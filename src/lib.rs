@@ -5,8 +5,12 @@
 //!  or JSONL files     consumer   telltale /  Arrow buffers     writer    <root>/<table>/date=…/hour=…/
 //!                     group      openai /                      thread    then commit offsets
 //!                                auto ──► metrics (windows) ──► Parquet: metrics, /metrics
-//!                                  │ bad record                          ▼
-//!                                  └──► rejects (reason, coordinates)   telltale sql (DataFusion)
+//!                                  │ bad record                  │ closed windows, once durable
+//!                                  │                             ▼
+//!                                  │                alert: rules, lifecycle, grouping ──► email,
+//!                                  │                silences, inhibition, rollback hint   webhooks
+//!                                  └──► rejects (reason, coordinates)      Parquet: alerts
+//!                                                          telltale sql (DataFusion) over all tables
 //! ```
 //!
 //! Delivery: at-least-once from Kafka, exactly-once into Parquet: a batch's files are renamed
@@ -15,8 +19,9 @@
 //!
 //! Modules, in data-flow order: [`ingest`] (Kafka and file sources), [`decode`] (wire formats
 //! → [`event::LlmEvent`]), [`event`] and [`rejects`] (the tables' rows), [`metrics`] (cost, and
-//! per-series histograms per event-time window, on [`window`]'s series and windows), [`sink`]
-//! (Parquet and the commit protocol), [`query`] (SQL). [`config`] turns pipeline files into
+//! per-series histograms per event-time window, on [`window`]'s series and windows), [`alert`]
+//! (rules over closed windows, notifications), [`sink`] (Parquet and the commit protocol),
+//! [`query`] (SQL). [`config`] turns pipeline files into
 //! typed config; [`demo`] is the self-contained `telltale demo`; [`telemetry`] is telltale's own
 //! logs, counters and `/metrics` endpoint.
 

@@ -184,6 +184,18 @@ impl mailin_embedded::Handler for Mailbox {
         self.current.extend_from_slice(buf);
         Ok(())
     }
+    fn auth_plain(
+        &mut self,
+        _authorization_id: &str,
+        authentication_id: &str,
+        password: &str,
+    ) -> mailin_embedded::Response {
+        if (authentication_id, password) == ("telltale", "s3cret") {
+            mailin_embedded::response::AUTH_OK
+        } else {
+            mailin_embedded::response::INVALID_CREDENTIALS
+        }
+    }
     fn data_end(&mut self) -> mailin_embedded::Response {
         let body = String::from_utf8_lossy(&self.current).into_owned();
         self.messages
@@ -215,7 +227,8 @@ fn smtp_server_with(tls_dir: Option<&std::path::Path>) -> (u16, Mailbox) {
                 cert_path: c.display().to_string(),
                 key_path: k.display().to_string(),
             })
-            .unwrap();
+            .unwrap()
+            .with_auth(mailin_embedded::AuthMechanism::Plain);
     }
     std::thread::spawn(move || {
         let _ = server.serve();
@@ -234,13 +247,14 @@ fn smtp_server() -> (u16, Mailbox) {
 }
 
 fn email_receiver(port: u16, tls: SmtpTls) -> BTreeMap<String, ReceiverConfig> {
-    email_receiver_with(port, tls, false)
+    email_receiver_with(port, tls, false, None)
 }
 
 fn email_receiver_with(
     port: u16,
     tls: SmtpTls,
     accept_invalid_certs: bool,
+    credentials: Option<(&str, &str)>,
 ) -> BTreeMap<String, ReceiverConfig> {
     [(
         "oncall".to_owned(),
@@ -249,8 +263,8 @@ fn email_receiver_with(
                 host: "127.0.0.1".into(),
                 port,
                 tls,
-                username: None,
-                password: None,
+                username: credentials.map(|c| c.0.to_owned()),
+                password: credentials.map(|c| c.1.to_owned()),
                 accept_invalid_certs,
             },
             from: "telltale@example.com".into(),
@@ -313,7 +327,7 @@ fn email_reaches_a_real_smtp_server_with_text_and_html_bodies() {
 }
 
 #[test]
-fn email_goes_over_starttls_and_is_refused_with_an_untrusted_certificate() {
+fn email_goes_over_starttls_with_credentials_and_is_refused_with_an_untrusted_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (port, mailbox) = smtp_server_with(Some(dir.path()));
     // The relay's certificate is self-signed: refused unless the receiver says otherwise.
@@ -330,8 +344,21 @@ fn email_goes_over_starttls_and_is_refused_with_an_untrusted_certificate() {
         "{attempts:?}"
     );
     assert!(mailbox.messages.lock().unwrap().is_empty());
-    let lenient =
-        Notifier::new(&email_receiver_with(port, SmtpTls::StartTls, true), quick()).unwrap();
+    // Wrong credentials: a permanent SMTP error, not retried.
+    let wrong = email_receiver_with(port, SmtpTls::StartTls, true, Some(("telltale", "guess")));
+    let (ok, attempts) = deliver(
+        &Notifier::new(&wrong, quick()).unwrap(),
+        &notification("oncall", Status::Firing),
+    );
+    assert!(!ok);
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert!(
+        attempts[0].error.as_deref().unwrap_or("").contains("535"),
+        "{attempts:?}"
+    );
+    // Trusted on purpose, with the right credentials (sent only inside TLS).
+    let lenient = email_receiver_with(port, SmtpTls::StartTls, true, Some(("telltale", "s3cret")));
+    let lenient = Notifier::new(&lenient, quick()).unwrap();
     let (ok, attempts) = deliver(&lenient, &notification("oncall", Status::Resolved));
     assert!(ok, "{attempts:?}");
     let messages = mailbox.messages.lock().unwrap().clone();
