@@ -29,6 +29,7 @@ pub mod alert;
 pub mod config;
 pub mod decode;
 pub mod demo;
+pub mod drift;
 pub mod event;
 pub mod ingest;
 pub mod metrics;

@@ -357,26 +357,28 @@ pub struct FrameSender(Sender<Input>);
 impl FrameSender {
     /// Hands over closed windows (of any per-window table).
     pub fn send(&self, frames: Vec<Frame>) {
-        if !frames.is_empty() {
-            let _ = self
+        if !frames.is_empty()
+            && self
                 .0
-                .send_timeout(Input::Frames(frames), Duration::from_secs(5));
+                .send_timeout(Input::Frames(frames), Duration::from_secs(5))
+                .is_err()
+        {
+            // Not lost for good: the windows are durable, and the next start judges them.
+            warn!(
+                "the alert stage did not take closed windows within 5 s; they are judged at the next start"
+            );
         }
     }
 
     /// Hands over the windows of a durable metrics output. Blocks only if the stage is 64
     /// outputs behind (it evaluates in memory, so that means it is stuck or gone).
     pub fn send_metrics(&self, out: &crate::metrics::MetricsOutput) {
-        let frames: Vec<Frame> = out
-            .files
-            .iter()
-            .filter_map(|(_, b)| Frame::from_metrics(b))
-            .collect();
-        if !frames.is_empty() {
-            let _ = self
-                .0
-                .send_timeout(Input::Frames(frames), Duration::from_secs(5));
-        }
+        self.send(
+            out.files
+                .iter()
+                .filter_map(|(_, b)| Frame::from_metrics(b))
+                .collect(),
+        );
     }
 }
 

@@ -1,0 +1,102 @@
+//! Text → vector. One trait for every embedder; [`HashEmbedder`] is the dependency-free one
+//! that always works (the pipeline and `telltale demo` never depend on model files).
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("embedder {embedder}: {message}")]
+    Failed { embedder: String, message: String },
+}
+
+/// Turns texts into unit-length vectors of a fixed dimension. Implementations are CPU-bound:
+/// call them from a blocking thread, in batches.
+pub trait Embedder: Send + Sync {
+    /// Names the embedder and its model in the `drift` table (`hash-256`, `fastembed/…`).
+    fn id(&self) -> &str;
+    fn dim(&self) -> usize;
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError>;
+}
+
+/// Hashed bag of words and word pairs ("the hashing trick", Weinberger et al. 2009): each
+/// lower-cased word and each pair of neighbouring words adds ±1 to one of `dim` coordinates,
+/// chosen and signed by a hash; counts are damped (1 + ln n) and the vector L2-normalized.
+/// It knows no synonyms, but a change of topic or style changes the words, which is what
+/// drift on LLM traffic mostly is; a sentence model (`fastembed`) sees more.
+#[derive(Debug, Clone)]
+pub struct HashEmbedder {
+    dim: usize,
+    id: String,
+}
+
+impl HashEmbedder {
+    pub fn new(dim: usize) -> HashEmbedder {
+        let dim = dim.max(8);
+        HashEmbedder {
+            dim,
+            id: format!("hash-{dim}"),
+        }
+    }
+
+    fn one(&self, text: &str) -> Vec<f32> {
+        let mut counts = vec![0f32; self.dim];
+        let mut prev: Option<&str> = None;
+        let lower = text.to_lowercase();
+        let mut add = |bytes: &[u8], seed: u64| {
+            let h = xxh3_64_with_seed(bytes, seed);
+            let i = (h % self.dim as u64) as usize;
+            counts[i] += if h >> 63 == 0 { 1.0 } else { -1.0 };
+        };
+        for word in lower
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
+            add(word.as_bytes(), 1);
+            if let Some(p) = prev {
+                let mut pair = String::with_capacity(p.len() + word.len() + 1);
+                pair.push_str(p);
+                pair.push(' ');
+                pair.push_str(word);
+                add(pair.as_bytes(), 2);
+            }
+            prev = Some(word);
+        }
+        for c in &mut counts {
+            if *c != 0.0 {
+                *c = c.signum() * (1.0 + c.abs().ln());
+            }
+        }
+        let norm = counts.iter().map(|c| c * c).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            for c in &mut counts {
+                *c /= norm;
+            }
+        }
+        counts
+    }
+}
+
+impl Default for HashEmbedder {
+    fn default() -> Self {
+        HashEmbedder::new(256)
+    }
+}
+
+impl Embedder for HashEmbedder {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Ok(texts.iter().map(|t| self.one(t)).collect())
+    }
+}
+
+/// Cosine similarity of two unit vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
