@@ -400,7 +400,7 @@ fn end_to_end_with(
 }
 
 fn alert(c: &mut Criterion) {
-    use telltale::alert::{Engine, Frame, RuleContext, rule};
+    use telltale::alert::{Engine, Frame, rule};
     let stats = Arc::new(Stats::default());
     let (template, numbers) = measures(100_000);
     // A real window of 10 000 series, as the metrics stage writes it.
@@ -431,16 +431,7 @@ fn alert(c: &mut Criterion) {
         .map(|(_, b)| b.clone())
         .max_by_key(|b| b.num_rows())
         .expect("rows");
-    let ctx = RuleContext {
-        dimensions: vec![
-            "app".into(),
-            "environment".into(),
-            "model".into(),
-            "prompt_version".into(),
-        ],
-        window_ms: 60_000,
-        rollup_ms: HOUR,
-    };
+    let ctx = telltale::alert::rule_context(&MetricsConfig::default());
     let metrics = [
         "latency_ms_p99",
         "latency_ms_p50",
@@ -570,7 +561,7 @@ fn latency_frame(app: &str, end_ms: i64, p50: f64) -> telltale::alert::Frame {
 /// grouping (group_wait 0), the notifier thread and the HTTP round trip. One iteration is
 /// one alert on a new series; the time is per notification.
 fn alert_latency(c: &mut Criterion) {
-    use telltale::alert::{AlertStage, AlertingConfig, ReceiverConfig, RuleContext, RulesFrom};
+    use telltale::alert::{AlertStage, AlertingConfig, ReceiverConfig, RulesFrom};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -612,16 +603,7 @@ fn alert_latency(c: &mut Criterion) {
     );
     cfg.default_route.receivers = vec!["hook".into()];
     cfg.default_route.group_wait_ms = 0;
-    let ctx = RuleContext {
-        dimensions: vec![
-            "app".into(),
-            "environment".into(),
-            "model".into(),
-            "prompt_version".into(),
-        ],
-        window_ms: 60_000,
-        rollup_ms: HOUR,
-    };
+    let ctx = telltale::alert::rule_context(&MetricsConfig::default());
     let stage = AlertStage::start(&cfg, &ctx, dir.path(), "bench", Default::default())
         .expect("stage starts");
     let tx = stage.sender();

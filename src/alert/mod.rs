@@ -661,13 +661,7 @@ impl Driver {
     }
 
     fn attempt(&mut self, a: notify::Attempt) {
-        let result = if a.ok {
-            "ok"
-        } else if a.last {
-            "gave_up"
-        } else {
-            "retrying"
-        };
+        let result = a.result();
         if let Ok(mut m) = self.stats.notifications.lock() {
             *m.entry((a.receiver.clone(), result)).or_default() += 1;
         }

@@ -131,6 +131,19 @@ pub struct Attempt {
     pub last: bool,
 }
 
+impl Attempt {
+    /// `ok`, `retrying` or `gave_up`.
+    pub fn result(&self) -> &'static str {
+        if self.ok {
+            "ok"
+        } else if self.last {
+            "gave_up"
+        } else {
+            "retrying"
+        }
+    }
+}
+
 enum Mailer {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     Dir(AsyncFileTransport<Tokio1Executor>),
@@ -142,21 +155,9 @@ enum Receiver {
         from: Mailbox,
         to: Vec<Mailbox>,
     },
-    Webhook {
-        url: String,
-        secret: Option<String>,
-    },
-    Slack {
-        url: String,
-    },
-    PagerDuty {
-        url: String,
-        routing_key: String,
-    },
-    Alertmanager {
-        url: String,
-    },
-    Log,
+    /// Webhook, Slack, PagerDuty, Alertmanager and the terminal need nothing beyond their
+    /// settings.
+    Plain(ReceiverConfig),
 }
 
 /// Delivery settings shared by every receiver.
@@ -258,17 +259,7 @@ impl Notifier {
                             .collect::<Result<_, _>>()?,
                     }
                 }
-                ReceiverConfig::Webhook { url, secret } => Receiver::Webhook {
-                    url: url.clone(),
-                    secret: secret.clone(),
-                },
-                ReceiverConfig::Slack { url } => Receiver::Slack { url: url.clone() },
-                ReceiverConfig::PagerDuty { url, routing_key } => Receiver::PagerDuty {
-                    url: url.clone(),
-                    routing_key: routing_key.clone(),
-                },
-                ReceiverConfig::Alertmanager { url } => Receiver::Alertmanager { url: url.clone() },
-                ReceiverConfig::Log => Receiver::Log,
+                other => Receiver::Plain(other.clone()),
             };
             receivers.insert(name.clone(), r);
         }
@@ -301,9 +292,12 @@ impl Notifier {
         };
         let ext = &self.delivery.external_url;
         match r {
-            Receiver::Log => {
+            Receiver::Plain(ReceiverConfig::Log) => {
                 println!("{}", terminal_text(n));
                 Ok(())
+            }
+            Receiver::Plain(ReceiverConfig::Email { .. }) => {
+                unreachable!("email receivers are built with their mailer")
             }
             Receiver::Email { mailer, from, to } => {
                 let mut b = Message::builder()
@@ -334,7 +328,7 @@ impl Notifier {
                         .map_err(|e| SendError::retry(format!("writing .eml: {e}"))),
                 }
             }
-            Receiver::Webhook { url, secret } => {
+            Receiver::Plain(ReceiverConfig::Webhook { url, secret }) => {
                 let body =
                     serde_json::to_vec(&webhook_payload(n, ext)).expect("JSON values serialize");
                 let mut req = self
@@ -349,7 +343,7 @@ impl Notifier {
                 }
                 http_result(req.body(body).send().await).await
             }
-            Receiver::Slack { url } => {
+            Receiver::Plain(ReceiverConfig::Slack { url }) => {
                 let body = serde_json::to_vec(&slack_payload(n)).expect("JSON values serialize");
                 let req = self
                     .http
@@ -357,7 +351,7 @@ impl Notifier {
                     .header("content-type", "application/json");
                 http_result(req.body(body).send().await).await
             }
-            Receiver::PagerDuty { url, routing_key } => {
+            Receiver::Plain(ReceiverConfig::PagerDuty { url, routing_key }) => {
                 // One event per alert: PagerDuty deduplicates and resolves by dedup_key.
                 for a in &n.alerts {
                     let body = serde_json::to_vec(&pagerduty_event(a, routing_key, ext))
@@ -370,7 +364,7 @@ impl Notifier {
                 }
                 Ok(())
             }
-            Receiver::Alertmanager { url } => {
+            Receiver::Plain(ReceiverConfig::Alertmanager { url }) => {
                 let body = serde_json::to_vec(&alertmanager_payload(n, ext))
                     .expect("JSON values serialize");
                 let req = self

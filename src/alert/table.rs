@@ -80,13 +80,7 @@ impl AlertRow {
 
     /// One row per alert the notification carried.
     pub fn attempts(n: &Notification, a: &Attempt) -> Vec<AlertRow> {
-        let result = if a.ok {
-            "ok"
-        } else if a.last {
-            "gave_up"
-        } else {
-            "retrying"
-        };
+        let result = a.result();
         n.alerts
             .iter()
             .map(|x| AlertRow {

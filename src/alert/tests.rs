@@ -15,16 +15,7 @@ use super::*;
 const MIN: i64 = 60_000;
 
 fn ctx() -> RuleContext {
-    RuleContext {
-        dimensions: vec![
-            "app".into(),
-            "environment".into(),
-            "model".into(),
-            "prompt_version".into(),
-        ],
-        window_ms: MIN,
-        rollup_ms: 60 * MIN,
-    }
+    rule_context(&crate::metrics::MetricsConfig::default())
 }
 
 /// One series' numbers in a window.

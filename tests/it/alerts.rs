@@ -573,16 +573,7 @@ fn stage_config(url: String, clock: Clock) -> AlertingConfig {
 }
 
 fn rule_ctx() -> RuleContext {
-    RuleContext {
-        dimensions: vec![
-            "app".into(),
-            "environment".into(),
-            "model".into(),
-            "prompt_version".into(),
-        ],
-        window_ms: 60_000,
-        rollup_ms: 3_600_000,
-    }
+    telltale::alert::rule_context(&telltale::metrics::MetricsConfig::default())
 }
 
 /// Minutes since the epoch where the test windows start: around 2025-11-24 by default.
