@@ -24,6 +24,8 @@
 //!   just-decoded one is; each of 100 k generated events' numbers in turn — and closing a
 //!   window of 10 000 series (rows, serialized histograms, the hourly roll-up). Prints the
 //!   memory per live series.
+//! - `drift`: the drift building blocks (see `fn drift`): embedding texts/s, PCA, and one
+//!   window's MMD and centroid tests.
 //! - `alert`: judging one closed window of 10 000 series (the metrics stage's real rows) with
 //!   1 000 rules that all apply to every series, so 10 M rule × series judgements per window,
 //!   counted as elements: 980 quiet thresholds over six columns, 10 busy ones (≈ 1 % of the
@@ -631,5 +633,54 @@ fn alert_latency(c: &mut Criterion) {
     drop(stage);
 }
 
-criterion_group!(benches, decode, metrics, end_to_end, alert, alert_latency);
+/// `drift`: the building blocks' costs. `hash_embed`: texts/s of the hashed bag-of-words
+/// embedder on generated prompts (256 dimensions). `mmd_test` / `centroid_test`: one window's
+/// test, 64 current texts against a 256-text reference, reduced to 16 PCA dimensions, with
+/// 999 permutations / bootstraps (enough resolution for a false-alarm rate of 1 in 1,000).
+fn drift(c: &mut Criterion) {
+    use telltale::drift::embed::{Embedder, HashEmbedder};
+    use telltale::drift::stats::{Pca, centroid_test, mmd_test};
+    let texts: Vec<String> = TrafficGenerator::new(3, T0, HOUR, 2_000)
+        .take(2_000)
+        .filter_map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).ok()?;
+            v.get("input")
+                .or_else(|| v.pointer("/request/messages/0/content"))
+                .and_then(|x| x.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let e = HashEmbedder::default();
+    let mut g = c.benchmark_group("drift");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(refs.len() as u64));
+    g.bench_function("hash_embed", |b| b.iter(|| e.embed(&refs).expect("embeds")));
+    let v = e.embed(&refs).expect("embeds");
+    let pooled: Vec<Vec<f32>> = v[..320].to_vec();
+    let pca = Pca::fit(&pooled, 16, 1);
+    let p: Vec<Vec<f32>> = pooled.iter().map(|x| pca.project(x)).collect();
+    let (reference, current) = p.split_at(256);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("pca_fit_320x256_to_16", |b| {
+        b.iter(|| Pca::fit(&pooled, 16, 1))
+    });
+    g.bench_function("mmd_test_64_vs_256_999_permutations", |b| {
+        b.iter(|| mmd_test(reference, current, 999, 0.001, 7))
+    });
+    g.bench_function("centroid_test_64_vs_256_999_bootstraps", |b| {
+        b.iter(|| centroid_test(reference, current, 999, 0.001, 7))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    decode,
+    metrics,
+    end_to_end,
+    alert,
+    alert_latency,
+    drift
+);
 criterion_main!(benches);

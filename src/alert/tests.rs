@@ -632,3 +632,28 @@ fn the_demo_rules_do_not_fire_on_small_noisy_series() {
         assert!(t.transitions.is_empty());
     }
 }
+
+#[test]
+fn trailing_ring_sums_the_kept_windows_only() {
+    // 10 minutes of 1-minute buckets (11 kept: the span plus the current one).
+    let mut r = engine::Ring::new(10 * MIN, MIN, 60);
+    for m in 0..5 {
+        r.add(m * MIN, 1.0, 10.0);
+    }
+    assert_eq!(r.sum(0, 5 * MIN), (5.0, 50.0));
+    assert_eq!(r.sum(3 * MIN, 5 * MIN), (2.0, 20.0));
+    // A gap, then a window 20 minutes later: everything before it has left the ring.
+    r.add(25 * MIN, 2.0, 1.0);
+    assert_eq!(r.sum(0, 26 * MIN), (2.0, 1.0));
+    // Out of order but still kept: added; too old: dropped.
+    r.add(20 * MIN, 1.0, 1.0);
+    r.add(5 * MIN, 100.0, 100.0);
+    assert_eq!(r.sum(15 * MIN, 26 * MIN), (3.0, 2.0));
+    // Coarser buckets: a 6-hour span in 120 buckets of 3 minutes.
+    let mut c = engine::Ring::new(360 * MIN, MIN, 120);
+    for m in 0..6 {
+        c.add(m * MIN, 1.0, 1.0);
+    }
+    assert_eq!(c.sum(0, 3 * MIN), (3.0, 3.0));
+    assert_eq!(c.sum(0, 6 * MIN), (6.0, 6.0));
+}
