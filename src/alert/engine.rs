@@ -235,6 +235,8 @@ enum History {
     None,
     Ring(Ring),
     Ewm(Ewm),
+    /// A pinned baseline: (Σ value × events, Σ events) over the pinned period.
+    Pinned(f64, f64),
 }
 
 enum Judgement {
@@ -389,6 +391,84 @@ impl Engine {
         *t = (*t).max(frame.end_ms);
     }
 
+    /// Sets the pinned baselines (`change = { baseline = { from, to } }`) from the windows of
+    /// their period: per series, the request-weighted mean of the rule's metric.
+    pub fn pin(&mut self, frames: &[Frame]) {
+        for f in frames {
+            let batch = &f.batch;
+            let dim_cols: Vec<Option<&arrow::array::StringArray>> = self
+                .dimensions
+                .iter()
+                .map(|d| {
+                    batch
+                        .column_by_name(d)
+                        .and_then(|c| c.as_string_opt::<i32>())
+                })
+                .collect();
+            let mut values: Vec<Option<&str>> = vec![None; dim_cols.len()];
+            let sids: Vec<u32> = (0..batch.num_rows())
+                .map(|i| {
+                    for (v, c) in values.iter_mut().zip(&dim_cols) {
+                        *v = c.and_then(|c| (!c.is_null(i)).then(|| c.value(i)));
+                    }
+                    self.series.intern(&self.dimensions, &values)
+                })
+                .collect();
+            let events = int_column(batch, "events");
+            for rt in &mut self.rules {
+                let Condition::Change {
+                    pinned: Some((from, to)),
+                    ..
+                } = rt.rule.condition
+                else {
+                    continue;
+                };
+                if rt.rule.source != f.source
+                    || rt.rule.resolution_ms != f.resolution_ms
+                    || f.start_ms < from
+                    || f.start_ms >= to
+                {
+                    continue;
+                }
+                let Some(metric) = numeric_column(batch, &rt.rule.metric) else {
+                    continue;
+                };
+                if rt.history.len() < self.series.labels.len() {
+                    rt.history.resize(self.series.labels.len(), History::None);
+                }
+                for (row, &sid) in sids.iter().enumerate() {
+                    let labels = &self.series.labels[sid as usize];
+                    if !matches_all(&rt.rule.select, |k| labels.get(k).map(String::as_str)) {
+                        continue;
+                    }
+                    let n = events.map_or(0, |c| c.value(row)) as f64;
+                    let Some(v) = metric.get(row).filter(|v| v.is_finite()) else {
+                        continue;
+                    };
+                    let h = &mut rt.history[sid as usize];
+                    match h {
+                        History::Pinned(ws, w) => {
+                            *ws += v * n;
+                            *w += n;
+                        }
+                        _ => *h = History::Pinned(v * n, n),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pinned periods the rules need: (from, to) in epoch ms.
+    pub fn pinned_periods(&self) -> Vec<(i64, i64)> {
+        self.rules
+            .iter()
+            .filter_map(|r| match r.rule.condition {
+                Condition::Change { pinned, .. } => pinned,
+                _ => None,
+            })
+            .collect()
+    }
+
     /// How far back the rules look: the longest trailing period or burn-rate long window,
     /// or four z-score half-lives; at most a day.
     pub fn history_ms(&self) -> i64 {
@@ -396,6 +476,9 @@ impl Engine {
             .iter()
             .map(|r| match r.rule.condition {
                 Condition::Threshold { .. } => 0,
+                Condition::Change {
+                    pinned: Some(_), ..
+                } => 0,
                 Condition::Change { trailing_ms, .. } => trailing_ms,
                 Condition::BurnRate { long_ms, .. } => long_ms,
                 Condition::ZScore { half_life_ms, .. } => half_life_ms.saturating_mul(4),
@@ -765,17 +848,26 @@ fn judge_value(
             cmp,
             value,
             trailing_ms,
+            pinned,
         } => {
-            if matches!(hist, History::None) {
-                *hist = History::Ring(Ring::new(*trailing_ms, rule.resolution_ms, 60));
-            }
-            let History::Ring(ring) = hist else {
-                return Judgement::Unjudged;
+            let (ws, w) = match (pinned, &mut *hist) {
+                (Some(_), History::Pinned(ws, w)) => (*ws, *w),
+                // A series the pinned period did not see has no baseline.
+                (Some(_), _) => return Judgement::Unjudged,
+                (None, hist) => {
+                    if matches!(hist, History::None) {
+                        *hist = History::Ring(Ring::new(*trailing_ms, rule.resolution_ms, 60));
+                    }
+                    let History::Ring(ring) = hist else {
+                        return Judgement::Unjudged;
+                    };
+                    let sums = ring.sum(frame.start_ms - trailing_ms, frame.start_ms);
+                    if n > 0.0 {
+                        ring.add(frame.start_ms, v * n, n);
+                    }
+                    sums
+                }
             };
-            let (ws, w) = ring.sum(frame.start_ms - trailing_ms, frame.start_ms);
-            if n > 0.0 {
-                ring.add(frame.start_ms, v * n, n);
-            }
             if !enough || w < rule.min_samples.max(1) as f64 {
                 return Judgement::Unjudged;
             }

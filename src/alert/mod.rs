@@ -432,6 +432,11 @@ impl AlertStage {
                 }
             }
         }
+        for (from, to) in engine.pinned_periods() {
+            let frames = metrics_frames(root, stream, from, to);
+            info!(from = %crate::metrics::fmt_ms(from), to = %crate::metrics::fmt_ms(to), windows = frames.len(), "pinned alert baseline read from the metrics table");
+            engine.pin(&frames);
+        }
         if warmed + catch_up.len() > 0 {
             info!(
                 warmed,

@@ -174,12 +174,15 @@ pub enum Condition {
     /// The metric against a fixed value.
     Threshold { cmp: Cmp, value: f64 },
     /// The metric against its own request-weighted mean over the trailing period (the current
-    /// window excluded), as a ratio or a difference.
+    /// window excluded) or over a pinned time range, as a ratio or a difference.
     Change {
         kind: ChangeKind,
         cmp: Cmp,
         value: f64,
         trailing_ms: i64,
+        /// `baseline = { from, to }`: a fixed period (epoch ms, to exclusive) instead of the
+        /// trailing one, read from the `metrics` table when the stage starts.
+        pinned: Option<(i64, i64)>,
     },
     /// (value − mean) / sd of the series' own window values, exponentially weighted with the
     /// given half-life; no decision before `min_history` windows.
@@ -583,7 +586,35 @@ fn read_condition(r: &mut Obj, e: &mut Errors, res: i64) -> Option<Condition> {
         }
         "change" => {
             let mut t = r.table(e, "change")?;
+            let has_trailing = t.has("trailing");
+            let has_baseline = t.has("baseline");
             let trailing_ms = ms(t.duration(e, "trailing", dur(3_600_000)));
+            let pinned = t.table(e, "baseline").and_then(|mut b| {
+                let mut time = |key: &'static str| {
+                    let raw = b.required_string(e, key, "an RFC 3339 time, e.g. \"2026-11-20T00:00:00Z\"")?;
+                    match chrono::DateTime::parse_from_rfc3339(&raw) {
+                        Ok(t) => Some(t.timestamp_millis()),
+                        Err(_) => {
+                            e.push(&b.path_of(key), format!("{raw:?} is not an RFC 3339 time (e.g. \"2026-11-20T00:00:00Z\")"));
+                            None
+                        }
+                    }
+                };
+                let (from, to) = (time("from"), time("to"));
+                if let (Some(f), Some(t)) = (from, to)
+                    && f >= t
+                {
+                    e.push(&b.path_of("to"), "must be after `from`");
+                }
+                b.finish(e);
+                Some((from?, to?)).filter(|(f, t)| f < t)
+            });
+            if has_trailing && has_baseline {
+                e.push(
+                    &t.path_of("baseline"),
+                    "set either `trailing` or `baseline`, not both",
+                );
+            }
             let keys = [
                 "ratio_above",
                 "ratio_below",
@@ -620,6 +651,7 @@ fn read_condition(r: &mut Obj, e: &mut Errors, res: i64) -> Option<Condition> {
                         v
                     },
                     trailing_ms,
+                    pinned,
                 })
             };
             if trailing_ms < 2 * res {

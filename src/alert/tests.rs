@@ -657,3 +657,54 @@ fn trailing_ring_sums_the_kept_windows_only() {
     assert_eq!(c.sum(0, 3 * MIN), (3.0, 3.0));
     assert_eq!(c.sum(0, 6 * MIN), (6.0, 6.0));
 }
+
+#[test]
+fn pinned_baseline_does_not_adapt_to_a_lasting_change() {
+    let rules = |change: &str| {
+        format!(
+            "[[rule]]\nname = \"Slower\"\nmetric = \"latency_ms_p50\"\nchange = {change}\nmin_samples = 10\nfor = \"5m\"\n"
+        )
+    };
+    let pinned = rules(
+        r#"{ ratio_above = 1.5, baseline = { from = "1970-01-01T00:00:00Z", to = "1970-01-01T01:00:00Z" } }"#,
+    );
+    let trailing = rules(r#"{ ratio_above = 1.5, trailing = "1h" }"#);
+    let history: Vec<Frame> = (1..=60)
+        .map(|m| frame(m, &[row("bot", "v4", 30, 1000.0)]))
+        .collect();
+    let mut firing_at_end = Vec::new();
+    for text in [&pinned, &trailing] {
+        let mut e = engine(text);
+        e.pin(&history);
+        for f in &history {
+            e.evaluate(f);
+        }
+        // The median latency rises 1.8× and stays there for three hours.
+        for m in 61..=240 {
+            e.evaluate(&frame(m, &[row("bot", "v4", 30, 1800.0)]));
+        }
+        firing_at_end.push(states(&e));
+    }
+    assert_eq!(
+        firing_at_end[0],
+        vec![("Slower".to_owned(), "Firing".to_owned())],
+        "against the pinned hour it still fires"
+    );
+    assert!(
+        firing_at_end[1].is_empty(),
+        "the trailing hour took the change in"
+    );
+    let err = parse_rules(
+        &rules(r#"{ ratio_above = 1.5, trailing = "1h", baseline = { from = "yesterday", to = "1970-01-01T01:00:00Z" } }"#),
+        "x.toml",
+        &ctx(),
+    )
+    .expect_err("invalid");
+    assert_eq!(
+        err,
+        vec![
+            "x.toml:4: rule[0].change.baseline.from: \"yesterday\" is not an RFC 3339 time (e.g. \"2026-11-20T00:00:00Z\")",
+            "x.toml:4: rule[0].change.baseline: set either `trailing` or `baseline`, not both",
+        ]
+    );
+}
