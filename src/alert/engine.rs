@@ -396,24 +396,7 @@ impl Engine {
     pub fn pin(&mut self, frames: &[Frame]) {
         for f in frames {
             let batch = &f.batch;
-            let dim_cols: Vec<Option<&arrow::array::StringArray>> = self
-                .dimensions
-                .iter()
-                .map(|d| {
-                    batch
-                        .column_by_name(d)
-                        .and_then(|c| c.as_string_opt::<i32>())
-                })
-                .collect();
-            let mut values: Vec<Option<&str>> = vec![None; dim_cols.len()];
-            let sids: Vec<u32> = (0..batch.num_rows())
-                .map(|i| {
-                    for (v, c) in values.iter_mut().zip(&dim_cols) {
-                        *v = c.and_then(|c| (!c.is_null(i)).then(|| c.value(i)));
-                    }
-                    self.series.intern(&self.dimensions, &values)
-                })
-                .collect();
+            let sids = self.series.intern_rows(&self.dimensions, batch);
             let events = int_column(batch, "events");
             for rt in &mut self.rules {
                 let Condition::Change {
@@ -516,24 +499,7 @@ impl Engine {
 
     fn run(&mut self, frame: &Frame, judge: bool) -> Evaluation {
         let batch = &frame.batch;
-        let dim_cols: Vec<Option<&arrow::array::StringArray>> = self
-            .dimensions
-            .iter()
-            .map(|d| {
-                batch
-                    .column_by_name(d)
-                    .and_then(|c| c.as_string_opt::<i32>())
-            })
-            .collect();
-        let mut values: Vec<Option<&str>> = vec![None; dim_cols.len()];
-        let sids: Vec<u32> = (0..batch.num_rows())
-            .map(|i| {
-                for (v, c) in values.iter_mut().zip(&dim_cols) {
-                    *v = c.and_then(|c| (!c.is_null(i)).then(|| c.value(i)));
-                }
-                self.series.intern(&self.dimensions, &values)
-            })
-            .collect();
+        let sids = self.series.intern_rows(&self.dimensions, batch);
         let events = int_column(batch, "events");
         let errors = int_column(batch, "errors");
         if judge {
@@ -740,6 +706,27 @@ pub fn known_good<'a>(
 }
 
 impl SeriesIndex {
+    /// The series id of every row of a frame, by its dimension columns.
+    fn intern_rows(&mut self, dims: &[String], batch: &RecordBatch) -> Vec<u32> {
+        let cols: Vec<Option<&arrow::array::StringArray>> = dims
+            .iter()
+            .map(|d| {
+                batch
+                    .column_by_name(d)
+                    .and_then(|c| c.as_string_opt::<i32>())
+            })
+            .collect();
+        let mut values: Vec<Option<&str>> = vec![None; cols.len()];
+        (0..batch.num_rows())
+            .map(|i| {
+                for (v, c) in values.iter_mut().zip(&cols) {
+                    *v = c.and_then(|c| (!c.is_null(i)).then(|| c.value(i)));
+                }
+                self.intern(dims, &values)
+            })
+            .collect()
+    }
+
     fn intern(&mut self, dims: &[String], values: &[Option<&str>]) -> u32 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for v in values {
