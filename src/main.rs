@@ -349,16 +349,8 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Alerts { root } => {
             let (root, _) = root.resolve()?;
             let mut n = 0;
-            let dir = alert::state_dir(&root);
-            let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-                Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-                Err(_) => Vec::new(),
-            };
-            files.sort();
-            for f in files.iter().filter(|p| {
-                p.extension().is_some_and(|x| x == "json") && !p.ends_with("silences.json")
-            }) {
-                let st = alert::read_state(f)?;
+            for f in alert::state_files(&root)? {
+                let st = alert::read_state(&f)?;
                 for a in &st.engine.alerts {
                     n += 1;
                     let labels: Vec<String> = a

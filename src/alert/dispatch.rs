@@ -222,18 +222,19 @@ impl Dispatcher {
         }
     }
 
-    fn routes_for(&self, labels: &Labels) -> Vec<(usize, &Route)> {
+    /// The indices of the routes an alert takes (`usize::MAX`: the default route).
+    fn routes_for(&self, labels: &Labels) -> Vec<usize> {
         let mut out = Vec::new();
         for (i, r) in self.routes.iter().enumerate() {
             if matches_all(&r.matchers, |k| labels.get(k).map(String::as_str)) {
-                out.push((i, r));
+                out.push(i);
                 if !r.continue_matching {
                     return out;
                 }
             }
         }
         if out.is_empty() {
-            out.push((usize::MAX, &self.default_route));
+            out.push(usize::MAX);
         }
         out
     }
@@ -256,12 +257,15 @@ impl Dispatcher {
     }
 
     fn put(&mut self, n: Notified, now: i64) {
-        let targets: Vec<(usize, Route)> = self
-            .routes_for(&n.labels)
-            .into_iter()
-            .map(|(i, r)| (i, r.clone()))
-            .collect();
-        for (ri, route) in targets {
+        let targets = self.routes_for(&n.labels);
+        let Dispatcher {
+            routes,
+            default_route,
+            groups,
+            ..
+        } = self;
+        for ri in targets {
+            let route = routes.get(ri).unwrap_or(default_route);
             let glabels: Labels = route
                 .group_by
                 .iter()
@@ -281,8 +285,7 @@ impl Dispatcher {
                     .join(", ")
             );
             for recv in &route.receivers {
-                let g = self
-                    .groups
+                let g = groups
                     .entry((recv.clone(), gkey.clone()))
                     .or_insert_with(|| Group {
                         receiver: recv.clone(),

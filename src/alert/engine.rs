@@ -493,10 +493,6 @@ impl Engine {
         )
     }
 
-    pub fn versions(&self) -> &BTreeMap<String, BTreeMap<String, VersionSeen>> {
-        &self.versions
-    }
-
     fn run(&mut self, frame: &Frame, judge: bool) -> Evaluation {
         let batch = &frame.batch;
         let sids = self.series.intern_rows(&self.dimensions, batch);

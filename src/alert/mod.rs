@@ -176,6 +176,23 @@ pub fn state_file(root: &Path, stream: &str) -> PathBuf {
     state_dir(root).join(format!("{stream}.json"))
 }
 
+/// Every stream's state file under `root`, sorted (none when there is no state yet).
+pub fn state_files(root: &Path) -> Result<Vec<PathBuf>, AlertError> {
+    let dir = state_dir(root);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(state_err(&dir, e)),
+    };
+    let silences = silences_file(root);
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json") && *p != silences)
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 pub fn silences_file(root: &Path) -> PathBuf {
     state_dir(root).join("silences.json")
 }
@@ -241,14 +258,22 @@ fn state_err(path: &Path, message: impl std::fmt::Display) -> AlertError {
 }
 
 pub fn read_state(path: &Path) -> Result<Persisted, AlertError> {
+    read_json(path, "alert state")
+}
+
+/// A JSON state file; its default when it does not exist yet.
+fn read_json<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    what: &str,
+) -> Result<T, AlertError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
             state_err(
                 path,
-                format!("unreadable alert state ({e}); move it away to start afresh"),
+                format!("unreadable {what} ({e}); move it away to start afresh"),
             )
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Persisted::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(e) => Err(state_err(path, e)),
     }
 }
@@ -261,12 +286,7 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), AlertError> {
 }
 
 pub fn read_silences(root: &Path) -> Result<Vec<Silence>, AlertError> {
-    let path = silences_file(root);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| state_err(&path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(state_err(&path, e)),
-    }
+    read_json(&silences_file(root), "silences file")
 }
 
 pub fn write_silences(root: &Path, silences: &[Silence]) -> Result<(), AlertError> {
@@ -283,18 +303,7 @@ pub fn gate(
     prompt_version: &str,
 ) -> Result<GateReport, AlertError> {
     let mut report = GateReport::default();
-    let dir = state_dir(root);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
-        Err(e) => return Err(state_err(&dir, e)),
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json") && !p.ends_with("silences.json"))
-        .collect();
-    files.sort();
-    for f in files {
+    for f in state_files(root)? {
         let st = read_state(&f)?;
         report.streams += 1;
         for a in &st.engine.alerts {
@@ -743,19 +752,9 @@ fn write_table_file(
     path: &Path,
     batch: &arrow::array::RecordBatch,
 ) -> Result<(), crate::sink::SinkError> {
-    let dir = path
-        .parent()
-        .expect("table files live in a partition directory");
-    std::fs::create_dir_all(dir).map_err(crate::sink::io_err(dir))?;
-    let tmp = path.with_extension("parquet.tmp");
-    crate::sink::write_parquet(
-        &tmp,
-        batch,
-        crate::sink::Table::Alerts,
-        &crate::config::SinkConfig::default(),
-    )?;
-    std::fs::rename(&tmp, path).map_err(crate::sink::io_err(path))?;
-    Ok(())
+    let config = crate::config::SinkConfig::default();
+    crate::sink::write_into_place(path, batch, crate::sink::Table::Alerts, &config)?;
+    crate::sink::fsync_dir(path.parent().expect("a file has a directory"))
 }
 
 /// The notifier thread: one task per notification, on a small runtime of its own.

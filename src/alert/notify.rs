@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -71,19 +70,6 @@ pub enum ReceiverConfig {
     },
     /// Prints notifications to standard output.
     Log,
-}
-
-impl ReceiverConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ReceiverConfig::Email { .. } => "email",
-            ReceiverConfig::Webhook { .. } => "webhook",
-            ReceiverConfig::Slack { .. } => "slack",
-            ReceiverConfig::PagerDuty { .. } => "pagerduty",
-            ReceiverConfig::Alertmanager { .. } => "alertmanager",
-            ReceiverConfig::Log => "log",
-        }
-    }
 }
 
 pub const PAGERDUTY_EVENTS_URL: &str = "https://events.pagerduty.com/v2/enqueue";
@@ -276,10 +262,6 @@ impl Notifier {
             http,
             delivery,
         })
-    }
-
-    pub fn delivery(&self) -> &DeliveryConfig {
-        &self.delivery
     }
 
     /// One attempt.
@@ -763,6 +745,3 @@ pub fn terminal_text(n: &Notification) -> String {
     }
     s
 }
-
-/// Shared by the driver's tasks.
-pub type SharedNotifier = Arc<Notifier>;

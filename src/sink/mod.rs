@@ -172,7 +172,7 @@ fn split_by_hour(hours: &[i64]) -> Option<BTreeMap<i64, Vec<u32>>> {
     Some(groups)
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
@@ -275,14 +275,8 @@ impl Sink {
         let mut dirs = BTreeSet::new();
         for (rel, batch) in &out.files {
             let path = self.root.join(rel);
-            let dir = path
-                .parent()
-                .expect("metrics files live in a partition directory");
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
-            let tmp = tmp_name(&path);
-            written.bytes += write_parquet(&tmp, batch, Table::Metrics, &self.config)?;
-            fs::rename(&tmp, &path).map_err(io_err(&path))?;
-            dirs.insert(dir.to_owned());
+            written.bytes += write_into_place(&path, batch, Table::Metrics, &self.config)?;
+            dirs.insert(path.parent().expect("a file has a directory").to_owned());
             written.files.push(path);
         }
         for dir in &dirs {
@@ -395,6 +389,25 @@ fn manifest_range(path: &Path) -> Option<(i64, i64)> {
     let stem = path.file_name()?.to_str()?.strip_suffix(".json")?;
     let (a, b) = stem.split_once('-')?;
     Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Writes one Parquet file under a temporary name (fsynced) and renames it into place,
+/// creating its directory; returns its size. The caller fsyncs the directory (once for all
+/// the files it wrote there).
+pub(crate) fn write_into_place(
+    path: &Path,
+    batch: &RecordBatch,
+    table: Table,
+    config: &SinkConfig,
+) -> Result<u64, SinkError> {
+    let dir = path
+        .parent()
+        .expect("table files live in a partition directory");
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = tmp_name(path);
+    let bytes = write_parquet(&tmp, batch, table, config)?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(bytes)
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
