@@ -551,7 +551,8 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
         prices.len()
     );
     if config.alerting.enabled {
-        let ctx = alert::rule_context(&config.metrics);
+        let mut ctx = alert::rule_context(&config.metrics);
+        ctx.drift_window_ms = config.drift.window_ms;
         let rules = alert::load_rules(&config.alerting, &ctx)?;
         println!(
             "ok   alert rules: {} rules, {} inhibit rules; receivers: {}",

@@ -67,6 +67,7 @@ pub const BUILTIN_RULES: &[(&str, &str)] = &[
         include_str!("../../alerts/errors.toml"),
     ),
     ("alerts/cost.toml", include_str!("../../alerts/cost.toml")),
+    ("alerts/drift.toml", include_str!("../../alerts/drift.toml")),
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +141,7 @@ pub fn rule_context(m: &crate::metrics::MetricsConfig) -> RuleContext {
         dimensions: m.window.dimensions.iter().map(|d| d.column()).collect(),
         window_ms: m.window.size_ms,
         rollup_ms: m.window.rollup_ms,
+        drift_window_ms: crate::drift::DriftConfig::default().window_ms,
     }
 }
 

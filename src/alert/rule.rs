@@ -14,7 +14,7 @@ use crate::config::reader::parse_duration;
 use crate::config::reader::{Errors, Obj};
 
 /// The metric sources a rule can read (per-window outputs of the stages).
-pub const SOURCES: &[&str] = &["metrics"];
+pub const SOURCES: &[&str] = &["metrics", "drift"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MatchOp {
@@ -248,6 +248,8 @@ pub struct RuleContext {
     /// The metrics window (the default resolution) and roll-up.
     pub window_ms: i64,
     pub rollup_ms: i64,
+    /// The drift window (`source = "drift"` rules judge one per window).
+    pub drift_window_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -424,12 +426,26 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
             ),
         );
     }
+    let drift = source == "drift";
+    let default_res = if drift {
+        ctx.drift_window_ms
+    } else {
+        ctx.window_ms
+    };
     let res = ms(r.duration(
         e,
         "resolution",
-        std::time::Duration::from_millis(ctx.window_ms as u64),
+        std::time::Duration::from_millis(default_res as u64),
     ));
-    if res != ctx.window_ms && res != ctx.rollup_ms {
+    if drift && res != ctx.drift_window_ms {
+        e.push(
+            &r.path_of("resolution"),
+            format!(
+                "the drift table has windows of {} only (drift.window)",
+                crate::metrics::resolution_name(ctx.drift_window_ms)
+            ),
+        );
+    } else if !drift && res != ctx.window_ms && res != ctx.rollup_ms {
         e.push(
             &r.path_of("resolution"),
             format!(
@@ -472,6 +488,18 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
         );
     }
     if let Some(m) = &metric
+        && drift
+        && !crate::drift::table::frame_metrics().contains(m)
+    {
+        e.push(
+            &r.path_of("metric"),
+            format!(
+                "{m:?} is not a drift verdict (expected one of: {})",
+                crate::drift::table::frame_metrics().join(", ")
+            ),
+        );
+    } else if let Some(m) = &metric
+        && !drift
         && !is_numeric_metric(m)
     {
         e.push(

@@ -16,6 +16,7 @@ use crate::alert::dispatch::Route;
 use crate::alert::notify::{EmailTransport, PAGERDUTY_EVENTS_URL, ReceiverConfig, SmtpTls};
 use crate::alert::{AlertingConfig, Clock, RulesFrom};
 use crate::decode::{DecoderConfig, Format};
+use crate::drift::{DriftConfig, EmbedderKind};
 use crate::metrics::MetricsConfig;
 use crate::metrics::cost::{Price, Rates};
 use crate::window::Dimension;
@@ -74,6 +75,7 @@ pub struct PipelineConfig {
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
     pub alerting: AlertingConfig,
+    pub drift: DriftConfig,
 }
 
 /// telltale's own HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -302,6 +304,7 @@ impl PipelineConfig {
         let metrics = read_metrics(&mut root, e);
         let telemetry = read_telemetry(&mut root, e);
         let alerting = read_alerting(&mut root, e);
+        let drift = read_drift(&mut root, e, &metrics);
         root.finish(e);
 
         Some(PipelineConfig {
@@ -318,6 +321,7 @@ impl PipelineConfig {
             metrics,
             telemetry,
             alerting,
+            drift,
         })
     }
 
@@ -348,6 +352,7 @@ impl PipelineConfig {
             metrics: MetricsConfig::default(),
             telemetry: TelemetryConfig { listen: None },
             alerting: AlertingConfig::default(),
+            drift: DriftConfig::default(),
         }
     }
 
@@ -362,6 +367,64 @@ impl PipelineConfig {
 
 fn ms(d: std::time::Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
+}
+
+fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftConfig {
+    let d = DriftConfig::default();
+    let mut cfg = d.clone();
+    let Some(mut t) = root.table(e, "drift") else {
+        return cfg;
+    };
+    let dur = |v: i64| std::time::Duration::from_millis(v as u64);
+    cfg.enabled = t.boolean(e, "enabled").unwrap_or(d.enabled);
+    cfg.window_ms = ms(t.duration(e, "window", dur(d.window_ms)));
+    if cfg.window_ms % metrics.window.size_ms != 0 || cfg.window_ms < metrics.window.size_ms {
+        e.push(
+            &t.path_of("window"),
+            format!(
+                "must be a multiple of metrics.window ({})",
+                crate::metrics::resolution_name(metrics.window.size_ms)
+            ),
+        );
+    }
+    let usize_of = |t: &mut Obj, e: &mut Errors, key, min, max, dflt: usize| {
+        t.integer(e, key, min, max).map_or(dflt, |v| v as usize)
+    };
+    cfg.samples_per_window = usize_of(&mut t, e, "samples_per_window", 2, 4096, d.samples_per_window);
+    cfg.max_text_chars = usize_of(&mut t, e, "max_text_chars", 16, 100_000, d.max_text_chars);
+    match t.string_or(e, "embedder", "hash").as_str() {
+        "hash" => cfg.embedder = EmbedderKind::Hash { dim: 256 },
+        other => e.push(
+            &t.path_of("embedder"),
+            format!("{other:?} is not an embedder this build knows (expected \"hash\")"),
+        ),
+    }
+    cfg.budget_texts_per_s = t
+        .float(e, "budget_texts_per_s", 0.01, 1e9)
+        .unwrap_or(cfg.embedder.default_budget());
+    cfg.reference_ms = ms(t.duration(e, "reference", dur(d.reference_ms)));
+    if cfg.reference_ms < cfg.window_ms {
+        e.push(&t.path_of("reference"), "must be at least one drift window");
+    }
+    cfg.reference_size = usize_of(&mut t, e, "reference_size", 10, 100_000, d.reference_size);
+    cfg.min_samples = usize_of(&mut t, e, "min_samples", 2, 100_000, d.min_samples);
+    cfg.min_reference = usize_of(&mut t, e, "min_reference", 2, 100_000, d.min_reference);
+    cfg.false_alarm_rate = t
+        .float(e, "false_alarm_rate", 1e-6, 0.5)
+        .unwrap_or(d.false_alarm_rate);
+    cfg.pca_dims = usize_of(&mut t, e, "pca_dims", 2, 256, d.pca_dims);
+    cfg.sigma = t.float(e, "sigma", 0.5, 20.0).unwrap_or(d.sigma);
+    cfg.scalar_min_events = t
+        .integer(e, "scalar_min_events", 1, i64::MAX)
+        .map_or(d.scalar_min_events, |v| v as u64);
+    if cfg.min_reference > cfg.reference_size {
+        e.push(
+            &t.path_of("min_reference"),
+            format!("cannot exceed reference_size ({})", cfg.reference_size),
+        );
+    }
+    t.finish(e);
+    cfg
 }
 
 fn read_metrics(root: &mut Obj, e: &mut Errors) -> MetricsConfig {

@@ -138,6 +138,30 @@ impl Obj {
         }
     }
 
+    /// A number (integer or float) in `min..=max`.
+    pub fn float(&mut self, e: &mut Errors, key: &'static str, min: f64, max: f64) -> Option<f64> {
+        let v = match self.take(key)? {
+            toml::Value::Integer(i) => i as f64,
+            toml::Value::Float(f) => f,
+            other => {
+                e.push(
+                    &self.path_of(key),
+                    format!("expected a number, got {}", type_name(&other)),
+                );
+                return None;
+            }
+        };
+        if (min..=max).contains(&v) {
+            Some(v)
+        } else {
+            e.push(
+                &self.path_of(key),
+                format!("{v} is out of range (expected {min} to {max})"),
+            );
+            None
+        }
+    }
+
     pub fn string_list(&mut self, e: &mut Errors, key: &'static str) -> Option<Vec<String>> {
         let path = self.path_of(key);
         match self.take(key)? {

@@ -237,6 +237,15 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     w(
         out,
         format!(
+            "drift      {} series-windows judged (5-minute windows against each series' trailing reference; {} texts embedded); {} verdicts found drift",
+            stats.drift_windows.load(Ordering::Relaxed),
+            stats.drift_texts_embedded.load(Ordering::Relaxed),
+            stats.drift_detected.load(Ordering::Relaxed),
+        ),
+    );
+    w(
+        out,
+        format!(
             "data       {}  (tables: {})",
             opts.data_dir.display(),
             query::table_names(&opts.data_dir)?.join(", ")
@@ -329,6 +338,14 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
          FROM metrics
          WHERE resolution = '1m' AND app = 'support-bot' AND environment = 'prod'
          GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
+    (
+        "Drift, from the drift table: code-assistant v7's users start asking about infrastructure, support-bot v3 gets a burst of jailbreak attempts (what moved: the texts the reference has least of, or the shares that changed):",
+        "SELECT to_char(window_start, '%H:%M') AS window, app, prompt_version AS version, field, method,
+                round(coalesce(p_value, statistic), 5) AS p_or_stat,
+                substr(coalesce(regexp_replace(explanation, '^\\[\\{\"event_id\":\"[^\"]*\",\"text\":\"([^\"]*)\".*$', '\\1'), ''), 1, 70) AS what_moved
+         FROM drift WHERE drifted AND method IN ('mmd', 'js', 'ks')
+         ORDER BY window_start, app, field LIMIT 14",
     ),
     (
         "Alerts, from the alerts table (every transition; the notifications went to the terminal, above, and to .eml files):",

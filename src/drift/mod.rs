@@ -16,7 +16,13 @@
 
 pub mod embed;
 pub mod sample;
+pub mod scalar;
+pub mod stage;
+pub mod state;
 pub mod stats;
+pub mod table;
+
+pub use stage::{DriftConfig, DriftSender, DriftStage, EmbedderKind, Judge, SampleWindow};
 
 #[cfg(test)]
 mod tests;

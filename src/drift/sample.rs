@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::scalar::Scalars;
+use crate::event::LlmEvent;
+
 /// A uniform sample of at most `k` items: the ones whose event ids hash lowest (bottom-k
 /// sampling). Deterministic — a rerun, a replay or another instance picks the same events —
 /// and mergeable: the bottom k of a union is the bottom k of the parts' bottom ks, so the
@@ -54,6 +57,14 @@ impl<T> BottomK<T> {
         }
     }
 
+    /// Keeps the `k` lowest (and keeps `k` as the new size).
+    pub fn shrink(&mut self, k: usize) {
+        self.k = self.k.min(k);
+        while self.items.len() > self.k {
+            self.items.pop_last();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -69,5 +80,81 @@ impl<T> BottomK<T> {
 
     pub fn into_items(self) -> Vec<T> {
         self.items.into_values().collect()
+    }
+}
+
+/// A sampled text with the event it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub event_id: Box<str>,
+    pub text: Box<str>,
+}
+
+/// What the drift stage keeps of one series in one window: samples of the users' texts and
+/// of the answers (up to `k` each), and the scalar features of every event.
+#[derive(Debug, Clone)]
+pub struct WindowSample {
+    pub inputs: BottomK<Sampled>,
+    pub outputs: BottomK<Sampled>,
+    pub scalars: Scalars,
+    pub events: u64,
+}
+
+/// The first `max_chars` characters of a text.
+pub fn truncate(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+impl WindowSample {
+    pub fn new(k: usize) -> WindowSample {
+        WindowSample {
+            inputs: BottomK::new(k),
+            outputs: BottomK::new(k),
+            scalars: Scalars::default(),
+            events: 0,
+        }
+    }
+
+    pub fn observe(&mut self, e: &LlmEvent<'_>, max_chars: usize) {
+        self.events += 1;
+        let input = e.input.as_deref().filter(|t| !t.trim().is_empty());
+        self.scalars.observe(e, input);
+        let hash = sample_hash(&e.event_id);
+        let sampled = |t: &str| Sampled {
+            event_id: e.event_id.as_ref().into(),
+            text: truncate(t, max_chars).into(),
+        };
+        if let Some(t) = input {
+            self.inputs.offer(hash, || sampled(t));
+        }
+        if let Some(t) = e.output.as_deref().filter(|t| !t.trim().is_empty()) {
+            self.outputs.offer(hash, || sampled(t));
+        }
+    }
+
+    pub fn merge(&mut self, other: WindowSample) {
+        self.inputs.merge(other.inputs);
+        self.outputs.merge(other.outputs);
+        self.scalars.merge(&other.scalars);
+        self.events += other.events;
+    }
+
+    /// Approximate heap bytes (texts and ids).
+    pub fn memory_bytes(&self) -> usize {
+        let texts = |b: &BottomK<Sampled>| {
+            b.items()
+                .map(|(_, s)| 64 + s.text.len() + s.event_id.len())
+                .sum::<usize>()
+        };
+        std::mem::size_of::<Self>() + texts(&self.inputs) + texts(&self.outputs)
+    }
+
+    /// Keeps the `k` lowest-hash texts of each field (a bottom-k of a bottom-k is a bottom-k).
+    pub fn shrink(&mut self, k: usize) {
+        self.inputs.shrink(k);
+        self.outputs.shrink(k);
     }
 }

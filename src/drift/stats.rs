@@ -6,15 +6,19 @@
 //!   permutation null: the labels "reference" / "current" are shuffled and the statistic
 //!   recomputed from the one kernel matrix. Sensitive to any change of distribution.
 //! - [`centroid_test`]: the cosine distance between the two samples' mean vectors, against a
-//!   bootstrap null drawn from the reference alone (two resamples of the two sizes). Cheap,
-//!   and blind to changes that keep the mean, e.g. a narrower spread of topics.
+//!   bootstrap null drawn from the reference alone (two resamples of the two sizes). Cheap, and blind to changes that keep the mean, e.g. a narrower spread of topics.
 //!
 //! Both return a p-value `(1 + #{null ≥ observed}) / (1 + draws)`, which is valid (never
 //! below the true one) for any number of draws; a window drifts when `p ≤ alpha`. With one
 //! test per window and series, `alpha` *is* the false-alarm rate per window and series.
+//!
+//! Draws stop early once [`STOP_AFTER`] of them reached the observed statistic: the p-value
+//! is then `STOP_AFTER / draws` (Besag & Clifford, "Sequential Monte Carlo p-values",
+//! Biometrika 1991), still valid. A stationary window typically stops after a few dozen draws,
+//! so the thousands of draws a small `alpha` needs are spent only on windows that look
+//! drifted.
 
 use rand::rngs::SmallRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// The outcome of one test.
@@ -27,9 +31,31 @@ pub struct TestResult {
     pub drifted: bool,
 }
 
+/// Null draws at or above the observed statistic after which drawing stops.
+pub const STOP_AFTER: usize = 12;
+
+/// Draws from a null until `draws` or until [`STOP_AFTER`] reach `observed`.
+fn draw_null(observed: f64, draws: usize, mut next: impl FnMut() -> f64) -> Vec<f64> {
+    let mut null = Vec::with_capacity(draws.min(1024));
+    let mut above = 0;
+    for _ in 0..draws {
+        let v = next();
+        above += usize::from(v >= observed);
+        null.push(v);
+        if above >= STOP_AFTER {
+            break;
+        }
+    }
+    null
+}
+
 fn result(observed: f64, mut null: Vec<f64>, alpha: f64) -> TestResult {
     let above = null.iter().filter(|v| **v >= observed).count();
-    let p_value = (1 + above) as f64 / (1 + null.len()) as f64;
+    let p_value = if above >= STOP_AFTER {
+        above as f64 / null.len() as f64
+    } else {
+        (1 + above) as f64 / (1 + null.len()) as f64
+    };
     null.sort_by(f64::total_cmp);
     let threshold = if null.is_empty() {
         f64::INFINITY
@@ -49,38 +75,9 @@ fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
-/// Unbiased MMD² of the split `first` | rest of `k` (an n × n kernel matrix, row-major),
-/// where `idx` orders the pooled sample.
-fn mmd2(k: &[f32], n: usize, idx: &[usize], first: usize) -> f64 {
-    let (m, l) = (first as f64, (n - first) as f64);
-    let (mut xx, mut yy, mut xy) = (0f64, 0f64, 0f64);
-    for (a, &i) in idx.iter().enumerate() {
-        let row = &k[i * n..(i + 1) * n];
-        for (b, &j) in idx.iter().enumerate().skip(a + 1) {
-            let v = f64::from(row[j]);
-            match (a < first, b < first) {
-                (true, true) => xx += v,
-                (false, false) => yy += v,
-                _ => xy += v,
-            }
-        }
-    }
-    2.0 * xx / (m * (m - 1.0)) + 2.0 * yy / (l * (l - 1.0)) - 2.0 * xy / (m * l)
-}
-
-/// MMD² with an RBF kernel (median heuristic) and a permutation null.
-pub fn mmd_test(
-    reference: &[Vec<f32>],
-    current: &[Vec<f32>],
-    permutations: usize,
-    alpha: f64,
-    seed: u64,
-) -> TestResult {
-    let pooled: Vec<&[f32]> = reference.iter().chain(current).map(Vec::as_slice).collect();
+/// The pooled sample's RBF kernel matrix (n × n, row-major) with the median heuristic.
+fn rbf_kernel(pooled: &[&[f32]]) -> (Vec<f32>, f32) {
     let n = pooled.len();
-    if reference.len() < 2 || current.len() < 2 {
-        return result(0.0, Vec::new(), alpha);
-    }
     let mut d = vec![0f32; n * n];
     let mut off = Vec::with_capacity(n * (n - 1) / 2);
     for i in 0..n {
@@ -91,20 +88,97 @@ pub fn mmd_test(
             off.push(v);
         }
     }
-    off.sort_by(f32::total_cmp);
-    let median = off[off.len() / 2].max(1e-12);
-    let k: Vec<f32> = d.iter().map(|v| (-v / median).exp()).collect();
-    let mut idx: Vec<usize> = (0..n).collect();
-    let m = reference.len();
-    let observed = mmd2(&k, n, &idx, m);
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let null = (0..permutations)
-        .map(|_| {
-            idx.shuffle(&mut rng);
-            mmd2(&k, n, &idx, m)
-        })
+    let mid = off.len() / 2;
+    let median = if off.is_empty() {
+        1.0
+    } else {
+        *off.select_nth_unstable_by(mid, f32::total_cmp).1
+    }
+    .max(1e-12);
+    for v in &mut d {
+        *v = (-*v / median).exp();
+    }
+    (d, median)
+}
+
+/// Unbiased MMD² (Gretton et al. 2012, eq. 3) of a split of the pooled
+/// sample into `current` (the indices given) and the rest, from the kernel matrix `k`, its
+/// row sums and their total: only the current × current block is summed, so a permutation
+/// costs c² instead of n².
+fn mmd2_split(k: &[f32], n: usize, rows: &[f64], total: f64, current: &[usize]) -> f64 {
+    let c = current.len() as f64;
+    let r = (n - current.len()) as f64;
+    let mut cc = 0f64;
+    for &i in current {
+        let row = &k[i * n..(i + 1) * n];
+        let mut s = 0f32;
+        for &j in current {
+            s += row[j];
+        }
+        cc += f64::from(s);
+    }
+    let cr = current.iter().map(|&i| rows[i]).sum::<f64>() - cc;
+    let rr = total - cc - 2.0 * cr;
+    // Unbiased: without the diagonal (k(x, x) = 1).
+    (cc - c) / (c * (c - 1.0)) + (rr - r) / (r * (r - 1.0)) - 2.0 * cr / (c * r)
+}
+
+/// MMD² with an RBF kernel (median heuristic) and a permutation null.
+pub fn mmd_test(
+    reference: &[Vec<f32>],
+    current: &[Vec<f32>],
+    permutations: usize,
+    alpha: f64,
+    seed: u64,
+) -> TestResult {
+    if reference.len() < 2 || current.len() < 2 {
+        return result(0.0, Vec::new(), alpha);
+    }
+    let pooled: Vec<&[f32]> = reference.iter().chain(current).map(Vec::as_slice).collect();
+    let n = pooled.len();
+    let (k, _) = rbf_kernel(&pooled);
+    let rows: Vec<f64> = k
+        .chunks_exact(n)
+        .map(|r| r.iter().map(|v| f64::from(*v)).sum())
         .collect();
+    let total: f64 = rows.iter().sum();
+    let m = reference.len();
+    let c = current.len();
+    let observed_idx: Vec<usize> = (m..n).collect();
+    let observed = mmd2_split(&k, n, &rows, total, &observed_idx);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut idx: Vec<usize> = (0..n).collect();
+    let null = draw_null(observed, permutations, || {
+        // A uniformly random c-subset: the first c of a partial Fisher–Yates shuffle.
+        for i in 0..c {
+            let j = rng.random_range(i..n);
+            idx.swap(i, j);
+        }
+        mmd2_split(&k, n, &rows, total, &idx[..c])
+    });
     result(observed, null, alpha)
+}
+
+/// The MMD witness function at each current point: its mean kernel similarity to the current
+/// sample minus that to the reference (same kernel and bandwidth as [`mmd_test`]). The
+/// current texts where it is highest are the ones the reference has least of: what moved.
+pub fn witness(reference: &[Vec<f32>], current: &[Vec<f32>]) -> Vec<f64> {
+    if reference.is_empty() || current.len() < 2 {
+        return vec![0.0; current.len()];
+    }
+    let pooled: Vec<&[f32]> = reference.iter().chain(current).map(Vec::as_slice).collect();
+    let n = pooled.len();
+    let m = reference.len();
+    let (k, _) = rbf_kernel(&pooled);
+    (m..n)
+        .map(|i| {
+            let row = &k[i * n..(i + 1) * n];
+            let own = (m..n).filter(|j| *j != i).map(|j| f64::from(row[j])).sum::<f64>()
+                / (n - m - 1) as f64;
+            let other = row[..m].iter().map(|v| f64::from(*v)).sum::<f64>() / m as f64;
+            own - other
+        })
+        .collect()
 }
 
 fn centroid(x: &[&[f32]]) -> Vec<f64> {
@@ -127,35 +201,45 @@ fn cosine_distance(a: &[f64], b: &[f64]) -> f64 {
     1.0 - dot / (na * nb)
 }
 
-/// Cosine distance between the centroids, against a bootstrap null from the reference.
+/// Cosine distance between the centroids of the reference and the current sample, against a
+/// bootstrap null from the reference alone: two resamples (with replacement) of the two
+/// sizes, their centroids' distance. Each draw costs (r + c) · dim. Do not give it vectors
+/// projected by a [`Pca`] fitted with the current sample: the null, drawn from the reference
+/// alone, would not see the directions fitted to the current sample's own noise.
 pub fn centroid_test(
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
-    bootstraps: usize,
+    draws: usize,
     alpha: f64,
     seed: u64,
 ) -> TestResult {
-    if reference.is_empty() || current.is_empty() {
+    let (r, c) = (reference.len(), current.len());
+    if r == 0 || c == 0 {
         return result(0.0, Vec::new(), alpha);
     }
-    let r: Vec<&[f32]> = reference.iter().map(Vec::as_slice).collect();
-    let c: Vec<&[f32]> = current.iter().map(Vec::as_slice).collect();
-    let observed = cosine_distance(&centroid(&r), &centroid(&c));
+    let refs: Vec<&[f32]> = reference.iter().map(Vec::as_slice).collect();
+    let cur: Vec<&[f32]> = current.iter().map(Vec::as_slice).collect();
+    let observed = cosine_distance(&centroid(&refs), &centroid(&cur));
     let mut rng = SmallRng::seed_from_u64(seed);
-    let mut draw = |size: usize| -> Vec<&[f32]> {
-        (0..size).map(|_| r[rng.random_range(0..r.len())]).collect()
+    let dim = refs[0].len();
+    let (mut a, mut b) = (vec![0f64; dim], vec![0f64; dim]);
+    let resample = |out: &mut Vec<f64>, size: usize, rng: &mut SmallRng| {
+        out.iter_mut().for_each(|v| *v = 0.0);
+        for _ in 0..size {
+            for (o, x) in out.iter_mut().zip(refs[rng.random_range(0..r)]) {
+                *o += f64::from(*x);
+            }
+        }
     };
-    let null = (0..bootstraps)
-        .map(|_| {
-            let a = draw(r.len());
-            let b = draw(c.len());
-            cosine_distance(&centroid(&a), &centroid(&b))
-        })
-        .collect();
+    let null = draw_null(observed, draws, || {
+        resample(&mut a, r, &mut rng);
+        resample(&mut b, c, &mut rng);
+        cosine_distance(&a, &b)
+    });
     result(observed, null, alpha)
 }
 
-/// The top principal directions of a sample (power iteration with deflation), for reducing
+/// The top principal directions of a sample (subspace iteration), for reducing
 /// embeddings before [`mmd_test`]: distances in a few hundred noisy dimensions concentrate,
 /// which costs the kernel its contrast.
 ///
@@ -168,6 +252,76 @@ pub fn centroid_test(
 pub struct Pca {
     mean: Vec<f64>,
     components: Vec<Vec<f64>>,
+}
+
+/// Enough for the leading directions of embedding samples; the tests stay valid whatever
+/// the projection (it is fitted without the labels), only their power depends on it.
+const SUBSPACE_ITERATIONS: usize = 8;
+
+/// Gram–Schmidt on the rows (a row that collapses is left at zero).
+fn orthonormalize(w: &mut [Vec<f64>]) {
+    for i in 0..w.len() {
+        for j in 0..i {
+            let d: f64 = w[i].iter().zip(&w[j]).map(|(a, b)| a * b).sum();
+            let (head, tail) = w.split_at_mut(i);
+            for (o, a) in tail[0].iter_mut().zip(&head[j]) {
+                *o -= d * a;
+            }
+        }
+        let norm = w[i].iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm > 1e-12 {
+            w[i].iter_mut().for_each(|a| *a /= norm);
+        } else {
+            w[i].iter_mut().for_each(|a| *a = 0.0);
+        }
+    }
+}
+
+/// Eigenvalues and eigenvectors (columns) of a small symmetric matrix, by cyclic Jacobi
+/// rotations.
+fn jacobi_eigen(mut a: Vec<Vec<f64>>) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let n = a.len();
+    let mut v: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..n).map(|j| f64::from(u8::from(i == j))).collect())
+        .collect();
+    for _ in 0..50 {
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i][j] * a[i][j])
+            .sum();
+        if off < 1e-18 {
+            break;
+        }
+        for p in 0..n {
+            for q in p + 1..n {
+                if a[p][q].abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let t = if theta == 0.0 { 1.0 } else { t };
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for row in a.iter_mut() {
+                    let (akp, akq) = (row[p], row[q]);
+                    row[p] = c * akp - s * akq;
+                    row[q] = s * akp + c * akq;
+                }
+                let (head, tail) = a.split_at_mut(q);
+                for (apk, aqk) in head[p].iter_mut().zip(tail[0].iter_mut()) {
+                    let (x, y) = (*apk, *aqk);
+                    *apk = c * x - s * y;
+                    *aqk = s * x + c * y;
+                }
+                for row in v.iter_mut() {
+                    let (vp, vq) = (row[p], row[q]);
+                    row[p] = c * vp - s * vq;
+                    row[q] = s * vp + c * vq;
+                }
+            }
+        }
+    }
+    ((0..n).map(|i| a[i][i]).collect(), v)
 }
 
 impl Pca {
@@ -189,33 +343,62 @@ impl Pca {
                     .collect()
             })
             .collect();
+        // Subspace iteration (W ← orthonormalize(Xᵀ X W)) with all k directions at once,
+        // then Rayleigh–Ritz: the k × k problem inside the subspace, solved by Jacobi, turns
+        // the basis into the principal directions and orders them.
+        let k = k.min(dim);
         let mut rng = SmallRng::seed_from_u64(seed);
-        let mut components: Vec<Vec<f64>> = Vec::new();
-        for _ in 0..k.min(dim) {
-            let mut w: Vec<f64> = (0..dim).map(|_| rng.random::<f64>() - 0.5).collect();
-            for _ in 0..30 {
-                // w ← Xᵀ X w, minus what earlier components explain.
-                let mut next = vec![0f64; dim];
-                for row in &centered {
-                    let s: f64 = row.iter().zip(&w).map(|(a, b)| a * b).sum();
-                    for (o, a) in next.iter_mut().zip(row) {
-                        *o += s * a;
+        let mut w: Vec<Vec<f64>> = (0..k)
+            .map(|_| (0..dim).map(|_| rng.random::<f64>() - 0.5).collect())
+            .collect();
+        orthonormalize(&mut w);
+        let scores = |w: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            centered
+                .iter()
+                .map(|row| {
+                    w.iter()
+                        .map(|c| row.iter().zip(c).map(|(a, b)| a * b).sum())
+                        .collect()
+                })
+                .collect()
+        };
+        for _ in 0..SUBSPACE_ITERATIONS {
+            let y = scores(&w);
+            let mut z = vec![vec![0f64; dim]; k];
+            for (row, ys) in centered.iter().zip(&y) {
+                for (zj, yj) in z.iter_mut().zip(ys) {
+                    for (o, a) in zj.iter_mut().zip(row) {
+                        *o += yj * a;
                     }
                 }
-                for c in &components {
-                    let s: f64 = next.iter().zip(c).map(|(a, b)| a * b).sum();
-                    for (o, a) in next.iter_mut().zip(c) {
-                        *o -= s * a;
-                    }
-                }
-                let norm = next.iter().map(|a| a * a).sum::<f64>().sqrt();
-                if norm < 1e-12 {
-                    break;
-                }
-                w = next.into_iter().map(|a| a / norm).collect();
             }
-            components.push(w);
+            w = z;
+            orthonormalize(&mut w);
         }
+        let y = scores(&w);
+        let mut b = vec![vec![0f64; k]; k];
+        for ys in &y {
+            for i in 0..k {
+                for j in 0..k {
+                    b[i][j] += ys[i] * ys[j];
+                }
+            }
+        }
+        let (values, vectors) = jacobi_eigen(b);
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by(|a, b| values[*b].total_cmp(&values[*a]));
+        let components = order
+            .iter()
+            .map(|&e| {
+                let mut c = vec![0f64; dim];
+                for (i, wi) in w.iter().enumerate() {
+                    for (o, a) in c.iter_mut().zip(wi) {
+                        *o += vectors[i][e] * a;
+                    }
+                }
+                c
+            })
+            .collect();
         Pca { mean, components }
     }
 

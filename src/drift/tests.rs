@@ -189,7 +189,7 @@ fn mmd_on_hashed_text_flags_a_20_percent_topic_mix_and_not_the_same_topic() {
         e.embed(&t).unwrap()
     };
     let (mut same, mut mixed) = (0, 0);
-    for seed in 0..20 {
+    for seed in 0..40 {
         let mut rng = SmallRng::seed_from_u64(seed);
         let reference = embed((0..60).map(|_| sentence(&mut rng, SUPPORT)).collect());
         let stationary = embed((0..60).map(|_| sentence(&mut rng, SUPPORT)).collect());
@@ -210,16 +210,17 @@ fn mmd_on_hashed_text_flags_a_20_percent_topic_mix_and_not_the_same_topic() {
         let (r, c) = (p(&pca_m, &reference), p(&pca_m, &shifted));
         mixed += u32::from(mmd_test(&r, &c, 99, 0.01, seed).drifted);
     }
-    // At alpha 0.01, 0.2 of 20 stationary windows are expected to be flagged.
+    // At alpha 0.01, 0.4 of 40 stationary windows are expected to be flagged.
     assert!(
-        same <= 2,
-        "{same} of 20 stationary windows flagged at alpha 0.01"
+        same <= 3,
+        "{same} of 40 stationary windows flagged at alpha 0.01"
     );
-    // One window of 60 texts catches a 20 % mix about 9 times in 10 (measured: 35 of 40), so
-    // three windows in a row all miss it with probability ≈ 0.2 %.
+    // One window of 60 texts catches a 20 % mix about 8 times in 10 (measured: 64 of 80, 31
+    // of these 40), so three windows in a row all miss it with probability ≈ 1 %. Below 70 %
+    // the test has lost power.
     assert!(
-        mixed >= 15,
-        "{mixed} of 20 windows with 20 % code prompts flagged"
+        mixed >= 28,
+        "{mixed} of 40 windows with 20 % code prompts flagged"
     );
 }
 
@@ -244,4 +245,233 @@ fn pca_finds_the_direction_of_largest_variance() {
     assert!(along > 0.99, "first component {:?}", c[0]);
     let dot: f64 = c[0].iter().zip(&c[1]).map(|(a, b)| a * b).sum();
     assert!(dot.abs() < 1e-6, "components are orthogonal: {dot}");
+}
+
+// ---- The stage: windows, budget, verdicts, state ------------------------------------------
+
+use super::sample::WindowSample;
+use super::scalar::{Scalars, scalar_drift};
+use super::stage::{DriftConfig, Judge, Judged, SampleWindow};
+use crate::event::LlmEvent;
+use crate::window::SeriesKey;
+use std::borrow::Cow;
+
+const MIN: i64 = 60_000;
+
+fn event<'a>(id: String, input: String, output: String, refusal: bool) -> LlmEvent<'a> {
+    LlmEvent {
+        event_id: Cow::Owned(id),
+        input: Some(Cow::Owned(input)),
+        output: Some(Cow::Owned(if refusal {
+            "I'm sorry, but I can't help with that.".to_owned()
+        } else {
+            output
+        })),
+        output_tokens: Some(40),
+        finish_reason: Some(Cow::Borrowed("stop")),
+        ..Default::default()
+    }
+}
+
+/// One minute of one series: `n` events, a `mix` share of inputs from `CODE` instead of
+/// `SUPPORT`, a `refusals` share of refused answers.
+fn minute(
+    rng: &mut SmallRng,
+    series: &str,
+    start_min: i64,
+    n: usize,
+    mix: f64,
+    refusals: f64,
+) -> SampleWindow {
+    let mut s = WindowSample::new(64);
+    for i in 0..n {
+        let topic = if rng.random_bool(mix) { CODE } else { SUPPORT };
+        let e = event(
+            format!("{series}-{start_min}-{i}-{}", rng.random::<u32>()),
+            sentence(rng, topic),
+            sentence(rng, SUPPORT),
+            rng.random_bool(refusals),
+        );
+        s.observe(&e, 1000);
+    }
+    SampleWindow {
+        start_ms: start_min * MIN,
+        end_ms: (start_min + 1) * MIN,
+        series: vec![(SeriesKey::new(&[Some(series)]), s)],
+    }
+}
+
+fn judge(cfg: DriftConfig) -> Judge {
+    let e = cfg.embedder.build();
+    Judge::new(cfg, e, i64::MIN)
+}
+
+fn drifted(j: &Judged, field: &str) -> bool {
+    j.rows
+        .iter()
+        .any(|r| r.field == field && r.drifted && r.status == "judged")
+}
+
+#[test]
+fn minutes_merge_into_drift_windows_judged_once_complete() {
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut j = judge(DriftConfig::default());
+    let mut judged = Vec::new();
+    for m in 0..12 {
+        judged.extend(j.add(minute(&mut rng, "a", m, 30, 0.0, 0.0)));
+    }
+    // Minutes 0–4 and 5–9 completed two windows; 10–11 wait for the rest of theirs.
+    assert_eq!(judged.len(), 2);
+    assert_eq!((judged[0].start_ms, judged[0].end_ms), (0, 5 * MIN));
+    assert_eq!(judged[1].series[0].1, 150, "five minutes of 30 events");
+    assert_eq!(j.closed_through(), 10 * MIN);
+    // The first window had no reference: not tested; the second was tested against it.
+    let status = |w: &Judged| {
+        w.rows
+            .iter()
+            .find(|r| r.field == "input" && r.method == "mmd")
+            .map(|r| (r.status, r.current_n, r.reference_n))
+            .unwrap()
+    };
+    assert_eq!(status(&judged[0]), ("few_reference", 64, 0));
+    assert_eq!(status(&judged[1]), ("judged", 64, 64));
+    // A minute of an already judged window (a redelivery after a restart) is ignored.
+    assert!(j.add(minute(&mut rng, "a", 3, 30, 0.0, 0.0)).is_empty());
+    let rest = j.finish();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].series[0].1, 60);
+}
+
+#[test]
+fn the_budget_caps_texts_embedded_per_window_across_series() {
+    let mut rng = SmallRng::seed_from_u64(2);
+    // 2 texts/s over 5 min = 600 texts for 10 series: 30 per series and field.
+    let mut j = judge(DriftConfig {
+        budget_texts_per_s: 2.0,
+        ..DriftConfig::default()
+    });
+    let mut out = Vec::new();
+    for m in 0..5 {
+        let mut all = SampleWindow {
+            start_ms: m * MIN,
+            end_ms: (m + 1) * MIN,
+            series: Vec::new(),
+        };
+        for s in 0..10 {
+            all.series
+                .extend(minute(&mut rng, &format!("s{s}"), m, 40, 0.0, 0.0).series);
+        }
+        out.extend(j.add(all));
+    }
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].texts_embedded, 600);
+}
+
+/// Runs `windows` drift windows of one series; the last `shifted` of them get `mix` code
+/// inputs and `refusals` refused answers. Returns the verdicts per window.
+fn run_series(seed: u64, cfg: &DriftConfig, windows: i64, shifted: i64, mix: f64) -> Vec<Judged> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut j = judge(cfg.clone());
+    let mut out = Vec::new();
+    for m in 0..windows * 5 {
+        let on = m / 5 >= windows - shifted;
+        let w = minute(&mut rng, "s", m, 16, if on { mix } else { 0.0 }, 0.0);
+        out.extend(j.add(w));
+    }
+    out
+}
+
+#[test]
+fn stationary_traffic_holds_the_configured_false_alarm_rate() {
+    // At a configured 2 % (so that 400 windows can tell 2 % from 8 %), a series' four
+    // embedding tests together flag about 8 of 400 stationary windows.
+    let cfg = DriftConfig {
+        false_alarm_rate: 0.02,
+        ..DriftConfig::default()
+    };
+    let mut windows = 0;
+    let mut flagged = 0;
+    for seed in 0..40 {
+        for w in run_series(seed, &cfg, 12, 0, 0.0).iter().skip(2) {
+            windows += 1;
+            flagged += u32::from(drifted(w, "input") || drifted(w, "output"));
+        }
+    }
+    assert_eq!(windows, 400);
+    // Binomial(400, 0.02): mean 8, P(X > 17) < 0.1 %. The tests are conservative
+    // (Bonferroni over four), so fewer is expected.
+    assert!(flagged <= 17, "{flagged} of {windows} stationary windows flagged");
+}
+
+#[test]
+fn a_topic_shift_is_detected_within_three_windows() {
+    let cfg = DriftConfig::default();
+    let mut delays = Vec::new();
+    for seed in 0..20 {
+        let verdicts = run_series(100 + seed, &cfg, 10, 3, 0.3);
+        assert!(
+            verdicts[..7].iter().all(|w| !drifted(w, "input")),
+            "seed {seed}: drift before the shift"
+        );
+        delays.push(verdicts[7..].iter().position(|w| drifted(w, "input")));
+    }
+    let caught = delays.iter().filter(|d| d.is_some()).count();
+    // A 30 % mix in 64 sampled texts, at the default 1 per 1,000 false-alarm rate.
+    assert!(caught >= 18, "caught within 3 windows in {caught} of 20 runs: {delays:?}");
+}
+
+#[test]
+fn scalar_drift_finds_a_refusal_burst_and_names_it() {
+    let mut rng = SmallRng::seed_from_u64(9);
+    let window = |rng: &mut SmallRng, refusals: f64| {
+        let mut s = Scalars::default();
+        for i in 0..200 {
+            let e = event(
+                format!("{i}"),
+                sentence(rng, SUPPORT),
+                sentence(rng, SUPPORT),
+                rng.random_bool(refusals),
+            );
+            s.observe(&e, e.input.as_deref());
+        }
+        s
+    };
+    let reference: Vec<Scalars> = (0..24).map(|_| window(&mut rng, 0.02)).collect();
+    let refs: Vec<&Scalars> = reference.iter().collect();
+    let same = window(&mut rng, 0.02);
+    let burst = window(&mut rng, 0.25);
+    let verdict = |cur: &Scalars| {
+        scalar_drift(cur, &refs, 3.0, 30)
+            .into_iter()
+            .find(|r| r.field == "refusal" && r.method == "js")
+            .unwrap()
+    };
+    assert!(!verdict(&same).drifted);
+    let b = verdict(&burst);
+    assert!(b.drifted, "{b:?}");
+    assert!(b.explanation.starts_with("refusal "), "{}", b.explanation);
+    // Too few reference windows: no threshold, no verdict.
+    let few = scalar_drift(&burst, &refs[..5], 3.0, 30);
+    assert!(few.iter().all(|r| !r.drifted && r.threshold.is_nan()));
+}
+
+#[test]
+fn references_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = judge(DriftConfig::default());
+    let mut rng = SmallRng::seed_from_u64(3);
+    for m in 0..15 {
+        j.add(minute(&mut rng, "a", m, 20, 0.0, 0.0));
+    }
+    let sink = crate::config::SinkConfig::default();
+    super::state::save(dir.path(), "s", &j.refs, &sink).unwrap();
+    let back = super::state::load(dir.path(), "s");
+    assert_eq!(back.len(), 1);
+    let (a, b) = (j.refs.values().next().unwrap(), back.values().next().unwrap());
+    assert_eq!(a.windows.len(), b.windows.len());
+    for (x, y) in a.windows.iter().zip(&b.windows) {
+        assert_eq!(x.start_ms, y.start_ms);
+        assert_eq!(x.texts, y.texts);
+        assert_eq!(x.scalars, y.scalars);
+    }
 }

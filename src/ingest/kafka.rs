@@ -29,6 +29,7 @@ use super::{Accumulator, IngestError, Shutdown, SourceRecord};
 use crate::alert::AlertStage;
 use crate::config::{KafkaSourceConfig, PipelineConfig};
 use crate::decode::Decoder;
+use crate::drift::DriftStage;
 use crate::metrics::{MetricsStage, load_prices, stream_name};
 use crate::sink::{Committer, Sink, SinkJob, SinkMsg, run_writer};
 use crate::telemetry::Stats;
@@ -264,13 +265,18 @@ pub fn run(
         stats.clone(),
     )
     .with_prices(load_prices(&config.metrics)?);
+    let drift_on = config.metrics.enabled && config.drift.enabled;
     if config.metrics.enabled {
-        acc = acc.with_metrics(MetricsStage::open(
+        let mut m = MetricsStage::open(
             &config.data_root,
             config.metrics.clone(),
             &k.group_id,
             stats.clone(),
-        )?);
+        )?;
+        if drift_on {
+            m = m.with_sampling(&config.drift);
+        }
+        acc = acc.with_metrics(m);
     }
     let ctx = Ctx {
         core: Mutex::new(Core {
@@ -300,7 +306,8 @@ pub fn run(
 
     // Alerts judge the windows the writer makes durable.
     let alerts = if config.alerting.enabled && config.metrics.enabled {
-        let ctx = crate::alert::rule_context(&config.metrics);
+        let mut ctx = crate::alert::rule_context(&config.metrics);
+        ctx.drift_window_ms = config.drift.window_ms;
         Some(AlertStage::start(
             &config.alerting,
             &ctx,
@@ -312,6 +319,24 @@ pub fn run(
         None
     };
     let frames = alerts.as_ref().map(AlertStage::sender);
+    // Drift judges the minutes' samples once their metrics are durable.
+    let drift = if drift_on {
+        Some(
+            DriftStage::start(
+                config.drift.clone(),
+                &config.metrics.window.dimensions,
+                &config.data_root,
+                &stream_name(&k.group_id),
+                config.sink.clone(),
+                frames.clone(),
+                stats.clone(),
+            )
+?,
+        )
+    } else {
+        None
+    };
+    let samples = drift.as_ref().map(DriftStage::sender);
 
     let committer = Arc::new(KafkaCommitter(consumer.clone()));
     let writer_stats = stats.clone();
@@ -325,9 +350,12 @@ pub fn run(
                 committer,
                 writer_stats,
                 &|| !writer_shutdown.is_triggered(),
-                &|out| {
+                &|mut out| {
                     if let Some(f) = &frames {
-                        f.send_metrics(out);
+                        f.send_metrics(&out);
+                    }
+                    if let Some(d) = &samples {
+                        d.send(std::mem::take(&mut out.samples));
                     }
                 },
             )
@@ -355,7 +383,11 @@ pub fn run(
         path: "writer thread".into(),
         source: std::io::Error::other("writer thread panicked"),
     }));
-    // The writer is done: the last windows reached the alert stage; let it deliver and stop.
+    // The writer is done: the last windows reached the drift and alert stages; drift judges
+    // what it can, then alerts deliver and stop.
+    if let Some(d) = drift {
+        d.stop();
+    }
     if let Some(a) = alerts {
         a.stop();
     }

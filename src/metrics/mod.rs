@@ -101,6 +101,8 @@ pub struct MetricsOutput {
     pub files: Vec<(PathBuf, RecordBatch)>,
     /// Recorded in the stream's state file once the files are durable (`None`: no state).
     pub closed_through: Option<i64>,
+    /// The closed minutes' samples for the drift stage (empty when it does not run).
+    pub samples: Vec<crate::drift::SampleWindow>,
 }
 
 impl MetricsOutput {
@@ -149,6 +151,8 @@ pub struct MetricsStage {
     stats: Arc<Stats>,
     published_late: u64,
     published_overflow: u64,
+    /// Drift sampling: texts kept per series, window and field, and their length cap.
+    sampling: Option<(usize, usize)>,
 }
 
 impl MetricsStage {
@@ -178,6 +182,7 @@ impl MetricsStage {
             stats,
             published_late: 0,
             published_overflow: 0,
+            sampling: None,
         }
     }
 
@@ -206,6 +211,17 @@ impl MetricsStage {
         Ok(stage)
     }
 
+    /// Also samples texts and scalar features per series and window for the drift stage.
+    pub fn with_sampling(mut self, drift: &crate::drift::DriftConfig) -> Self {
+        self.sampling = Some((drift.samples_per_window, drift.max_text_chars));
+        self
+    }
+
+    /// Whether texts are sampled (the rebuild then reads them back from `events`).
+    pub fn samples(&self) -> bool {
+        self.sampling.is_some()
+    }
+
     pub fn dimensions(&self) -> &[Dimension] {
         &self.config.window.dimensions
     }
@@ -219,6 +235,11 @@ impl MetricsStage {
     pub fn observe(&mut self, e: &LlmEvent<'_>, lane: usize) {
         if let Slot::Open(s) = self.windows.slot(e, lane) {
             s.observe(e, e.cost_source.and_then(CostSource::parse));
+            if let Some((k, max_chars)) = self.sampling {
+                s.sample
+                    .get_or_insert_with(|| Box::new(crate::drift::sample::WindowSample::new(k)))
+                    .observe(e, max_chars);
+            }
         }
     }
 
@@ -281,6 +302,7 @@ impl MetricsStage {
         let mut files = Vec::new();
         let dims = self.config.window.dimensions.clone();
         let mut latest: Option<(i64, Vec<SeriesGauge>)> = None;
+        let mut samples = Vec::new();
         for mut w in closed {
             w.series.sort_by(|a, b| a.0.cmp(&b.0));
             let mut b = MetricsBatchBuilder::new(&dims);
@@ -314,6 +336,17 @@ impl MetricsStage {
                     .store((now - w.end_ms).max(0) as u64, Ordering::Relaxed);
             }
             latest = Some((w.end_ms, gauges));
+            if self.sampling.is_some() {
+                samples.push(crate::drift::SampleWindow {
+                    start_ms: w.start_ms,
+                    end_ms: w.end_ms,
+                    series: w
+                        .series
+                        .iter_mut()
+                        .filter_map(|(k, s)| Some((k.clone(), *s.sample.take()?)))
+                        .collect(),
+                });
+            }
             if let Some(done) = self.rollup.add(w.start_ms, sealed, |a, b| a.merge(&b)) {
                 files.push(self.coarse_file(&dims, done));
             }
@@ -343,6 +376,7 @@ impl MetricsStage {
             stream: self.stream.clone(),
             files,
             closed_through: self.persist.then(|| self.windows.closed_through()),
+            samples,
         })
     }
 

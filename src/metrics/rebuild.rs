@@ -204,26 +204,7 @@ pub fn rebuild_partition(
     let pending = pending_files(root, topic, partition)?;
     let files = partition_files(root, topic, partition, horizon)?;
     let dims = stage.config.window.dimensions.clone();
-    let mut columns: Vec<&str> = vec![
-        "timestamp",
-        "latency_ms",
-        "ttft_ms",
-        "input_tokens",
-        "output_tokens",
-        "cache_read_tokens",
-        "cache_write_tokens",
-        "reasoning_tokens",
-        "cost_usd",
-        "cost_source",
-        "finish_reason",
-        "error_type",
-        "status",
-        "source_offset",
-    ];
-    columns.extend(DIMENSION_FIELDS);
-    if dims.iter().any(|d| matches!(d, Dimension::Attribute(_))) {
-        columns.push("attributes");
-    }
+    let columns = event_columns(&dims, stage.samples());
     let from_offset = stage.counted(topic, partition);
     let mut next = from_offset;
     let mut counted = 0u64;
@@ -254,6 +235,24 @@ fn observe_batch(
     next: &mut i64,
     lane: usize,
 ) -> u64 {
+    let mut n = 0;
+    for_each_event(batch, |offset, e| {
+        if offset < from_offset {
+            return;
+        }
+        *next = (*next).max(offset + 1);
+        if e.timestamp_ms < horizon {
+            return;
+        }
+        stage.observe(e, lane);
+        n += 1;
+    });
+    n
+}
+
+/// Every row of an `events` batch as an event (the columns read: see [`rebuild_partition`]),
+/// with its source offset.
+pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &LlmEvent<'_>)) {
     let str_col = |name: &str| {
         batch
             .column_by_name(name)
@@ -273,10 +272,10 @@ fn observe_batch(
         .column_by_name("timestamp")
         .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
     else {
-        return 0;
+        return;
     };
     let Some(offsets) = i64_col("source_offset") else {
-        return 0;
+        return;
     };
     let fields: Vec<_> = DIMENSION_FIELDS.iter().map(|f| str_col(f)).collect();
     let field = |i: usize, row: usize| -> Option<Cow<'_, str>> {
@@ -308,19 +307,15 @@ fn observe_batch(
         i64_col("reasoning_tokens"),
     ];
     let cost_source = str_col("cost_source");
+    let (event_id, input, output) = (str_col("event_id"), str_col("input"), str_col("output"));
+    fn text(c: Option<&arrow::array::StringArray>, row: usize) -> Option<Cow<'_, str>> {
+        let c = c?;
+        (!c.is_null(row)).then(|| Cow::Borrowed(c.value(row)))
+    }
     let attrs = batch
         .column_by_name("attributes")
         .and_then(|c| c.as_map_opt());
-    let mut n = 0;
     for row in 0..batch.num_rows() {
-        let offset = offsets.value(row);
-        if offset < from_offset {
-            continue;
-        }
-        *next = (*next).max(offset + 1);
-        if ts.value(row) < horizon {
-            continue;
-        }
         let mut attributes = Vec::new();
         if let Some(m) = attrs
             && !m.is_null(row)
@@ -365,10 +360,95 @@ fn observe_batch(
                 .and_then(CostSource::parse)
                 .map(CostSource::as_str),
             attributes,
+            event_id: text(event_id, row).unwrap_or_default(),
+            input: text(input, row),
+            output: text(output, row),
             ..Default::default()
         };
-        stage.observe(&e, lane);
-        n += 1;
+        visit(offsets.value(row), &e);
     }
-    n
+}
+
+/// The `events` columns [`for_each_event`] reads for series of `dims`; with the texts when
+/// `texts` (drift sampling).
+pub(crate) fn event_columns(dims: &[Dimension], texts: bool) -> Vec<&'static str> {
+    let mut columns: Vec<&str> = vec![
+        "timestamp",
+        "latency_ms",
+        "ttft_ms",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+        "cost_source",
+        "finish_reason",
+        "error_type",
+        "status",
+        "source_offset",
+    ];
+    columns.extend(DIMENSION_FIELDS);
+    if dims.iter().any(|d| matches!(d, Dimension::Attribute(_))) {
+        columns.push("attributes");
+    }
+    if texts {
+        columns.extend(["event_id", "input", "output"]);
+    }
+    columns
+}
+
+/// Every event of every partition with a time in `from_ms..to_ms`, read from the `events`
+/// files of those hours (all of them: a file whose manifest is still pending holds records
+/// that were counted before a crash and come back as late). Returns the number visited.
+pub(crate) fn events_between(
+    root: &Path,
+    from_ms: i64,
+    to_ms: i64,
+    columns: &[&str],
+    mut visit: impl FnMut(&LlmEvent<'_>),
+) -> Result<u64, SinkError> {
+    let events = root.join("events");
+    let mut files = Vec::new();
+    let Ok(dates) = fs::read_dir(&events) else {
+        return Ok(0);
+    };
+    for date in dates {
+        let date = date.map_err(io_err(&events))?.path();
+        let Ok(hours) = fs::read_dir(&date) else {
+            continue;
+        };
+        for hour in hours {
+            let hour = hour.map_err(io_err(&date))?.path();
+            let (Some(d), Some(h)) = (
+                date.file_name().and_then(|s| s.to_str()),
+                hour.file_name().and_then(|s| s.to_str()),
+            ) else {
+                continue;
+            };
+            let Some(t) = hour_of(d, h) else { continue };
+            if t + HOUR_MS <= from_ms || t >= to_ms {
+                continue;
+            }
+            for f in fs::read_dir(&hour).map_err(io_err(&hour))? {
+                let f = f.map_err(io_err(&hour))?.path();
+                if f.extension().is_some_and(|x| x == "parquet") {
+                    files.push(f);
+                }
+            }
+        }
+    }
+    files.sort();
+    let mut n = 0;
+    for path in &files {
+        for batch in read_parquet(path, Some(columns))? {
+            for_each_event(&batch, |_, e| {
+                if (from_ms..to_ms).contains(&e.timestamp_ms) {
+                    visit(e);
+                    n += 1;
+                }
+            });
+        }
+    }
+    Ok(n)
 }

@@ -180,6 +180,8 @@ impl CostSource {
 pub struct SeriesMetrics {
     pub counters: Counters,
     hists: Hists,
+    /// Texts and scalar features for the drift stage (when it runs).
+    pub sample: Option<Box<crate::drift::sample::WindowSample>>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +195,7 @@ impl Default for SeriesMetrics {
         SeriesMetrics {
             counters: Counters::default(),
             hists: Hists::Live(Box::new(std::array::from_fn(|_| new_histogram()))),
+            sample: None,
         }
     }
 }
@@ -277,7 +280,8 @@ impl SeriesMetrics {
                 .sum::<usize>(),
             Hists::Packed(p) => p.iter().map(|b| 24 + b.capacity()).sum(),
         };
-        std::mem::size_of::<Self>()
+        self.sample.as_ref().map_or(0, |s| s.memory_bytes())
+            + std::mem::size_of::<Self>()
             + hists
             + (self.counters.error_types.0.len() + self.counters.finish_reasons.0.len()) * 32
     }

@@ -51,6 +51,7 @@ pub enum Table {
     Rejects,
     Metrics,
     Alerts,
+    Drift,
 }
 
 impl Table {
@@ -60,6 +61,7 @@ impl Table {
             Table::Rejects => "rejects",
             Table::Metrics => "metrics",
             Table::Alerts => "alerts",
+            Table::Drift => "drift",
         }
     }
 }
@@ -459,14 +461,14 @@ fn retry(
 /// commit throttled 64 partitions to ~3 k events/s; see the end_to_end bench).
 /// A failing write is retried with backoff for as long as `keep_trying` says so; nothing in
 /// the group is committed before all of it is durable.
-/// `after_metrics` hears of every metrics output once it is durable (the alert stage).
+/// `after_metrics` gets every metrics output once it is durable (the alert and drift stages).
 pub fn run_writer(
     rx: Receiver<SinkMsg>,
     sink: Sink,
     committer: Arc<dyn Committer>,
     stats: Arc<Stats>,
     keep_trying: &dyn Fn() -> bool,
-    after_metrics: &dyn Fn(&crate::metrics::MetricsOutput),
+    after_metrics: &dyn Fn(crate::metrics::MetricsOutput),
 ) -> Result<(), SinkError> {
     for msg in rx {
         let jobs = match msg {
@@ -481,7 +483,7 @@ pub fn run_writer(
                 stats
                     .metrics_rows_written
                     .fetch_add(out.rows() as u64, Ordering::Relaxed);
-                after_metrics(&out);
+                after_metrics(out);
                 continue;
             }
         };

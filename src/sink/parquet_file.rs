@@ -38,6 +38,7 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
             "cost_usd_hist",
         ],
         Table::Alerts => &["error"],
+        Table::Drift => &["explanation"],
     };
     for col in long_text {
         // Mostly-unique long text: dictionaries and page statistics cost time and buy nothing.

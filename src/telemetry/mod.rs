@@ -62,6 +62,13 @@ pub struct Stats {
     pub alert_evaluation_us: AtomicU64,
     /// From a window reaching the alert stage to its notification's delivery (gauge, ms).
     pub alert_notification_delay_ms: AtomicU64,
+    /// Series-windows the drift stage judged, and verdicts that found drift.
+    pub drift_windows: AtomicU64,
+    pub drift_detected: AtomicU64,
+    /// Texts embedded by the drift stage.
+    pub drift_texts_embedded: AtomicU64,
+    /// Time to judge the last drift window, every series (gauge, microseconds).
+    pub drift_judge_us: AtomicU64,
 }
 
 /// The last closed window's numbers for the exported series.

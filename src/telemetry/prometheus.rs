@@ -118,6 +118,30 @@ fn render_alerts(o: &mut Out, stats: &Stats) {
         g(&stats.alert_evaluation_us) / 1e6,
     );
     o.single(
+        "telltale_drift_windows_total",
+        "counter",
+        "Series-windows the drift stage judged.",
+        g(&stats.drift_windows),
+    );
+    o.single(
+        "telltale_drift_detected_total",
+        "counter",
+        "Drift verdicts (series, window, field, method) that found drift.",
+        g(&stats.drift_detected),
+    );
+    o.single(
+        "telltale_drift_texts_embedded_total",
+        "counter",
+        "Texts the drift stage embedded (its budget is in texts per second of traffic).",
+        g(&stats.drift_texts_embedded),
+    );
+    o.single(
+        "telltale_drift_judge_seconds",
+        "gauge",
+        "Time to embed and test the last drift window, all series.",
+        g(&stats.drift_judge_us) / 1e6,
+    );
+    o.single(
         "telltale_alert_notification_delay_seconds",
         "gauge",
         "From a window reaching the alert stage to the delivery of the notification it caused (the last one).",

@@ -226,7 +226,8 @@ fn demo_runs_end_to_end_and_refuses_foreign_directories() {
 }
 
 /// The demo's slowdown of support-bot v4 fires the shipped latency rule, with the rollback
-/// hint, to the terminal and as .eml files; the recovery resolves it.
+/// hint, to the terminal and as .eml files; the recovery resolves it. Its topic shift and
+/// jailbreak burst fire the drift rules, and nothing else does.
 #[test]
 fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
     let dir = tempfile::tempdir().unwrap();
@@ -250,15 +251,62 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
         "SELECT rule || ' ' || labels['prompt_version'] || ' ' || status FROM alerts
          WHERE kind = 'transition' AND status IN ('firing', 'resolved') ORDER BY window_end",
     ));
+    // The latency alert fires and resolves; drift alerts fire for the two series whose
+    // traffic the demo changes (code-assistant v7's topic, support-bot v3's jailbreak
+    // burst) and for no other.
+    let latency: Vec<&String> = changes
+        .iter()
+        .filter(|c| c.starts_with("Latency"))
+        .collect();
     assert_eq!(
-        changes,
-        [
-            "LatencyRegression v4 firing",
-            "LatencyRegression v4 resolved"
-        ]
+        latency,
+        ["LatencyRegression v4 firing", "LatencyRegression v4 resolved"],
+        "{changes:?}"
     );
+    assert!(
+        changes.contains(&"InputDrift v7 firing".to_owned()),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| c == "InputDrift v3 firing" || c == "OutputDrift v3 firing"),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .filter(|c| c.contains("Drift"))
+            .all(|c| c.contains(" v7 ") || c.contains(" v3 ")),
+        "{changes:?}"
+    );
+    // In the drift table: v7's inputs drift within three windows of the shift (and not
+    // before it), and no other series' embeddings drift at all.
+    let (t0, t1) = (
+        scalar(&data, "SELECT CAST(min(timestamp) AS BIGINT) FROM events"),
+        scalar(&data, "SELECT CAST(max(timestamp) AS BIGINT) FROM events"),
+    );
+    let shift = t0 + ((t1 - t0) as f64 * telltale::demo::generator::SHIFT_FROM) as i64;
+    let first = scalar(
+        &data,
+        "SELECT CAST(min(window_start) AS BIGINT) FROM drift
+         WHERE app = 'code-assistant' AND prompt_version = 'v7' AND field = 'input' AND drifted",
+    );
+    let window = 300_000;
+    assert!(
+        first + window > shift && first <= shift + 3 * window,
+        "first drifted window starts {} s after the shift",
+        (first - shift) / 1000
+    );
+    let false_alarms = scalar(
+        &data,
+        "SELECT count(*) FROM drift WHERE drifted AND field IN ('input', 'output')
+         AND NOT ((app = 'code-assistant' AND prompt_version = 'v7')
+               OR (app = 'support-bot' AND prompt_version = 'v3'))",
+    );
+    assert_eq!(false_alarms, 0);
     let emails = files_with_suffix(&data.join("alert-emails"), ".eml");
-    assert_eq!(emails.len(), 2);
+    assert!(emails.len() >= 4, "{} emails", emails.len());
     let bodies: Vec<String> = emails
         .iter()
         .map(|p| std::fs::read_to_string(p).unwrap())
@@ -278,8 +326,9 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
         "SELECT count(*) FROM alerts WHERE kind = 'notification' AND result = 'ok'",
     );
     assert_eq!(
-        sent, 4,
-        "two notifications, each to the terminal and to email"
+        sent,
+        2 * emails.len() as i64,
+        "each notification went to the terminal and to email"
     );
 }
 

@@ -1,0 +1,755 @@
+//! The drift stage: closed minutes' samples → drift windows → verdicts per series.
+//!
+//! The metrics stage samples texts (bottom-k by event id) and counts scalar features per
+//! series and minute, alongside its histograms; so open minutes are rebuilt from `events`
+//! after a restart exactly as metrics are. When the writer has made a minute's metrics
+//! durable it hands the minute's samples here. A [`Judge`] merges minutes into drift windows
+//! (default 5 min); when one completes it spends the embedding budget across the window's
+//! series, embeds, tests each series against its reference, and returns the rows of the
+//! `drift` table and the frame the alert stage judges. The [`DriftStage`] thread writes them
+//! and records its close position and references in `<root>/_state/drift/`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use tracing::{error, info, warn};
+
+use super::embed::{Embedder, HashEmbedder};
+use super::sample::WindowSample;
+use super::scalar::{Scalars, scalar_drift};
+use super::stats::{Pca, TestResult, centroid_test, mmd_test, witness};
+use super::table::{DriftRow, drift_batch, drift_file, frame_batch};
+use crate::alert::{Frame, FrameSender};
+use crate::metrics::fmt_ms;
+use crate::config::SinkConfig;
+use crate::sink::{SinkError, Table, fsync_dir, write_durably, write_into_place};
+use crate::telemetry::Stats;
+use crate::window::{Dimension, SeriesKey};
+
+/// Which embedder turns texts into vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbedderKind {
+    /// Hashed bag of words ([`HashEmbedder`]), always available.
+    Hash { dim: usize },
+}
+
+impl EmbedderKind {
+    pub fn build(&self) -> Arc<dyn Embedder> {
+        match self {
+            EmbedderKind::Hash { dim } => Arc::new(HashEmbedder::new(*dim)),
+        }
+    }
+
+    /// Texts per second that cost about 10 % of one core here (measured in the `drift`
+    /// bench: the hash embedder runs at ≈ 600 k texts/s).
+    pub fn default_budget(&self) -> f64 {
+        match self {
+            EmbedderKind::Hash { .. } => 50_000.0,
+        }
+    }
+}
+
+/// `[drift]` in a pipeline file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftConfig {
+    pub enabled: bool,
+    /// Drift window, a multiple of the metrics window (default 5 min).
+    pub window_ms: i64,
+    /// Texts sampled per series, window and field (input, output) at most (default 64).
+    pub samples_per_window: usize,
+    /// Sampled texts are cut to this many characters (default 1000).
+    pub max_text_chars: usize,
+    pub embedder: EmbedderKind,
+    /// Texts embedded per second of traffic time, shared by all series (default: about
+    /// 10 % of one core for the embedder).
+    pub budget_texts_per_s: f64,
+    /// The trailing reference period (default 24 h), current window excluded.
+    pub reference_ms: i64,
+    /// Embedded texts kept per series and field as the reference (default 256).
+    pub reference_size: usize,
+    /// Fewer current texts than this: the window is not tested (default 20).
+    pub min_samples: usize,
+    /// Fewer reference texts than this: not tested yet (default 50).
+    pub min_reference: usize,
+    /// False alarms per series and window allowed across the embedding tests (default
+    /// 0.001: one per 1,000 windows).
+    pub false_alarm_rate: f64,
+    /// PCA dimensions before MMD (default 16).
+    pub pca_dims: usize,
+    /// Scalar thresholds: mean + sigma · sd of the reference's own variation (default 3).
+    pub sigma: f64,
+    /// Fewer events than this in a window: its scalars are not judged (default 30).
+    pub scalar_min_events: u64,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        let embedder = EmbedderKind::Hash { dim: 256 };
+        DriftConfig {
+            enabled: true,
+            window_ms: 300_000,
+            samples_per_window: 64,
+            max_text_chars: 1000,
+            budget_texts_per_s: embedder.default_budget(),
+            embedder,
+            reference_ms: 24 * 3_600_000,
+            reference_size: 256,
+            min_samples: 20,
+            min_reference: 50,
+            false_alarm_rate: 0.001,
+            pca_dims: 16,
+            sigma: 3.0,
+            scalar_min_events: 30,
+        }
+    }
+}
+
+/// The embedding tests per series and window: input and output × MMD and centroid. The
+/// false-alarm rate is split evenly between them (Bonferroni).
+const EMBEDDING_TESTS: f64 = 4.0;
+
+impl DriftConfig {
+    /// Each embedding test's alpha.
+    pub fn alpha(&self) -> f64 {
+        self.false_alarm_rate / EMBEDDING_TESTS
+    }
+
+    /// Draws for the permutation and subsampling nulls: enough that a window whose
+    /// statistic one draw in the null reaches still drifts (most windows stop after a few
+    /// dozen, see `stats`).
+    pub fn draws(&self) -> usize {
+        ((2.0 / self.alpha()).ceil() as usize).clamp(99, 200_000)
+    }
+}
+
+/// One closed minute's samples (from the metrics stage).
+#[derive(Debug, Clone)]
+pub struct SampleWindow {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub series: Vec<(SeriesKey, WindowSample)>,
+}
+
+/// A past window as the reference keeps it.
+#[derive(Debug, Clone)]
+pub(crate) struct RefWindow {
+    pub start_ms: i64,
+    /// (sampling hash, embedding), lowest hash first, per field.
+    pub texts: [Vec<(u64, Vec<f32>)>; 2],
+    pub scalars: Scalars,
+}
+
+/// A series' reference: its recent windows.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SeriesRef {
+    pub windows: VecDeque<RefWindow>,
+}
+
+impl SeriesRef {
+    fn texts(&self, field: usize) -> Vec<Vec<f32>> {
+        self.windows
+            .iter()
+            .flat_map(|w| w.texts[field].iter().map(|(_, v)| v.clone()))
+            .collect()
+    }
+
+    /// Keeps at most `size` texts per field, taking from the windows that hold the most
+    /// (so every window stays represented) and their highest hashes first.
+    fn thin(&mut self, size: usize) {
+        for field in 0..2 {
+            let mut total: usize = self.windows.iter().map(|w| w.texts[field].len()).sum();
+            while total > size {
+                let Some(w) = self.windows.iter_mut().max_by_key(|w| w.texts[field].len())
+                else {
+                    break;
+                };
+                w.texts[field].pop();
+                total -= 1;
+            }
+        }
+    }
+}
+
+/// The verdicts of one drift window.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub rows: Vec<DriftRow>,
+    /// Every series with traffic in the window and its event count.
+    pub series: Vec<(SeriesKey, u64)>,
+    pub texts_embedded: usize,
+}
+
+/// Drift windows from closed minutes, and the references they are tested against.
+pub struct Judge {
+    cfg: DriftConfig,
+    embedder: Arc<dyn Embedder>,
+    open: BTreeMap<i64, HashMap<SeriesKey, WindowSample>>,
+    pub(crate) refs: HashMap<SeriesKey, SeriesRef>,
+    closed_through: i64,
+}
+
+const FIELDS: [&str; 2] = ["input", "output"];
+
+impl Judge {
+    pub fn new(cfg: DriftConfig, embedder: Arc<dyn Embedder>, closed_through: i64) -> Judge {
+        Judge {
+            cfg,
+            embedder,
+            open: BTreeMap::new(),
+            refs: HashMap::new(),
+            closed_through,
+        }
+    }
+
+    pub fn config(&self) -> &DriftConfig {
+        &self.cfg
+    }
+
+    pub fn embedder_id(&self) -> &str {
+        self.embedder.id()
+    }
+
+    /// Every drift window ending at or before this has been judged.
+    pub fn closed_through(&self) -> i64 {
+        self.closed_through
+    }
+
+    fn window_start(&self, ts: i64) -> i64 {
+        ts.div_euclid(self.cfg.window_ms) * self.cfg.window_ms
+    }
+
+    /// Adds a closed minute; returns the drift windows it completed, judged. Minutes come
+    /// in time order; one from an already judged window is ignored.
+    pub fn add(&mut self, minute: SampleWindow) -> Vec<Judged> {
+        let start = self.window_start(minute.start_ms);
+        if start + self.cfg.window_ms > self.closed_through {
+            let window = self.open.entry(start).or_default();
+            for (key, s) in minute.series {
+                match window.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().merge(s),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(s);
+                    }
+                }
+            }
+        }
+        self.close_through(minute.end_ms)
+    }
+
+    /// Judges every drift window ending at or before `through`.
+    pub fn close_through(&mut self, through: i64) -> Vec<Judged> {
+        let mut out = Vec::new();
+        while let Some((&start, _)) = self.open.first_key_value() {
+            if start + self.cfg.window_ms > through {
+                break;
+            }
+            let series = self.open.remove(&start).expect("first key exists");
+            out.push(self.judge(start, series));
+        }
+        out
+    }
+
+    /// Judges every open window (the end of a finite input).
+    pub fn finish(&mut self) -> Vec<Judged> {
+        self.close_through(i64::MAX)
+    }
+
+    fn judge(&mut self, start_ms: i64, series: HashMap<SeriesKey, WindowSample>) -> Judged {
+        let end_ms = start_ms + self.cfg.window_ms;
+        let mut series: Vec<(SeriesKey, WindowSample)> = series.into_iter().collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        // The budget for this window, shared evenly by the series' two fields.
+        let budget = self.cfg.budget_texts_per_s * self.cfg.window_ms as f64 / 1000.0;
+        let per_field = ((budget / (2 * series.len().max(1)) as f64) as usize)
+            .clamp(2, self.cfg.samples_per_window);
+        for (_, s) in &mut series {
+            s.shrink(per_field);
+        }
+        let texts: Vec<&str> = series
+            .iter()
+            .flat_map(|(_, s)| {
+                s.inputs
+                    .items()
+                    .chain(s.outputs.items())
+                    .map(|(_, t)| &*t.text)
+            })
+            .collect();
+        let embedded = match self.embed(&texts) {
+            Ok(v) => Some(v),
+            Err(err) => {
+                error!(error = %err, texts = texts.len(), "cannot embed this window's texts; its embedding tests are skipped");
+                None
+            }
+        };
+        let texts_embedded = texts.len();
+        let mut next = 0;
+        let mut rows = Vec::new();
+        let mut judged_series = Vec::with_capacity(series.len());
+        for (key, s) in series {
+            let mut current: [Vec<(u64, Vec<f32>)>; 2] = [Vec::new(), Vec::new()];
+            for (f, sample) in [&s.inputs, &s.outputs].into_iter().enumerate() {
+                for (h, _) in sample.items() {
+                    if let Some(e) = &embedded {
+                        current[f].push((*h, e[next].clone()));
+                    }
+                    next += 1;
+                }
+            }
+            let reference = self.refs.entry(key.clone()).or_default();
+            let describe = format!(
+                "trailing {}: {} windows",
+                crate::metrics::resolution_name(self.cfg.reference_ms),
+                reference.windows.len()
+            );
+            for (f, field) in FIELDS.iter().enumerate() {
+                let refs = reference.texts(f);
+                let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
+                let samples: Vec<&super::sample::Sampled> =
+                    [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
+                rows.extend(embedding_rows(
+                    &self.cfg,
+                    self.embedder.id(),
+                    &key,
+                    field,
+                    start_ms,
+                    &refs,
+                    &cur,
+                    &samples,
+                    embedded.is_some(),
+                    &describe,
+                ));
+            }
+            let ref_scalars: Vec<&Scalars> = reference.windows.iter().map(|w| &w.scalars).collect();
+            for r in scalar_drift(
+                &s.scalars,
+                &ref_scalars,
+                self.cfg.sigma,
+                self.cfg.scalar_min_events,
+            ) {
+                let judged = r.threshold.is_finite() && r.statistic.is_finite();
+                rows.push(DriftRow {
+                    series: key.clone(),
+                    field: r.field,
+                    method: r.method,
+                    statistic: Some(r.statistic),
+                    threshold: Some(r.threshold),
+                    p_value: None,
+                    drifted: r.drifted,
+                    status: if judged {
+                        "judged"
+                    } else if r.current_n < self.cfg.scalar_min_events {
+                        "few_samples"
+                    } else {
+                        "few_reference"
+                    },
+                    current_n: r.current_n,
+                    reference_n: r.reference_n,
+                    reference: describe.clone(),
+                    explanation: r.explanation,
+                    embedder: None,
+                });
+            }
+            // The window joins the reference of the windows after it.
+            reference.windows.push_back(RefWindow {
+                start_ms,
+                texts: current,
+                scalars: s.scalars,
+            });
+            while reference
+                .windows
+                .front()
+                .is_some_and(|w| w.start_ms < end_ms - self.cfg.reference_ms)
+            {
+                reference.windows.pop_front();
+            }
+            reference.thin(self.cfg.reference_size);
+            judged_series.push((key, s.events));
+        }
+        // Series silent for a whole reference period are forgotten.
+        let horizon = end_ms - self.cfg.reference_ms;
+        self.refs.retain(|_, r| {
+            r.windows
+                .back()
+                .is_some_and(|w| w.start_ms >= horizon)
+        });
+        self.closed_through = self.closed_through.max(end_ms);
+        Judged {
+            start_ms,
+            end_ms,
+            rows,
+            series: judged_series,
+            texts_embedded,
+        }
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, super::embed::EmbedError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(64) {
+            out.extend(self.embedder.embed(chunk)?);
+        }
+        Ok(out)
+    }
+}
+
+/// A stable seed per series, window and field, so a rerun reaches the same verdicts.
+fn seed(key: &SeriesKey, start_ms: i64, field: &str) -> u64 {
+    let mut s = format!("{start_ms}/{field}");
+    for v in key.values() {
+        s.push('/');
+        s.push_str(v.as_deref().unwrap_or(""));
+    }
+    xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn embedding_rows(
+    cfg: &DriftConfig,
+    embedder: &str,
+    key: &SeriesKey,
+    field: &'static str,
+    start_ms: i64,
+    reference: &[Vec<f32>],
+    current: &[Vec<f32>],
+    samples: &[&super::sample::Sampled],
+    embedded: bool,
+    describe: &str,
+) -> Vec<DriftRow> {
+    let status = if !embedded {
+        "embed_failed"
+    } else if current.len() < cfg.min_samples {
+        "few_samples"
+    } else if reference.len() < cfg.min_reference {
+        "few_reference"
+    } else {
+        "judged"
+    };
+    let row = |method, t: Option<&TestResult>, explanation: String| DriftRow {
+        series: key.clone(),
+        field,
+        method,
+        statistic: t.map(|t| t.statistic),
+        threshold: t.map(|t| t.threshold),
+        p_value: t.map(|t| t.p_value),
+        drifted: t.is_some_and(|t| t.drifted),
+        status,
+        current_n: current.len() as u64,
+        reference_n: reference.len() as u64,
+        reference: describe.to_owned(),
+        explanation,
+        embedder: Some(embedder.to_owned()),
+    };
+    if status != "judged" {
+        return vec![row("mmd", None, String::new()), row("centroid", None, String::new())];
+    }
+    let seed = seed(key, start_ms, field);
+    let pooled: Vec<Vec<f32>> = reference.iter().chain(current).cloned().collect();
+    let pca = Pca::fit(&pooled, cfg.pca_dims, seed);
+    let rp: Vec<Vec<f32>> = reference.iter().map(|v| pca.project(v)).collect();
+    let cp: Vec<Vec<f32>> = current.iter().map(|v| pca.project(v)).collect();
+    let (alpha, draws) = (cfg.alpha(), cfg.draws());
+    let mmd = mmd_test(&rp, &cp, draws, alpha, seed);
+    // On the embeddings themselves: the null comes from the reference alone, so a projection
+    // fitted with the current sample in it would favour the current sample's own directions
+    // (measured: 4× the configured false-alarm rate in PCA coordinates).
+    let centroid = centroid_test(reference, current, draws, alpha, seed ^ 1);
+    // What moved: the current texts the reference has least of.
+    let w = witness(&rp, &cp);
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|a, b| w[*b].total_cmp(&w[*a]));
+    let examples: Vec<serde_json::Value> = order
+        .iter()
+        .take(3)
+        .map(|&i| {
+            serde_json::json!({
+                "event_id": &*samples[i].event_id,
+                "text": super::sample::truncate(&samples[i].text, 160),
+                "witness": (w[i] * 1e4).round() / 1e4,
+            })
+        })
+        .collect();
+    let explanation = serde_json::Value::Array(examples).to_string();
+    vec![
+        row("mmd", Some(&mmd), explanation.clone()),
+        row("centroid", Some(&centroid), explanation),
+    ]
+}
+
+/// `<root>/_state/drift/<stream>.json`: the close position and embedder.
+pub fn state_file(root: &Path, stream: &str) -> PathBuf {
+    root.join("_state")
+        .join("drift")
+        .join(format!("{stream}.json"))
+}
+
+/// The close position of a stream's drift stage and its embedder (`None`: never ran).
+pub fn read_state(root: &Path, stream: &str) -> Option<(i64, String)> {
+    let text = std::fs::read_to_string(state_file(root, stream)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some((
+        v.get("closed_through_ms")?.as_i64()?,
+        v.get("embedder")?.as_str()?.to_owned(),
+    ))
+}
+
+/// The samples of `from..to` (minutes the metrics stage closed, the drift stage had not
+/// judged), read back from `events`, as one span.
+fn recover(
+    judge: &Judge,
+    dims: &[Dimension],
+    root: &Path,
+    from: i64,
+    to: i64,
+) -> Result<SampleWindow, SinkError> {
+    let cfg = judge.config();
+    let columns = crate::metrics::rebuild::event_columns(dims, true);
+    let mut series: HashMap<SeriesKey, WindowSample> = HashMap::new();
+    crate::metrics::rebuild::events_between(root, from, to, &columns, |e| {
+        let values: Vec<Option<&str>> = dims.iter().map(|d| d.value(e)).collect();
+        series
+            .entry(SeriesKey::new(&values))
+            .or_insert_with(|| WindowSample::new(cfg.samples_per_window))
+            .observe(e, cfg.max_text_chars);
+    })?;
+    Ok(SampleWindow {
+        start_ms: from,
+        end_ms: to,
+        series: series.into_iter().collect(),
+    })
+}
+
+/// Writes a judged window: its `drift` rows (replacing a file of the same window).
+pub fn write_judged(
+    root: &Path,
+    dims: &[String],
+    stream: &str,
+    j: &Judged,
+    sink: &SinkConfig,
+) -> Result<(), SinkError> {
+    let batch = drift_batch(dims, stream, j.start_ms, j.end_ms, &j.rows);
+    let path = root.join(drift_file(stream, j.start_ms));
+    write_into_place(&path, &batch, Table::Drift, sink)?;
+    fsync_dir(path.parent().expect("has a directory"))
+}
+
+enum Msg {
+    Minutes(Vec<SampleWindow>),
+    Stop,
+}
+
+/// Hands closed minutes to the drift stage.
+#[derive(Clone)]
+pub struct DriftSender(Sender<Msg>);
+
+impl DriftSender {
+    /// Blocks only when the stage is 256 minutes behind (it embeds under a budget, so that
+    /// means the embedder is far slower than configured).
+    pub fn send(&self, minutes: Vec<SampleWindow>) {
+        if !minutes.is_empty() && self.0.send(Msg::Minutes(minutes)).is_err() {
+            warn!("the drift stage is gone; these minutes are judged after a restart");
+        }
+    }
+}
+
+/// The running drift stage: a thread that judges windows and writes the `drift` table.
+pub struct DriftStage {
+    tx: Sender<Msg>,
+    handle: JoinHandle<()>,
+    /// Set by [`DriftStage::stop`]: minutes still queued after it are left to the next start.
+    stop_by: Arc<std::sync::OnceLock<Instant>>,
+}
+
+/// How long a stopping stage keeps judging the minutes already handed over.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl DriftStage {
+    /// Starts the stage for a stream: restores its references and judges again what the
+    /// metrics stage closed since the drift stage's close position (see [`super::state`]).
+    pub fn start(
+        cfg: DriftConfig,
+        dimensions: &[Dimension],
+        root: &Path,
+        stream: &str,
+        sink: SinkConfig,
+        alerts: Option<FrameSender>,
+        stats: Arc<Stats>,
+    ) -> Result<DriftStage, SinkError> {
+        let dims: Vec<String> = dimensions.iter().map(Dimension::column).collect();
+        let embedder = cfg.embedder.build();
+        let (closed, same_embedder) = match read_state(root, stream) {
+            Some((c, id)) => (c, id == embedder.id()),
+            None => (i64::MIN, true),
+        };
+        let mut judge = Judge::new(cfg, embedder, closed);
+        if same_embedder {
+            judge.refs = super::state::load(root, stream);
+        } else {
+            warn!(embedder = judge.embedder_id(), "the embedder changed: drift references fill up again");
+        }
+        let metrics_closed =
+            crate::metrics::rebuild::read_state(&crate::metrics::state_path(root, stream))?;
+        if let Some(m) = metrics_closed
+            && closed != i64::MIN
+            && m > closed
+        {
+            let started = Instant::now();
+            let window = recover(&judge, dimensions, root, closed, m)?;
+            let n = window.series.len();
+            let out = Out {
+                root,
+                stream,
+                dims: &dims,
+                sink: &sink,
+                alerts: alerts.as_ref(),
+                stats: &stats,
+            };
+            for j in judge.add(window) {
+                publish(&judge, &out, &j, started);
+            }
+            info!(from = %fmt_ms(closed), to = %fmt_ms(m), series = n, elapsed = ?started.elapsed(), "drift minutes closed before the restart read back from events");
+        }
+        let (tx, rx) = bounded(256);
+        let root = root.to_owned();
+        let stream = stream.to_owned();
+        let stop_by = Arc::new(std::sync::OnceLock::new());
+        let deadline = stop_by.clone();
+        let handle = std::thread::Builder::new()
+            .name("telltale-drift".into())
+            .spawn(move || {
+                let out = Out {
+                    root: &root,
+                    stream: &stream,
+                    dims: &dims,
+                    sink: &sink,
+                    alerts: alerts.as_ref(),
+                    stats: &stats,
+                };
+                run(judge, rx, &out, &deadline)
+            })
+            .map_err(|e| SinkError::Io {
+                path: "drift thread".into(),
+                source: e,
+            })?;
+        Ok(DriftStage {
+            tx,
+            handle,
+            stop_by,
+        })
+    }
+
+    pub fn sender(&self) -> DriftSender {
+        DriftSender(self.tx.clone())
+    }
+
+    /// Judges the minutes already handed over (for at most [`STOP_GRACE`]) and stops.
+    /// Windows not judged by then are judged after the next start (their minutes are read
+    /// back from `events`).
+    pub fn stop(self) {
+        let _ = self.stop_by.set(Instant::now() + STOP_GRACE);
+        let _ = self.tx.send(Msg::Stop);
+        let _ = self.handle.join();
+    }
+}
+
+/// Where judged windows go.
+pub(crate) struct Out<'a> {
+    pub root: &'a Path,
+    pub stream: &'a str,
+    pub dims: &'a [String],
+    pub sink: &'a SinkConfig,
+    pub alerts: Option<&'a FrameSender>,
+    pub stats: &'a Stats,
+}
+
+fn run(
+    mut judge: Judge,
+    rx: Receiver<Msg>,
+    out: &Out<'_>,
+    stop_by: &std::sync::OnceLock<Instant>,
+) {
+    for msg in rx {
+        let minutes = match msg {
+            Msg::Minutes(m) => m,
+            Msg::Stop => break,
+        };
+        for minute in minutes {
+            if stop_by.get().is_some_and(|d| Instant::now() > *d) {
+                warn!("stopping with drift windows not judged yet; they are judged after the next start");
+                return;
+            }
+            let started = Instant::now();
+            for j in judge.add(minute) {
+                publish(&judge, out, &j, started);
+            }
+        }
+    }
+}
+
+pub(crate) fn publish(judge: &Judge, out: &Out<'_>, j: &Judged, started: Instant) {
+    let Out {
+        root,
+        stream,
+        dims,
+        sink,
+        alerts,
+        stats,
+    } = *out;
+    if let Err(err) = write_judged(root, dims, stream, j, sink) {
+        stats.sink_errors.fetch_add(1, Ordering::Relaxed);
+        error!(window = %fmt_ms(j.start_ms), error = %err, "cannot write drift verdicts");
+    }
+    let state = serde_json::json!({
+        "closed_through_ms": judge.closed_through(),
+        "closed_through": fmt_ms(judge.closed_through()),
+        "embedder": judge.embedder_id(),
+    });
+    let path = state_file(root, stream);
+    if let Err(err) = std::fs::create_dir_all(path.parent().expect("has a directory"))
+        .map_err(crate::sink::io_err(&path))
+        .and_then(|_| write_durably(&path, state.to_string().as_bytes()))
+    {
+        error!(error = %err, "cannot record the drift stage's position");
+    }
+    if let Err(err) = super::state::save(root, stream, &judge.refs, sink) {
+        error!(error = %err, "cannot save the drift references; a restart fills them up again");
+    }
+    let drifted = j
+        .rows
+        .iter()
+        .filter(|r| r.drifted)
+        .map(|r| format!("{}/{}", r.field, r.method))
+        .collect::<Vec<_>>();
+    stats
+        .drift_windows
+        .fetch_add(j.series.len() as u64, Ordering::Relaxed);
+    stats
+        .drift_detected
+        .fetch_add(j.rows.iter().filter(|r| r.drifted).count() as u64, Ordering::Relaxed);
+    stats
+        .drift_texts_embedded
+        .fetch_add(j.texts_embedded as u64, Ordering::Relaxed);
+    stats
+        .drift_judge_us
+        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if drifted.is_empty() {
+        tracing::debug!(window = %fmt_ms(j.start_ms), series = j.series.len(), "no drift");
+    } else {
+        info!(window = %fmt_ms(j.start_ms), series = j.series.len(), drifted = ?drifted, "drift detected");
+    }
+    if let Some(a) = alerts {
+        let batch = frame_batch(dims, j.start_ms, j.end_ms, &j.series, &j.rows);
+        a.send(vec![Frame {
+            source: "drift".into(),
+            resolution_ms: j.end_ms - j.start_ms,
+            start_ms: j.start_ms,
+            end_ms: j.end_ms,
+            batch,
+        }]);
+    }
+}

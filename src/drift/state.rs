@@ -1,0 +1,203 @@
+//! What the drift stage keeps across restarts, in `<root>/_state/drift/`:
+//! - `<stream>.json`: the close position (every drift window ending at or before it was
+//!   judged and written) and the embedder;
+//! - `<stream>-reference.parquet`: each series' reference — per past window, the sampling
+//!   hashes and embeddings of its kept texts, and its scalar histograms — rewritten
+//!   atomically after every judged window.
+//!
+//! On start, the references are read back (unless the embedder changed: vectors of another
+//! model are not comparable, and the references fill up again), and the minutes the metrics
+//! stage closed after the drift close position are read back from `events`
+//! ([`crate::metrics::rebuild::events_between`]), so that a restart neither loses nor judges
+//! twice a window.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, AsArray, BinaryBuilder, Int8Builder, Int64Builder, RecordBatch, StringBuilder,
+    UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Int8Type, Int64Type, Schema, UInt64Type};
+
+use super::scalar::{Binned, Categories, Scalars};
+use super::stage::{RefWindow, SeriesRef};
+use crate::config::SinkConfig;
+use crate::sink::{SinkError, Table, fsync_dir, write_into_place};
+use crate::window::SeriesKey;
+
+pub fn reference_file(root: &Path, stream: &str) -> PathBuf {
+    root.join("_state")
+        .join("drift")
+        .join(format!("{stream}-reference.parquet"))
+}
+
+fn key_json(key: &SeriesKey) -> String {
+    serde_json::Value::Array(
+        key.values()
+            .iter()
+            .map(|v| {
+                v.as_deref()
+                    .map_or(serde_json::Value::Null, |s| s.to_owned().into())
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+fn key_from_json(s: &str) -> Option<SeriesKey> {
+    let v: Vec<Option<String>> = serde_json::from_str(s).ok()?;
+    let refs: Vec<Option<&str>> = v.iter().map(|x| x.as_deref()).collect();
+    Some(SeriesKey::new(&refs))
+}
+
+fn scalars_json(s: &Scalars) -> Vec<u8> {
+    serde_json::json!({
+        "numeric": s.numeric.iter().map(|b| b.counts_raw().to_vec()).collect::<Vec<_>>(),
+        "categorical": s.categorical.iter().map(|c| {
+            c.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<String, u64>>()
+        }).collect::<Vec<_>>(),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn scalars_from_json(b: &[u8]) -> Option<Scalars> {
+    #[derive(serde::Deserialize)]
+    struct S {
+        numeric: Vec<Vec<u64>>,
+        categorical: Vec<BTreeMap<String, u64>>,
+    }
+    let s: S = serde_json::from_slice(b).ok()?;
+    let mut out = Scalars::default();
+    for (o, v) in out.numeric.iter_mut().zip(s.numeric) {
+        *o = Binned::from_counts(v);
+    }
+    for (o, m) in out.categorical.iter_mut().zip(s.categorical) {
+        *o = m
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v))
+            .collect::<Categories>();
+    }
+    Some(out)
+}
+
+/// Writes every series' reference (atomically: temp file, rename).
+pub(crate) fn save(
+    root: &Path,
+    stream: &str,
+    refs: &HashMap<SeriesKey, SeriesRef>,
+    sink: &SinkConfig,
+) -> Result<(), SinkError> {
+    let (mut series, mut start, mut field, mut hash, mut data) = (
+        StringBuilder::new(),
+        Int64Builder::new(),
+        Int8Builder::new(),
+        UInt64Builder::new(),
+        BinaryBuilder::new(),
+    );
+    let mut keys: Vec<&SeriesKey> = refs.keys().collect();
+    keys.sort();
+    for key in keys {
+        let k = key_json(key);
+        for w in &refs[key].windows {
+            for (f, texts) in w.texts.iter().enumerate() {
+                for (h, v) in texts {
+                    series.append_value(&k);
+                    start.append_value(w.start_ms);
+                    field.append_value(f as i8);
+                    hash.append_value(*h);
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    data.append_value(bytes);
+                }
+            }
+            series.append_value(&k);
+            start.append_value(w.start_ms);
+            field.append_value(2);
+            hash.append_value(0);
+            data.append_value(scalars_json(&w.scalars));
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("series", DataType::Utf8, false),
+        Field::new("window_start", DataType::Int64, false),
+        Field::new("field", DataType::Int8, false),
+        Field::new("hash", DataType::UInt64, false),
+        Field::new("data", DataType::Binary, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(series.finish()),
+            Arc::new(start.finish()),
+            Arc::new(field.finish()),
+            Arc::new(hash.finish()),
+            Arc::new(data.finish()),
+        ],
+    )
+    .expect("columns match");
+    let path = reference_file(root, stream);
+    write_into_place(&path, &batch, Table::Drift, sink)?;
+    fsync_dir(path.parent().expect("has a directory"))
+}
+
+/// Reads the references back (empty when there are none or the file is unreadable).
+pub(crate) fn load(root: &Path, stream: &str) -> HashMap<SeriesKey, SeriesRef> {
+    let path = reference_file(root, stream);
+    let mut out: HashMap<SeriesKey, SeriesRef> = HashMap::new();
+    if !path.exists() {
+        return out;
+    }
+    let batches = match crate::metrics::rebuild::read_parquet(&path, None) {
+        Ok(b) => b,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the drift references; they fill up again");
+            return out;
+        }
+    };
+    for b in batches {
+        let (Some(series), Some(start), Some(field), Some(hash), Some(data)) = (
+            b.column(0).as_string_opt::<i32>(),
+            b.column(1).as_primitive_opt::<Int64Type>(),
+            b.column(2).as_primitive_opt::<Int8Type>(),
+            b.column(3).as_primitive_opt::<UInt64Type>(),
+            b.column(4).as_binary_opt::<i32>(),
+        ) else {
+            continue;
+        };
+        for row in 0..b.num_rows() {
+            if series.is_null(row) {
+                continue;
+            }
+            let Some(key) = key_from_json(series.value(row)) else {
+                continue;
+            };
+            let r = out.entry(key).or_default();
+            let ws = start.value(row);
+            if r.windows.back().is_none_or(|w| w.start_ms != ws) {
+                r.windows.push_back(RefWindow {
+                    start_ms: ws,
+                    texts: [Vec::new(), Vec::new()],
+                    scalars: Scalars::default(),
+                });
+            }
+            let w = r.windows.back_mut().expect("pushed above");
+            match field.value(row) {
+                f @ (0 | 1) => w.texts[f as usize].push((
+                    hash.value(row),
+                    data.value(row)
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                )),
+                _ => {
+                    if let Some(s) = scalars_from_json(data.value(row)) {
+                        w.scalars = s;
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,261 @@
+//! The `drift` table (one row per series, window, field and method) and the per-window frame
+//! the alert stage judges (one row per series, one numeric column per verdict).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMillisecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use super::scalar::{CATEGORICAL, NUMERIC};
+use crate::window::SeriesKey;
+
+/// One verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftRow {
+    pub series: SeriesKey,
+    /// `input`, `output` (embeddings) or a scalar feature (`output_chars`, `refusal`…).
+    pub field: &'static str,
+    /// `mmd`, `centroid`, `ks`, `wasserstein`, `js`, `psi`.
+    pub method: &'static str,
+    pub statistic: Option<f64>,
+    pub threshold: Option<f64>,
+    pub p_value: Option<f64>,
+    pub drifted: bool,
+    /// `judged`, or why not: `few_samples`, `few_reference`.
+    pub status: &'static str,
+    pub current_n: u64,
+    pub reference_n: u64,
+    pub reference: String,
+    /// JSON: the current examples farthest from the reference, or the bins that moved.
+    pub explanation: String,
+    pub embedder: Option<String>,
+}
+
+/// The embedding verdict columns of the alert frame, per text field.
+pub const EMBEDDING_METHODS: [&str; 2] = ["mmd", "centroid"];
+
+/// The numeric columns a `source = "drift"` alert rule can read.
+pub fn frame_metrics() -> Vec<String> {
+    let mut m = vec![
+        "events".to_owned(),
+        "drifted".to_owned(),
+        "scalar_drifted".to_owned(),
+    ];
+    for f in ["input", "output"] {
+        m.push(format!("{f}_drifted"));
+        for method in EMBEDDING_METHODS {
+            m.push(format!("{f}_{method}_p_value"));
+        }
+    }
+    for f in NUMERIC.iter().chain(&CATEGORICAL) {
+        m.push(format!("{f}_drifted"));
+    }
+    m
+}
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+pub fn drift_schema(dims: &[String]) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("window_start", ts_type(), false),
+        Field::new("window_end", ts_type(), false),
+        Field::new("stream", DataType::Utf8, false),
+    ];
+    fields.extend(dims.iter().map(|d| Field::new(d, DataType::Utf8, true)));
+    fields.extend([
+        Field::new("field", DataType::Utf8, false),
+        Field::new("method", DataType::Utf8, false),
+        Field::new("statistic", DataType::Float64, true),
+        Field::new("threshold", DataType::Float64, true),
+        Field::new("p_value", DataType::Float64, true),
+        Field::new("drifted", DataType::Boolean, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("current_n", DataType::Int64, false),
+        Field::new("reference_n", DataType::Int64, false),
+        Field::new("reference", DataType::Utf8, false),
+        Field::new("explanation", DataType::Utf8, true),
+        Field::new("embedder", DataType::Utf8, true),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+fn finite(v: Option<f64>) -> Option<f64> {
+    v.filter(|x| x.is_finite())
+}
+
+/// The drift table's rows of one window.
+pub fn drift_batch(
+    dims: &[String],
+    stream: &str,
+    start_ms: i64,
+    end_ms: i64,
+    rows: &[DriftRow],
+) -> RecordBatch {
+    let n = rows.len();
+    let mut start = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut end = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut streams = StringBuilder::new();
+    let mut dim_cols: Vec<StringBuilder> = dims.iter().map(|_| StringBuilder::new()).collect();
+    let (mut field, mut method, mut status, mut reference, mut explanation, mut embedder) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let (mut stat, mut thr, mut p) = (
+        Float64Builder::new(),
+        Float64Builder::new(),
+        Float64Builder::new(),
+    );
+    let mut drifted = BooleanBuilder::new();
+    let (mut cur, mut refn) = (Int64Builder::new(), Int64Builder::new());
+    for r in rows {
+        start.append_value(start_ms);
+        end.append_value(end_ms);
+        streams.append_value(stream);
+        for (b, v) in dim_cols.iter_mut().zip(r.series.values()) {
+            b.append_option(v.as_deref());
+        }
+        field.append_value(r.field);
+        method.append_value(r.method);
+        stat.append_option(finite(r.statistic));
+        thr.append_option(finite(r.threshold));
+        p.append_option(finite(r.p_value));
+        drifted.append_value(r.drifted);
+        status.append_value(r.status);
+        cur.append_value(r.current_n as i64);
+        refn.append_value(r.reference_n as i64);
+        reference.append_value(&r.reference);
+        explanation.append_option((!r.explanation.is_empty()).then_some(&r.explanation));
+        embedder.append_option(r.embedder.as_deref());
+    }
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(start.finish()),
+        Arc::new(end.finish()),
+        Arc::new(streams.finish()),
+    ];
+    cols.extend(dim_cols.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    cols.extend([
+        Arc::new(field.finish()) as ArrayRef,
+        Arc::new(method.finish()),
+        Arc::new(stat.finish()),
+        Arc::new(thr.finish()),
+        Arc::new(p.finish()),
+        Arc::new(drifted.finish()),
+        Arc::new(status.finish()),
+        Arc::new(cur.finish()),
+        Arc::new(refn.finish()),
+        Arc::new(reference.finish()),
+        Arc::new(explanation.finish()),
+        Arc::new(embedder.finish()),
+    ]);
+    RecordBatch::try_new(drift_schema(dims), cols).expect("columns match the drift schema")
+}
+
+/// The alert frame of one window: one row per series with its event count and, per verdict,
+/// a number (1/0 for drifted flags, the p-value for embedding tests; null when not judged).
+pub fn frame_batch(
+    dims: &[String],
+    start_ms: i64,
+    end_ms: i64,
+    series: &[(SeriesKey, u64)],
+    rows: &[DriftRow],
+) -> RecordBatch {
+    let metrics = frame_metrics();
+    let mut values: Vec<Vec<Option<f64>>> = vec![vec![None; series.len()]; metrics.len()];
+    let col = |name: &str| metrics.iter().position(|m| m == name);
+    let index: std::collections::HashMap<&SeriesKey, usize> =
+        series.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
+    for (i, (_, events)) in series.iter().enumerate() {
+        values[0][i] = Some(*events as f64);
+    }
+    let bump = |values: &mut Vec<Vec<Option<f64>>>, name: &str, i: usize, v: f64| {
+        if let Some(c) = col(name) {
+            let slot = &mut values[c][i];
+            *slot = Some(slot.unwrap_or(0.0).max(v));
+        }
+    };
+    for r in rows {
+        let Some(&i) = index.get(&r.series) else {
+            continue;
+        };
+        if r.status != "judged" {
+            continue;
+        }
+        let flag = f64::from(u8::from(r.drifted));
+        bump(&mut values, &format!("{}_drifted", r.field), i, flag);
+        if r.field == "input" || r.field == "output" {
+            bump(&mut values, "drifted", i, flag);
+            if let (Some(c), Some(p)) = (col(&format!("{}_{}_p_value", r.field, r.method)), r.p_value)
+            {
+                values[c][i] = Some(p);
+            }
+        } else {
+            let c = col("scalar_drifted").expect("listed");
+            values[c][i] = Some(values[c][i].unwrap_or(0.0) + flag);
+        }
+    }
+    let mut fields = vec![
+        Field::new("window_start", ts_type(), false),
+        Field::new("window_end", ts_type(), false),
+    ];
+    fields.extend(dims.iter().map(|d| Field::new(d, DataType::Utf8, true)));
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(
+            TimestampMillisecondBuilder::new()
+                .with_timezone("UTC")
+                .tap_fill(series.len(), start_ms),
+        ),
+        Arc::new(
+            TimestampMillisecondBuilder::new()
+                .with_timezone("UTC")
+                .tap_fill(series.len(), end_ms),
+        ),
+    ];
+    for (d, _) in dims.iter().enumerate() {
+        let mut b = StringBuilder::new();
+        for (k, _) in series {
+            b.append_option(k.values()[d].as_deref());
+        }
+        cols.push(Arc::new(b.finish()));
+    }
+    fields.push(Field::new("events", DataType::Int64, false));
+    let mut ev = Int64Builder::new();
+    for (_, n) in series {
+        ev.append_value(*n as i64);
+    }
+    cols.push(Arc::new(ev.finish()));
+    for (m, v) in metrics.iter().zip(&values).skip(1) {
+        fields.push(Field::new(m, DataType::Float64, true));
+        cols.push(Arc::new(arrow::array::Float64Array::from(v.clone())));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).expect("frame columns match")
+}
+
+trait Fill {
+    fn tap_fill(self, n: usize, v: i64) -> arrow::array::TimestampMillisecondArray;
+}
+
+impl Fill for TimestampMillisecondBuilder {
+    fn tap_fill(mut self, n: usize, v: i64) -> arrow::array::TimestampMillisecondArray {
+        for _ in 0..n {
+            self.append_value(v);
+        }
+        self.finish()
+    }
+}
+
+/// Where a window's drift rows go.
+pub fn drift_file(stream: &str, start_ms: i64) -> PathBuf {
+    PathBuf::from("drift")
+        .join(crate::sink::hour_dir(start_ms.div_euclid(3_600_000)))
+        .join(format!("drift-{stream}-{start_ms}.parquet"))
+}
