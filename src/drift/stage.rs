@@ -499,29 +499,34 @@ pub fn read_state(root: &Path, stream: &str) -> Option<(i64, String)> {
 }
 
 /// The samples of `from..to` (minutes the metrics stage closed, the drift stage had not
-/// judged), read back from `events`, as one span.
+/// judged), read back from `events`: one span per drift window, in time order.
 fn recover(
     judge: &Judge,
     dims: &[Dimension],
     root: &Path,
     from: i64,
     to: i64,
-) -> Result<SampleWindow, SinkError> {
+) -> Result<Vec<SampleWindow>, SinkError> {
     let cfg = judge.config();
     let columns = crate::metrics::rebuild::event_columns(dims, true);
-    let mut series: HashMap<SeriesKey, WindowSample> = HashMap::new();
+    let mut windows: BTreeMap<i64, HashMap<SeriesKey, WindowSample>> = BTreeMap::new();
     crate::metrics::rebuild::events_between(root, from, to, &columns, |e| {
         let values: Vec<Option<&str>> = dims.iter().map(|d| d.value(e)).collect();
-        series
+        windows
+            .entry(judge.window_start(e.timestamp_ms))
+            .or_default()
             .entry(SeriesKey::new(&values))
             .or_insert_with(|| WindowSample::new(cfg.samples_per_window))
             .observe(e, cfg.max_text_chars);
     })?;
-    Ok(SampleWindow {
-        start_ms: from,
-        end_ms: to,
-        series: series.into_iter().collect(),
-    })
+    Ok(windows
+        .into_iter()
+        .map(|(start, series)| SampleWindow {
+            start_ms: start.max(from),
+            end_ms: (start + cfg.window_ms).min(to),
+            series: series.into_iter().collect(),
+        })
+        .collect())
 }
 
 /// Writes a judged window: its `drift` rows (replacing a file of the same window).
@@ -599,8 +604,8 @@ impl DriftStage {
             && m > closed
         {
             let started = Instant::now();
-            let window = recover(&judge, dimensions, root, closed, m)?;
-            let n = window.series.len();
+            let windows = recover(&judge, dimensions, root, closed, m)?;
+            let n = windows.len();
             let out = Out {
                 root,
                 stream,
@@ -609,10 +614,12 @@ impl DriftStage {
                 alerts: alerts.as_ref(),
                 stats: &stats,
             };
-            for j in judge.add(window) {
-                publish(&judge, &out, &j, started);
+            for window in windows {
+                for j in judge.add(window) {
+                    publish(&judge, &out, &j, started);
+                }
             }
-            info!(from = %fmt_ms(closed), to = %fmt_ms(m), series = n, elapsed = ?started.elapsed(), "drift minutes closed before the restart read back from events");
+            info!(from = %fmt_ms(closed), to = %fmt_ms(m), windows = n, elapsed = ?started.elapsed(), "drift minutes closed before the restart read back from events");
         }
         let (tx, rx) = bounded(256);
         let root = root.to_owned();

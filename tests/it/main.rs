@@ -2,6 +2,7 @@
 
 mod alerts;
 mod cli;
+mod drift;
 mod kafka;
 mod shared_data;
 mod support;

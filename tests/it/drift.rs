@@ -1,0 +1,105 @@
+//! The drift stage inside a running pipeline: kill -9 and restart neither lose nor repeat a
+//! drift window.
+
+use std::time::{Duration, Instant};
+
+use telltale::demo::TrafficGenerator;
+
+use crate::support::*;
+
+const WINDOW: i64 = 300_000;
+
+/// A pipeline killed (-9) while a drift window is half closed judges that window after the
+/// restart, from the minutes it reads back from `events`, and every other window once.
+#[test]
+fn drift_windows_survive_kill_dash_nine_exactly_once() {
+    let broker = Broker::start();
+    let partitions = 2;
+    broker.topic("drift", partitions);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline_file(
+        dir.path(),
+        &broker.servers,
+        "drift",
+        "drift",
+        "roll_interval = \"200ms\"",
+    );
+    let log = dir.path().join("run.log");
+    let root = dir.path().join("data");
+    // 90 minutes of traffic, the topic shift of the demo included; the first 50 minutes first.
+    let all: Vec<_> = TrafficGenerator::new(5, T_START, 90 * 60_000, 9_000)
+        .malformed_every(None)
+        .take(9_000)
+        .collect();
+    broker.produce("drift", &all[..5_000]);
+    let mut child = spawn_run(&pipeline, &log);
+    broker.wait_caught_up("drift", "drift", partitions, Duration::from_secs(120));
+    let state = root.join("_state/drift/drift.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !state.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let closed = |path: &std::path::Path| -> i64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        v["closed_through_ms"].as_i64().unwrap()
+    };
+    let (drift_closed, metrics_closed) = (closed(&state), closed(&root.join("_state/metrics/drift.json")));
+    assert!(
+        metrics_closed > drift_closed,
+        "the kill left minutes closed by metrics and not yet judged by drift ({metrics_closed} vs {drift_closed})"
+    );
+
+    broker.produce("drift", &all[5_000..]);
+    let mut child = spawn_run(&pipeline, &log);
+    broker.wait_caught_up("drift", "drift", partitions, Duration::from_secs(120));
+    // Let the last minutes reach the drift stage before stopping.
+    std::thread::sleep(Duration::from_secs(2));
+    let status = terminate(&mut child);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit {status}; log:\n{stderr}");
+    assert!(
+        stderr.contains("drift minutes closed before the restart read back from events"),
+        "{stderr}"
+    );
+
+    // Every drift window of every series with closed metrics minutes was judged, once.
+    let through = closed(&state);
+    let series = "app || '/' || environment || '/' || model || '/' || prompt_version";
+    let expected = strings(&sql(
+        &root,
+        &format!(
+            "SELECT DISTINCT {series} || '@' || CAST(CAST(window_start AS BIGINT) / {WINDOW} * {WINDOW} AS VARCHAR) AS k
+             FROM metrics WHERE resolution = '1m'
+               AND CAST(window_start AS BIGINT) / {WINDOW} * {WINDOW} + {WINDOW} <= {through}
+             ORDER BY k"
+        ),
+    ));
+    let judged = strings(&sql(
+        &root,
+        &format!(
+            "SELECT DISTINCT {series} || '@' || CAST(CAST(window_start AS BIGINT) AS VARCHAR) AS k
+             FROM drift ORDER BY k"
+        ),
+    ));
+    assert!(expected.len() > 40, "{} series-windows", expected.len());
+    assert_eq!(judged, expected);
+    let repeated = scalar(
+        &root,
+        "SELECT count(*) FROM (SELECT app, environment, model, prompt_version, window_start, field, method
+         FROM drift GROUP BY 1, 2, 3, 4, 5, 6, 7 HAVING count(*) > 1)",
+    );
+    assert_eq!(repeated, 0);
+    // The reference survived: the first window after the restart was tested, not refilled.
+    let untested_after_restart = scalar(
+        &root,
+        &format!(
+            "SELECT count(*) FROM drift WHERE app = 'support-bot' AND environment = 'prod'
+             AND prompt_version = 'v3' AND field = 'input' AND method = 'mmd'
+             AND CAST(window_start AS BIGINT) = {drift_closed} AND status = 'few_reference'"
+        ),
+    );
+    assert_eq!(untested_after_restart, 0);
+}
