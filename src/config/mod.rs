@@ -413,6 +413,9 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
         .float(e, "false_alarm_rate", 1e-6, 0.5)
         .unwrap_or(d.false_alarm_rate);
     cfg.pca_dims = usize_of(&mut t, e, "pca_dims", 2, 256, d.pca_dims);
+    cfg.null_draws = usize_of(&mut t, e, "null_draws", 20, 100_000, d.null_draws);
+    cfg.calibration_windows =
+        usize_of(&mut t, e, "calibration_windows", 3, 10_000, d.calibration_windows);
     cfg.sigma = t.float(e, "sigma", 0.5, 20.0).unwrap_or(d.sigma);
     cfg.scalar_min_events = t
         .integer(e, "scalar_min_events", 1, i64::MAX)

@@ -22,7 +22,9 @@ use tracing::{error, info, warn};
 use super::embed::{Embedder, HashEmbedder};
 use super::sample::WindowSample;
 use super::scalar::{Scalars, scalar_drift};
-use super::stats::{Pca, TestResult, centroid_test, mmd_test, witness};
+use super::stats::{
+    Pca, TestResult, centroid_test, mmd_test, normal_isf, normal_sf, witness,
+};
 use super::table::{DriftRow, drift_batch, drift_file, frame_batch};
 use crate::alert::{Frame, FrameSender};
 use crate::metrics::fmt_ms;
@@ -81,6 +83,11 @@ pub struct DriftConfig {
     pub false_alarm_rate: f64,
     /// PCA dimensions before MMD (default 16).
     pub pca_dims: usize,
+    /// Null draws per test, to standardize its statistic (default 200).
+    pub null_draws: usize,
+    /// Past windows of a series whose statistics calibrate its verdicts; fewer, and the
+    /// window is only measured ("calibrating"; default 12, an hour of 5-minute windows).
+    pub calibration_windows: usize,
     /// Scalar thresholds: mean + sigma · sd of the reference's own variation (default 3).
     pub sigma: f64,
     /// Fewer events than this in a window: its scalars are not judged (default 30).
@@ -103,6 +110,8 @@ impl Default for DriftConfig {
             min_reference: 50,
             false_alarm_rate: 0.001,
             pca_dims: 16,
+            null_draws: 200,
+            calibration_windows: 12,
             sigma: 3.0,
             scalar_min_events: 30,
         }
@@ -119,12 +128,6 @@ impl DriftConfig {
         self.false_alarm_rate / EMBEDDING_TESTS
     }
 
-    /// Draws for the permutation and subsampling nulls: enough that a window whose
-    /// statistic one draw in the null reaches still drifts (most windows stop after a few
-    /// dozen, see `stats`).
-    pub fn draws(&self) -> usize {
-        ((2.0 / self.alpha()).ceil() as usize).clamp(99, 200_000)
-    }
 }
 
 /// One closed minute's samples (from the metrics stage).
@@ -142,6 +145,9 @@ pub(crate) struct RefWindow {
     /// (sampling hash, embedding), lowest hash first, per field.
     pub texts: [Vec<(u64, Vec<f32>)>; 2],
     pub scalars: Scalars,
+    /// The window's standardized embedding statistics (field × method), the history that
+    /// calibrates later windows' verdicts; `None` where it was not tested.
+    pub z: [[Option<f64>; 2]; 2],
 }
 
 /// A series' reference: its recent windows.
@@ -308,12 +314,15 @@ impl Judge {
                 crate::metrics::resolution_name(self.cfg.reference_ms),
                 reference.windows.len()
             );
+            let mut zs = [[None; 2]; 2];
             for (f, field) in FIELDS.iter().enumerate() {
                 let refs = reference.texts(f);
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
                 let samples: Vec<&super::sample::Sampled> =
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
-                rows.extend(embedding_rows(
+                let history =
+                    [0, 1].map(|m| reference.windows.iter().filter_map(|w| w.z[f][m]).collect());
+                let (r, z) = embedding_rows(
                     &self.cfg,
                     self.embedder.id(),
                     &key,
@@ -321,10 +330,13 @@ impl Judge {
                     start_ms,
                     &refs,
                     &cur,
+                    history,
                     &samples,
                     embedded.is_some(),
                     &describe,
-                ));
+                );
+                rows.extend(r);
+                zs[f] = z;
             }
             let ref_scalars: Vec<&Scalars> = reference.windows.iter().map(|w| &w.scalars).collect();
             for r in scalar_drift(
@@ -361,6 +373,7 @@ impl Judge {
                 start_ms,
                 texts: current,
                 scalars: s.scalars,
+                z: zs,
             });
             while reference
                 .windows
@@ -408,6 +421,24 @@ fn seed(key: &SeriesKey, start_ms: i64, field: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(s.as_bytes())
 }
 
+/// The two embedding tests of one field.
+const METHODS: [&str; 2] = ["mmd", "centroid"];
+
+/// A calibrated verdict from a standardized statistic and the same statistic's values in
+/// the series' recent windows (its history): drifted when `z` lies beyond the history's
+/// median by more than the normal `(1 − alpha)` quantile of the history's robust spread
+/// (1.4826 · MAD, never below 1, the spread of an exchangeable null).
+pub fn calibrated(z: f64, history: &[f64], alpha: f64) -> (f64, f64, f64) {
+    let mut h = history.to_vec();
+    h.sort_by(f64::total_cmp);
+    let median = h[h.len() / 2];
+    let mut dev: Vec<f64> = h.iter().map(|v| (v - median).abs()).collect();
+    dev.sort_by(f64::total_cmp);
+    let sigma = (1.4826 * dev[dev.len() / 2]).max(1.0);
+    let threshold = median + normal_isf(alpha) * sigma;
+    (threshold, normal_sf((z - median) / sigma), sigma)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn embedding_rows(
     cfg: &DriftConfig,
@@ -417,10 +448,11 @@ fn embedding_rows(
     start_ms: i64,
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
+    history: [Vec<f64>; 2],
     samples: &[&super::sample::Sampled],
     embedded: bool,
     describe: &str,
-) -> Vec<DriftRow> {
+) -> (Vec<DriftRow>, [Option<f64>; 2]) {
     let status = if !embedded {
         "embed_failed"
     } else if current.len() < cfg.min_samples {
@@ -430,14 +462,14 @@ fn embedding_rows(
     } else {
         "judged"
     };
-    let row = |method, t: Option<&TestResult>, explanation: String| DriftRow {
+    let row = |method, explanation: String| DriftRow {
         series: key.clone(),
         field,
         method,
-        statistic: t.map(|t| t.statistic),
-        threshold: t.map(|t| t.threshold),
-        p_value: t.map(|t| t.p_value),
-        drifted: t.is_some_and(|t| t.drifted),
+        statistic: None,
+        threshold: None,
+        p_value: None,
+        drifted: false,
         status,
         current_n: current.len() as u64,
         reference_n: reference.len() as u64,
@@ -446,19 +478,21 @@ fn embedding_rows(
         embedder: Some(embedder.to_owned()),
     };
     if status != "judged" {
-        return vec![row("mmd", None, String::new()), row("centroid", None, String::new())];
+        return (METHODS.map(|m| row(m, String::new())).to_vec(), [None, None]);
     }
     let seed = seed(key, start_ms, field);
     let pooled: Vec<Vec<f32>> = reference.iter().chain(current).cloned().collect();
     let pca = Pca::fit(&pooled, cfg.pca_dims, seed);
     let rp: Vec<Vec<f32>> = reference.iter().map(|v| pca.project(v)).collect();
     let cp: Vec<Vec<f32>> = current.iter().map(|v| pca.project(v)).collect();
-    let (alpha, draws) = (cfg.alpha(), cfg.draws());
-    let mmd = mmd_test(&rp, &cp, draws, alpha, seed);
-    // On the embeddings themselves: the null comes from the reference alone, so a projection
-    // fitted with the current sample in it would favour the current sample's own directions
-    // (measured: 4× the configured false-alarm rate in PCA coordinates).
-    let centroid = centroid_test(reference, current, draws, alpha, seed ^ 1);
+    let (alpha, draws) = (cfg.alpha(), cfg.null_draws);
+    let tests: [TestResult; 2] = [
+        mmd_test(&rp, &cp, draws, alpha, seed),
+        // On the embeddings themselves: the null comes from the reference alone, so a
+        // projection fitted with the current sample in it would favour the current sample's
+        // own directions (measured: 4× the false-alarm rate in PCA coordinates).
+        centroid_test(reference, current, draws, alpha, seed ^ 1),
+    ];
     // What moved: the current texts the reference has least of.
     let w = witness(&rp, &cp);
     let mut order: Vec<usize> = (0..w.len()).collect();
@@ -475,10 +509,21 @@ fn embedding_rows(
         })
         .collect();
     let explanation = serde_json::Value::Array(examples).to_string();
-    vec![
-        row("mmd", Some(&mmd), explanation.clone()),
-        row("centroid", Some(&centroid), explanation),
-    ]
+    let mut rows = Vec::with_capacity(2);
+    for (m, t) in tests.iter().enumerate() {
+        let mut r = row(METHODS[m], explanation.clone());
+        r.statistic = Some(t.z);
+        if history[m].len() < cfg.calibration_windows {
+            r.status = "calibrating";
+        } else {
+            let (threshold, p, _) = calibrated(t.z, &history[m], alpha);
+            r.threshold = Some(threshold);
+            r.p_value = Some(p);
+            r.drifted = p <= alpha;
+        }
+        rows.push(r);
+    }
+    (rows, tests.map(|t| Some(t.z)))
 }
 
 /// `<root>/_state/drift/<stream>.json`: the close position and embedder.

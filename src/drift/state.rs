@@ -2,7 +2,8 @@
 //! - `<stream>.json`: the close position (every drift window ending at or before it was
 //!   judged and written) and the embedder;
 //! - `<stream>-reference.parquet`: each series' reference — per past window, the sampling
-//!   hashes and embeddings of its kept texts, and its scalar histograms — rewritten
+//!   hashes and embeddings of its kept texts, its standardized test statistics (the history
+//!   that calibrates later verdicts) and its scalar histograms — rewritten
 //!   atomically after every judged window.
 //!
 //! On start, the references are read back (unless the embedder changed: vectors of another
@@ -52,8 +53,10 @@ fn key_from_json(s: &str) -> Option<SeriesKey> {
     Some(SeriesKey::new(&refs))
 }
 
-fn scalars_json(s: &Scalars) -> Vec<u8> {
+fn window_json(w: &RefWindow) -> Vec<u8> {
+    let s = &w.scalars;
     serde_json::json!({
+        "z": w.z,
         "numeric": s.numeric.iter().map(|b| b.counts_raw().to_vec()).collect::<Vec<_>>(),
         "categorical": s.categorical.iter().map(|c| {
             c.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<String, u64>>()
@@ -63,13 +66,15 @@ fn scalars_json(s: &Scalars) -> Vec<u8> {
     .into_bytes()
 }
 
-fn scalars_from_json(b: &[u8]) -> Option<Scalars> {
+fn window_from_json(b: &[u8], w: &mut RefWindow) -> Option<()> {
     #[derive(serde::Deserialize)]
     struct S {
+        z: [[Option<f64>; 2]; 2],
         numeric: Vec<Vec<u64>>,
         categorical: Vec<BTreeMap<String, u64>>,
     }
     let s: S = serde_json::from_slice(b).ok()?;
+    w.z = s.z;
     let mut out = Scalars::default();
     for (o, v) in out.numeric.iter_mut().zip(s.numeric) {
         *o = Binned::from_counts(v);
@@ -80,7 +85,8 @@ fn scalars_from_json(b: &[u8]) -> Option<Scalars> {
             .map(|(k, v)| (k.into_boxed_str(), v))
             .collect::<Categories>();
     }
-    Some(out)
+    w.scalars = out;
+    Some(())
 }
 
 /// Writes every series' reference (atomically: temp file, rename).
@@ -116,7 +122,7 @@ pub(crate) fn save(
             start.append_value(w.start_ms);
             field.append_value(2);
             hash.append_value(0);
-            data.append_value(scalars_json(&w.scalars));
+            data.append_value(window_json(w));
         }
     }
     let schema = Arc::new(Schema::new(vec![
@@ -180,6 +186,7 @@ pub(crate) fn load(root: &Path, stream: &str) -> HashMap<SeriesKey, SeriesRef> {
                     start_ms: ws,
                     texts: [Vec::new(), Vec::new()],
                     scalars: Scalars::default(),
+                    z: [[None; 2]; 2],
                 });
             }
             let w = r.windows.back_mut().expect("pushed above");
@@ -192,9 +199,7 @@ pub(crate) fn load(root: &Path, stream: &str) -> HashMap<SeriesKey, SeriesRef> {
                         .collect(),
                 )),
                 _ => {
-                    if let Some(s) = scalars_from_json(data.value(row)) {
-                        w.scalars = s;
-                    }
+                    let _ = window_from_json(data.value(row), w);
                 }
             }
         }

@@ -29,12 +29,19 @@ pub struct TestResult {
     pub threshold: f64,
     pub p_value: f64,
     pub drifted: bool,
+    /// The statistic standardized by the null draws: (observed − mean) / sd. Comparable
+    /// across windows of different sizes and bandwidths (see `drift::stage`).
+    pub z: f64,
 }
 
 /// Null draws at or above the observed statistic after which drawing stops.
 pub const STOP_AFTER: usize = 12;
 
 /// Draws from a null until `draws` or until [`STOP_AFTER`] reach `observed`.
+/// Draws no fewer than this before stopping early, so the null's mean and spread (for
+/// [`TestResult::z`]) are estimated from enough draws.
+pub const MIN_DRAWS: usize = 100;
+
 fn draw_null(observed: f64, draws: usize, mut next: impl FnMut() -> f64) -> Vec<f64> {
     let mut null = Vec::with_capacity(draws.min(1024));
     let mut above = 0;
@@ -42,7 +49,7 @@ fn draw_null(observed: f64, draws: usize, mut next: impl FnMut() -> f64) -> Vec<
         let v = next();
         above += usize::from(v >= observed);
         null.push(v);
-        if above >= STOP_AFTER {
+        if above >= STOP_AFTER && null.len() >= MIN_DRAWS {
             break;
         }
     }
@@ -56,6 +63,14 @@ fn result(observed: f64, mut null: Vec<f64>, alpha: f64) -> TestResult {
     } else {
         (1 + above) as f64 / (1 + null.len()) as f64
     };
+    let z = if null.len() >= 2 {
+        let n = null.len() as f64;
+        let mean = null.iter().sum::<f64>() / n;
+        let sd = (null.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1.0)).sqrt();
+        (observed - mean) / sd.max(1e-12)
+    } else {
+        0.0
+    };
     null.sort_by(f64::total_cmp);
     let threshold = if null.is_empty() {
         f64::INFINITY
@@ -68,6 +83,7 @@ fn result(observed: f64, mut null: Vec<f64>, alpha: f64) -> TestResult {
         threshold,
         p_value,
         drifted: p_value <= alpha,
+        z,
     }
 }
 
@@ -419,4 +435,30 @@ impl Pca {
             })
             .collect()
     }
+}
+
+/// P(Z > z) for a standard normal Z (Abramowitz & Stegun 7.1.26 for erfc; absolute error
+/// below 1.5e-7, relative error a few percent at 1e-5).
+pub fn normal_sf(z: f64) -> f64 {
+    let x = z / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erfc = poly * (-x * x).exp();
+    if x >= 0.0 { erfc / 2.0 } else { 1.0 - erfc / 2.0 }
+}
+
+/// The z above which `P(Z > z) ≤ p` (bisection on [`normal_sf`]).
+pub fn normal_isf(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-10.0, 40.0);
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if normal_sf(mid) > p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
 }

@@ -281,7 +281,8 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
         "{changes:?}"
     );
     // In the drift table: v7's inputs drift within three windows of the shift (and not
-    // before it), and no other series' embeddings drift at all.
+    // before it), and other series' embeddings hardly ever: 6 series × 24 windows × 4 tests
+    // at 1/4,000 each is 0.14 false verdicts expected.
     let (t0, t1) = (
         scalar(&data, "SELECT CAST(min(timestamp) AS BIGINT) FROM events"),
         scalar(&data, "SELECT CAST(max(timestamp) AS BIGINT) FROM events"),
@@ -304,7 +305,7 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
          AND NOT ((app = 'code-assistant' AND prompt_version = 'v7')
                OR (app = 'support-bot' AND prompt_version = 'v3'))",
     );
-    assert_eq!(false_alarms, 0);
+    assert!(false_alarms <= 2, "{false_alarms} false drift verdicts");
     let emails = files_with_suffix(&data.join("alert-emails"), ".eml");
     assert!(emails.len() >= 4, "{} emails", emails.len());
     let bodies: Vec<String> = emails
