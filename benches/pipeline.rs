@@ -671,7 +671,86 @@ fn drift(c: &mut Criterion) {
     g.bench_function("centroid_test_64_vs_256_999_bootstraps", |b| {
         b.iter(|| centroid_test(reference, current, 999, 0.001, 7))
     });
+
+    // The hot path: the metrics stage with and without drift sampling, on events with texts
+    // (100 series). The ratio is what sampling adds to every event.
+    let events: Vec<LlmEvent<'static>> = TrafficGenerator::new(4, T0, HOUR, 20_000)
+        .take(20_000)
+        .filter_map(|r| {
+            let d = Decoder::new(DecoderConfig::default())
+                .decode(Some(&r.payload), None)
+                .ok()?;
+            Some(d.event.into_owned())
+        })
+        .enumerate()
+        .map(|(i, mut e)| {
+            e.app = Some(format!("app-{}", i % 100).into());
+            e
+        })
+        .collect();
+    let stats = Arc::new(Stats::default());
+    g.throughput(Throughput::Elements(events.len() as u64));
+    for sampling in [false, true] {
+        let mut stage = MetricsStage::new(MetricsConfig::default(), "bench", false, stats.clone());
+        if sampling {
+            stage = stage.with_sampling(&telltale::drift::DriftConfig::default());
+        }
+        let name = if sampling {
+            "metrics_observe_with_sampling_100_series"
+        } else {
+            "baseline_metrics_observe_100_series"
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for e in &events {
+                    stage.observe(e, 0);
+                }
+            })
+        });
+    }
+
+    // One drift window of 100 series (64 texts per field each), judged against references
+    // already calibrated (13 windows): embedding, PCA, both tests, scalars, explanations.
+    // At 5-minute windows, the CPU share is this time / 300 s.
+    use telltale::drift::sample::WindowSample;
+    use telltale::drift::{DriftConfig, Judge, SampleWindow};
+    let window = |w: i64| -> SampleWindow {
+        let mut series: Vec<(telltale::window::SeriesKey, WindowSample)> = Vec::new();
+        for s in 0..100 {
+            let mut sample = WindowSample::new(64);
+            for (i, e) in events.iter().enumerate().skip((w as usize * 7 + s) % 50).step_by(97).take(100) {
+                let mut e = e.clone();
+                e.event_id = format!("{w}-{s}-{i}").into();
+                sample.observe(&e, 1000);
+            }
+            series.push((telltale::window::SeriesKey::new(&[Some(&format!("s{s}"))]), sample));
+        }
+        SampleWindow {
+            start_ms: w * 300_000,
+            end_ms: (w + 1) * 300_000,
+            series,
+        }
+    };
+    let cfg = DriftConfig::default();
+    let mut judge = Judge::new(cfg.clone(), cfg.embedder.build(), i64::MIN);
+    for w in 0..14 {
+        judge.add(window(w));
+    }
+    let next = window(14);
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("judge_window_100_series", |b| {
+        b.iter_batched(
+            || (judge_clone(&judge, &cfg), next.clone()),
+            |(mut j, w)| j.add(w),
+            criterion::BatchSize::LargeInput,
+        )
+    });
     g.finish();
+}
+
+/// A judge with the same references (cloning the stage's state for each iteration).
+fn judge_clone(j: &telltale::drift::Judge, cfg: &telltale::drift::DriftConfig) -> telltale::drift::Judge {
+    j.clone_with(cfg.embedder.build())
 }
 
 criterion_group!(

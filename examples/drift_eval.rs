@@ -2,7 +2,7 @@
 //! detection delay when real topic streams are mixed in.
 //!
 //! ```text
-//! cargo run --release --example drift_eval [-- --runs 40]
+//! cargo run --release --example drift_eval [-- --runs 40] [--fastembed]
 //! ```
 //!
 //! Reads `../shared/data` (see its README; exits with a note when absent). Per run, a stretch
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use telltale::drift::sample::WindowSample;
-use telltale::drift::stage::{DriftConfig, Judge, Judged, SampleWindow};
+use telltale::drift::stage::{DriftConfig, EmbedderKind, Judge, Judged, SampleWindow};
 use telltale::event::LlmEvent;
 use telltale::window::SeriesKey;
 
@@ -144,15 +144,23 @@ fn main() {
             pairs(&read_jsonl(&root.join("prompts/jailbreak_inthewild.jsonl.gz")), "-"),
         ),
     ];
+    let embedder = if std::env::args().any(|a| a == "--fastembed") {
+        let dir = telltale::drift::sentence::models_dir();
+        EmbedderKind::Sentence { dir, threads: 1 }
+    } else {
+        EmbedderKind::Hash { dim: 256 }
+    };
     let cfg = DriftConfig {
+        embedder,
         pca_dims: arg("--pca-dims", DriftConfig::default().pca_dims),
         samples_per_window: arg("--samples", DriftConfig::default().samples_per_window),
         ..DriftConfig::default()
     };
+    let embedder = cfg.embedder.try_build().unwrap_or_else(|e| panic!("{e}"));
     println!(
         "drift evaluation: {runs} runs, {events} events per window, {} texts sampled per window and field, embedder {}, false-alarm rate {} per window",
         cfg.samples_per_window,
-        cfg.embedder.build().id(),
+        embedder.id(),
         cfg.false_alarm_rate
     );
     let started = std::time::Instant::now();
@@ -165,8 +173,7 @@ fn main() {
     for run in 0..runs {
         let mut rng = SmallRng::seed_from_u64(run as u64);
         let mut cursor = rng.random_range(0..sharegpt.len());
-        let e = cfg.embedder.build();
-        let mut judge = Judge::new(cfg.clone(), e, i64::MIN);
+        let mut judge = Judge::new(cfg.clone(), embedder.clone(), i64::MIN);
         let mut last = [false; 2];
         for w in 0..warmup + windows {
             let win = window(w, &sharegpt, &mut cursor, &[], 0.0, events, &mut rng);
@@ -222,8 +229,7 @@ fn main() {
             for run in 0..runs {
                 let mut rng = SmallRng::seed_from_u64(1000 + run as u64);
                 let mut cursor = rng.random_range(0..sharegpt.len());
-                let e = cfg.embedder.build();
-                let mut judge = Judge::new(cfg.clone(), e, i64::MIN);
+                let mut judge = Judge::new(cfg.clone(), embedder.clone(), i64::MIN);
                 let mut first = [None; 4];
                 let mut last = false;
                 for w in 0..warmup + horizon {

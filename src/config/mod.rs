@@ -392,11 +392,22 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
     };
     cfg.samples_per_window = usize_of(&mut t, e, "samples_per_window", 2, 4096, d.samples_per_window);
     cfg.max_text_chars = usize_of(&mut t, e, "max_text_chars", 16, 100_000, d.max_text_chars);
-    match t.string_or(e, "embedder", "hash").as_str() {
+    match t.string_or(e, "embedder", "auto").as_str() {
+        "auto" => cfg.embedder = EmbedderKind::auto(),
         "hash" => cfg.embedder = EmbedderKind::Hash { dim: 256 },
+        "fastembed" => {
+            let dir = crate::drift::sentence::models_dir();
+            if !crate::drift::sentence::available(&dir) {
+                e.push(
+                    &t.path_of("embedder"),
+                    format!("the fastembed model files are not in {} (run `bash scripts/models.sh`, or use \"auto\" to fall back to \"hash\")", dir.display()),
+                );
+            }
+            cfg.embedder = EmbedderKind::Sentence { dir, threads: 1 };
+        }
         other => e.push(
             &t.path_of("embedder"),
-            format!("{other:?} is not an embedder this build knows (expected \"hash\")"),
+            format!("{other:?} is not an embedder (expected \"auto\", \"fastembed\" or \"hash\")"),
         ),
     }
     cfg.budget_texts_per_s = t

@@ -1,22 +1,30 @@
-//! Drift detection (work in progress, issue #4): what users ask and what the model answers,
-//! compared window by window against a reference, with a calibrated false-alarm rate.
+//! Drift detection (issue #4): what users ask and what the model answers, compared window by
+//! window with each series' own recent past, with a calibrated false-alarm rate.
 //!
-//! Landed so far, as tested building blocks (not yet wired into the pipeline):
-//! - [`embed`]: the [`embed::Embedder`] trait and [`embed::HashEmbedder`], the
-//!   dependency-free embedder the pipeline falls back on;
-//! - [`sample`]: [`sample::BottomK`], deterministic, mergeable sampling of texts per series
-//!   and window (what an embedding budget is spent on);
-//! - [`stats`]: MMD² (RBF kernel, median heuristic, permutation null) and the centroid cosine
-//!   distance (bootstrap null), each returning a p-value whose false-alarm rate is checked
-//!   over many seeded runs, and PCA for reducing embeddings first.
+//! ```text
+//!  events ─► metrics stage: per series and minute, bottom-k texts + scalar histograms
+//!                  │ (closed minutes, once durable)
+//!                  ▼
+//!            drift stage thread: minutes → 5-min windows → budget → embed → tests against the
+//!            trailing reference, calibrated on the series' history → `drift` table, frames for
+//!            the alert stage, state (`_state/drift/`)
+//! ```
 //!
-//! Still to come: sentence-model embedders (fastembed, static), the per-series drift stage
-//! with reference management (`telltale baseline`), scalar drift, explanations, the `drift`
-//! table, and drift rules in `alerts/`.
+//! - [`embed`]: the [`embed::Embedder`] trait and [`embed::HashEmbedder`];
+//! - [`sample`]: [`sample::BottomK`] and the per-series window sample;
+//! - [`stats`]: MMD² (permutation null), centroid distance (bootstrap null), PCA;
+//! - [`scalar`]: lengths, tokens, finish reasons, refusals, scripts (JS, PSI, KS, W₁);
+//! - [`stage`]: [`Judge`] (windows, budget, references, verdicts) and [`DriftStage`];
+//! - [`state`]: references and verdict history across restarts;
+//! - [`table`]: the `drift` table and the alert frame.
+//!
+//! Not yet: sentence-model embedders (fastembed, static), pinned baselines
+//! (`telltale baseline`), drift in file backfills.
 
 pub mod embed;
 pub mod sample;
 pub mod scalar;
+pub mod sentence;
 pub mod stage;
 pub mod state;
 pub mod stats;

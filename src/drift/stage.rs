@@ -38,20 +38,46 @@ use crate::window::{Dimension, SeriesKey};
 pub enum EmbedderKind {
     /// Hashed bag of words ([`HashEmbedder`]), always available.
     Hash { dim: usize },
+    /// all-MiniLM-L6-v2 through fastembed and ONNX Runtime, from `dir`
+    /// ([`super::sentence`]).
+    Sentence { dir: PathBuf, threads: usize },
 }
 
 impl EmbedderKind {
-    pub fn build(&self) -> Arc<dyn Embedder> {
-        match self {
-            EmbedderKind::Hash { dim } => Arc::new(HashEmbedder::new(*dim)),
+    /// The sentence model when its files are installed, else the hash embedder (the
+    /// default: `drift.embedder = "auto"`).
+    pub fn auto() -> EmbedderKind {
+        let dir = super::sentence::models_dir();
+        if super::sentence::available(&dir) {
+            EmbedderKind::Sentence { dir, threads: 1 }
+        } else {
+            EmbedderKind::Hash { dim: 256 }
         }
     }
 
-    /// Texts per second that cost about 10 % of one core here (measured in the `drift`
-    /// bench: the hash embedder runs at ≈ 600 k texts/s).
+    pub fn try_build(&self) -> Result<Arc<dyn Embedder>, super::embed::EmbedError> {
+        Ok(match self {
+            EmbedderKind::Hash { dim } => Arc::new(HashEmbedder::new(*dim)),
+            EmbedderKind::Sentence { dir, threads } => {
+                Arc::new(super::sentence::SentenceEmbedder::load(dir, *threads)?)
+            }
+        })
+    }
+
+    /// The embedder, or the hash embedder with a logged error when it cannot load.
+    pub fn build(&self) -> Arc<dyn Embedder> {
+        self.try_build().unwrap_or_else(|err| {
+            error!(error = %err, "falling back to the hash embedder");
+            Arc::new(HashEmbedder::new(256))
+        })
+    }
+
+    /// Texts per second that cost about 10 % of one core here (the `drift` bench: the hash
+    /// embedder runs at ≈ 600 k texts/s, MiniLM at ≈ 100–200).
     pub fn default_budget(&self) -> f64 {
         match self {
             EmbedderKind::Hash { .. } => 50_000.0,
+            EmbedderKind::Sentence { .. } => 15.0,
         }
     }
 }
@@ -216,6 +242,17 @@ impl Judge {
 
     pub fn config(&self) -> &DriftConfig {
         &self.cfg
+    }
+
+    /// A copy with the same windows and references (benches judge the same window again).
+    pub fn clone_with(&self, embedder: Arc<dyn Embedder>) -> Judge {
+        Judge {
+            cfg: self.cfg.clone(),
+            embedder,
+            open: self.open.clone(),
+            refs: self.refs.clone(),
+            closed_through: self.closed_through,
+        }
     }
 
     pub fn embedder_id(&self) -> &str {

@@ -478,3 +478,40 @@ fn references_survive_a_restart() {
         assert_eq!(x.z, y.z);
     }
 }
+
+/// The sentence model (when `scripts/models.sh` installed it; skipped otherwise): unit
+/// vectors of 384 dimensions, paraphrases closer than unrelated texts.
+#[test]
+fn sentence_embedder_puts_paraphrases_close() {
+    let dir = super::sentence::models_dir();
+    if !super::sentence::available(&dir) {
+        eprintln!("skipped: no sentence model in {} (scripts/models.sh)", dir.display());
+        return;
+    }
+    let e = super::sentence::SentenceEmbedder::load(&dir, 1).expect("loads");
+    let v = e
+        .embed(&[
+            "How do I reset my password?",
+            "I forgot my password, how can I change it?",
+            "My Kubernetes pod keeps crashing after the deploy.",
+        ])
+        .unwrap();
+    assert_eq!(e.dim(), 384);
+    for x in &v {
+        assert_eq!(x.len(), 384);
+        let n: f32 = x.iter().map(|a| a * a).sum();
+        assert!((n - 1.0).abs() < 1e-3, "norm² {n}");
+    }
+    let (para, other) = (cosine(&v[0], &v[1]), cosine(&v[0], &v[2]));
+    assert!(para > 0.6 && other < 0.3, "paraphrase {para}, unrelated {other}");
+}
+
+#[test]
+fn a_missing_sentence_model_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = super::sentence::SentenceEmbedder::load(dir.path(), 1)
+        .err()
+        .expect("no files, no model")
+        .to_string();
+    assert!(err.contains("scripts/models.sh"), "{err}");
+}
