@@ -718,12 +718,21 @@ fn drift(c: &mut Criterion) {
         let mut series: Vec<(telltale::window::SeriesKey, WindowSample)> = Vec::new();
         for s in 0..100 {
             let mut sample = WindowSample::new(64);
-            for (i, e) in events.iter().enumerate().skip((w as usize * 7 + s) % 50).step_by(97).take(100) {
+            for (i, e) in events
+                .iter()
+                .enumerate()
+                .skip((w as usize * 7 + s) % 50)
+                .step_by(97)
+                .take(100)
+            {
                 let mut e = e.clone();
                 e.event_id = format!("{w}-{s}-{i}").into();
                 sample.observe(&e, 1000);
             }
-            series.push((telltale::window::SeriesKey::new(&[Some(&format!("s{s}"))]), sample));
+            series.push((
+                telltale::window::SeriesKey::new(&[Some(&format!("s{s}"))]),
+                sample,
+            ));
         }
         SampleWindow {
             start_ms: w * 300_000,
@@ -749,7 +758,10 @@ fn drift(c: &mut Criterion) {
 }
 
 /// A judge with the same references (cloning the stage's state for each iteration).
-fn judge_clone(j: &telltale::drift::Judge, cfg: &telltale::drift::DriftConfig) -> telltale::drift::Judge {
+fn judge_clone(
+    j: &telltale::drift::Judge,
+    cfg: &telltale::drift::DriftConfig,
+) -> telltale::drift::Judge {
     j.clone_with(cfg.embedder.build())
 }
 

@@ -88,7 +88,11 @@ fn window(
             let t = &topic[rng.random_range(0..topic.len())];
             (t.prompt.as_str(), t.response.as_deref(), None)
         } else {
-            (b.prompt.as_str(), b.response.as_deref(), b.conversation.as_deref())
+            (
+                b.prompt.as_str(),
+                b.response.as_deref(),
+                b.conversation.as_deref(),
+            )
         };
         let e = LlmEvent {
             event_id: format!("w{index}-{i}-{}", rng.random::<u64>()).into(),
@@ -110,12 +114,18 @@ fn window(
 
 fn verdict(j: &Judged, field: &str, method: Option<&str>) -> bool {
     j.rows.iter().any(|r| {
-        r.field == field && r.status == "judged" && r.drifted && method.is_none_or(|m| r.method == m)
+        r.field == field
+            && r.status == "judged"
+            && r.drifted
+            && method.is_none_or(|m| r.method == m)
     })
 }
 
-const VERDICTS: [(&str, Option<&str>); 3] =
-    [("mmd", Some("mmd")), ("centroid", Some("centroid")), ("any", None)];
+const VERDICTS: [(&str, Option<&str>); 3] = [
+    ("mmd", Some("mmd")),
+    ("centroid", Some("centroid")),
+    ("any", None),
+];
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
@@ -136,12 +146,27 @@ fn main() {
         "response",
     );
     let topics: Vec<(&str, Vec<Pair>)> = vec![
-        ("math", pairs(&read_jsonl(&root.join("prompts/mathqa.jsonl.gz")), "answer")),
-        ("intents", pairs(&read_jsonl(&root.join("prompts/snips_intents.jsonl.gz")), "-")),
-        ("code", pairs(&read_jsonl(&root.join("prompts/humaneval.jsonl.gz")), "-")),
+        (
+            "math",
+            pairs(&read_jsonl(&root.join("prompts/mathqa.jsonl.gz")), "answer"),
+        ),
+        (
+            "intents",
+            pairs(
+                &read_jsonl(&root.join("prompts/snips_intents.jsonl.gz")),
+                "-",
+            ),
+        ),
+        (
+            "code",
+            pairs(&read_jsonl(&root.join("prompts/humaneval.jsonl.gz")), "-"),
+        ),
         (
             "jailbreak",
-            pairs(&read_jsonl(&root.join("prompts/jailbreak_inthewild.jsonl.gz")), "-"),
+            pairs(
+                &read_jsonl(&root.join("prompts/jailbreak_inthewild.jsonl.gz")),
+                "-",
+            ),
         ),
     ];
     let embedder = if std::env::args().any(|a| a == "--fastembed") {
@@ -190,9 +215,11 @@ fn main() {
                     persistent[f] += u32::from(now && last[f]);
                     last[f] = now;
                 }
-                scalar_alarms += u32::from(j.rows.iter().any(|r| {
-                    r.drifted && r.field != "input" && r.field != "output"
-                }));
+                scalar_alarms += u32::from(
+                    j.rows
+                        .iter()
+                        .any(|r| r.drifted && r.field != "input" && r.field != "output"),
+                );
             }
         }
     }

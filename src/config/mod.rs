@@ -390,7 +390,14 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
     let usize_of = |t: &mut Obj, e: &mut Errors, key, min, max, dflt: usize| {
         t.integer(e, key, min, max).map_or(dflt, |v| v as usize)
     };
-    cfg.samples_per_window = usize_of(&mut t, e, "samples_per_window", 2, 4096, d.samples_per_window);
+    cfg.samples_per_window = usize_of(
+        &mut t,
+        e,
+        "samples_per_window",
+        2,
+        4096,
+        d.samples_per_window,
+    );
     cfg.max_text_chars = usize_of(&mut t, e, "max_text_chars", 16, 100_000, d.max_text_chars);
     match t.string_or(e, "embedder", "auto").as_str() {
         "auto" => cfg.embedder = EmbedderKind::auto(),
@@ -425,8 +432,14 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
         .unwrap_or(d.false_alarm_rate);
     cfg.pca_dims = usize_of(&mut t, e, "pca_dims", 2, 256, d.pca_dims);
     cfg.null_draws = usize_of(&mut t, e, "null_draws", 20, 100_000, d.null_draws);
-    cfg.calibration_windows =
-        usize_of(&mut t, e, "calibration_windows", 3, 10_000, d.calibration_windows);
+    cfg.calibration_windows = usize_of(
+        &mut t,
+        e,
+        "calibration_windows",
+        3,
+        10_000,
+        d.calibration_windows,
+    );
     cfg.sigma = t.float(e, "sigma", 0.5, 20.0).unwrap_or(d.sigma);
     cfg.scalar_min_events = t
         .integer(e, "scalar_min_events", 1, i64::MAX)

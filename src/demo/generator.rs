@@ -347,8 +347,7 @@ impl TrafficGenerator {
         let mut output = self.text(app.sentences, response_words);
         let progress = self.seq as f64 / self.total as f64;
         let mut prompt = prompt;
-        if self.drift && app.name == "code-assistant" && version == "v7" && progress >= SHIFT_FROM
-        {
+        if self.drift && app.name == "code-assistant" && version == "v7" && progress >= SHIFT_FROM {
             let i = self.drift_rng.random_range(0..INFRA_PROMPTS.len());
             prompt = INFRA_PROMPTS[i].to_owned();
         }

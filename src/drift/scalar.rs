@@ -406,7 +406,15 @@ pub fn scalar_drift(
             .collect();
         for (method, stat, floor) in CATEGORICAL_METHODS {
             out.push(judge(
-                name, method, (stat, floor), &vecs[1], &vecs[0], &loo, sigma, min_events, &labels,
+                name,
+                method,
+                (stat, floor),
+                &vecs[1],
+                &vecs[0],
+                &loo,
+                sigma,
+                min_events,
+                &labels,
             ));
         }
     }

@@ -22,13 +22,11 @@ use tracing::{error, info, warn};
 use super::embed::{Embedder, HashEmbedder};
 use super::sample::WindowSample;
 use super::scalar::{Scalars, scalar_drift};
-use super::stats::{
-    Pca, TestResult, centroid_test, mmd_test, normal_isf, normal_sf, witness,
-};
+use super::stats::{Pca, TestResult, centroid_test, mmd_test, normal_isf, normal_sf, witness};
 use super::table::{DriftRow, drift_batch, drift_file, frame_batch};
 use crate::alert::{Frame, FrameSender};
-use crate::metrics::fmt_ms;
 use crate::config::SinkConfig;
+use crate::metrics::fmt_ms;
 use crate::sink::{SinkError, Table, fsync_dir, write_durably, write_into_place};
 use crate::telemetry::Stats;
 use crate::window::{Dimension, SeriesKey};
@@ -153,7 +151,6 @@ impl DriftConfig {
     pub fn alpha(&self) -> f64 {
         self.false_alarm_rate / EMBEDDING_TESTS
     }
-
 }
 
 /// One closed minute's samples (from the metrics stage).
@@ -196,8 +193,7 @@ impl SeriesRef {
         for field in 0..2 {
             let mut total: usize = self.windows.iter().map(|w| w.texts[field].len()).sum();
             while total > size {
-                let Some(w) = self.windows.iter_mut().max_by_key(|w| w.texts[field].len())
-                else {
+                let Some(w) = self.windows.iter_mut().max_by_key(|w| w.texts[field].len()) else {
                     break;
                 };
                 w.texts[field].pop();
@@ -424,11 +420,8 @@ impl Judge {
         }
         // Series silent for a whole reference period are forgotten.
         let horizon = end_ms - self.cfg.reference_ms;
-        self.refs.retain(|_, r| {
-            r.windows
-                .back()
-                .is_some_and(|w| w.start_ms >= horizon)
-        });
+        self.refs
+            .retain(|_, r| r.windows.back().is_some_and(|w| w.start_ms >= horizon));
         self.closed_through = self.closed_through.max(end_ms);
         Judged {
             start_ms,
@@ -515,7 +508,10 @@ fn embedding_rows(
         embedder: Some(embedder.to_owned()),
     };
     if status != "judged" {
-        return (METHODS.map(|m| row(m, String::new())).to_vec(), [None, None]);
+        return (
+            METHODS.map(|m| row(m, String::new())).to_vec(),
+            [None, None],
+        );
     }
     let seed = seed(key, start_ms, field);
     let pooled: Vec<Vec<f32>> = reference.iter().chain(current).cloned().collect();
@@ -677,7 +673,10 @@ impl DriftStage {
         if same_embedder {
             judge.refs = super::state::load(root, stream);
         } else {
-            warn!(embedder = judge.embedder_id(), "the embedder changed: drift references fill up again");
+            warn!(
+                embedder = judge.embedder_id(),
+                "the embedder changed: drift references fill up again"
+            );
         }
         let metrics_closed =
             crate::metrics::rebuild::read_state(&crate::metrics::state_path(root, stream))?;
@@ -756,12 +755,7 @@ pub(crate) struct Out<'a> {
     pub stats: &'a Stats,
 }
 
-fn run(
-    mut judge: Judge,
-    rx: Receiver<Msg>,
-    out: &Out<'_>,
-    stop_by: &std::sync::OnceLock<Instant>,
-) {
+fn run(mut judge: Judge, rx: Receiver<Msg>, out: &Out<'_>, stop_by: &std::sync::OnceLock<Instant>) {
     for msg in rx {
         let minutes = match msg {
             Msg::Minutes(m) => m,
@@ -769,7 +763,9 @@ fn run(
         };
         for minute in minutes {
             if stop_by.get().is_some_and(|d| Instant::now() > *d) {
-                warn!("stopping with drift windows not judged yet; they are judged after the next start");
+                warn!(
+                    "stopping with drift windows not judged yet; they are judged after the next start"
+                );
                 return;
             }
             let started = Instant::now();
@@ -817,9 +813,10 @@ pub(crate) fn publish(judge: &Judge, out: &Out<'_>, j: &Judged, started: Instant
     stats
         .drift_windows
         .fetch_add(j.series.len() as u64, Ordering::Relaxed);
-    stats
-        .drift_detected
-        .fetch_add(j.rows.iter().filter(|r| r.drifted).count() as u64, Ordering::Relaxed);
+    stats.drift_detected.fetch_add(
+        j.rows.iter().filter(|r| r.drifted).count() as u64,
+        Ordering::Relaxed,
+    );
     stats
         .drift_texts_embedded
         .fetch_add(j.texts_embedded as u64, Ordering::Relaxed);

@@ -189,7 +189,10 @@ pub fn witness(reference: &[Vec<f32>], current: &[Vec<f32>]) -> Vec<f64> {
     (m..n)
         .map(|i| {
             let row = &k[i * n..(i + 1) * n];
-            let own = (m..n).filter(|j| *j != i).map(|j| f64::from(row[j])).sum::<f64>()
+            let own = (m..n)
+                .filter(|j| *j != i)
+                .map(|j| f64::from(row[j]))
+                .sum::<f64>()
                 / (n - m - 1) as f64;
             let other = row[..m].iter().map(|v| f64::from(*v)).sum::<f64>() / m as f64;
             own - other
@@ -444,9 +447,14 @@ pub fn normal_sf(z: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
     let poly = t
         * (0.254_829_592
-            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     let erfc = poly * (-x * x).exp();
-    if x >= 0.0 { erfc / 2.0 } else { 1.0 - erfc / 2.0 }
+    if x >= 0.0 {
+        erfc / 2.0
+    } else {
+        1.0 - erfc / 2.0
+    }
 }
 
 /// The z above which `P(Z > z) ≤ p` (bisection on [`normal_sf`]).

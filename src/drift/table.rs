@@ -142,7 +142,11 @@ pub fn drift_batch(
         Arc::new(end.finish()),
         Arc::new(streams.finish()),
     ];
-    cols.extend(dim_cols.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    cols.extend(
+        dim_cols
+            .iter_mut()
+            .map(|b| Arc::new(b.finish()) as ArrayRef),
+    );
     cols.extend([
         Arc::new(field.finish()) as ArrayRef,
         Arc::new(method.finish()),
@@ -172,8 +176,11 @@ pub fn frame_batch(
     let metrics = frame_metrics();
     let mut values: Vec<Vec<Option<f64>>> = vec![vec![None; series.len()]; metrics.len()];
     let col = |name: &str| metrics.iter().position(|m| m == name);
-    let index: std::collections::HashMap<&SeriesKey, usize> =
-        series.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
+    let index: std::collections::HashMap<&SeriesKey, usize> = series
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| (k, i))
+        .collect();
     for (i, (_, events)) in series.iter().enumerate() {
         values[0][i] = Some(*events as f64);
     }
@@ -194,7 +201,8 @@ pub fn frame_batch(
         bump(&mut values, &format!("{}_drifted", r.field), i, flag);
         if r.field == "input" || r.field == "output" {
             bump(&mut values, "drifted", i, flag);
-            if let (Some(c), Some(p)) = (col(&format!("{}_{}_p_value", r.field, r.method)), r.p_value)
+            if let (Some(c), Some(p)) =
+                (col(&format!("{}_{}_p_value", r.field, r.method)), r.p_value)
             {
                 values[c][i] = Some(p);
             }

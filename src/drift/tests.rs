@@ -402,7 +402,10 @@ fn stationary_traffic_holds_the_configured_false_alarm_rate() {
     assert_eq!(windows, 400);
     // Binomial(400, 0.02): mean 8, P(X > 17) < 0.1 %. The tests are conservative
     // (Bonferroni over four), so fewer is expected.
-    assert!(flagged <= 17, "{flagged} of {windows} stationary windows flagged");
+    assert!(
+        flagged <= 17,
+        "{flagged} of {windows} stationary windows flagged"
+    );
 }
 
 #[test]
@@ -419,7 +422,10 @@ fn a_topic_shift_is_detected_within_three_windows() {
     }
     let caught = delays.iter().filter(|d| d.is_some()).count();
     // A 30 % mix in 64 sampled texts, at the default 1 per 1,000 false-alarm rate.
-    assert!(caught >= 18, "caught within 3 windows in {caught} of 20 runs: {delays:?}");
+    assert!(
+        caught >= 18,
+        "caught within 3 windows in {caught} of 20 runs: {delays:?}"
+    );
 }
 
 #[test]
@@ -469,7 +475,10 @@ fn references_survive_a_restart() {
     super::state::save(dir.path(), "s", &j.refs, &sink).unwrap();
     let back = super::state::load(dir.path(), "s");
     assert_eq!(back.len(), 1);
-    let (a, b) = (j.refs.values().next().unwrap(), back.values().next().unwrap());
+    let (a, b) = (
+        j.refs.values().next().unwrap(),
+        back.values().next().unwrap(),
+    );
     assert_eq!(a.windows.len(), b.windows.len());
     for (x, y) in a.windows.iter().zip(&b.windows) {
         assert_eq!(x.start_ms, y.start_ms);
@@ -485,7 +494,10 @@ fn references_survive_a_restart() {
 fn sentence_embedder_puts_paraphrases_close() {
     let dir = super::sentence::models_dir();
     if !super::sentence::available(&dir) {
-        eprintln!("skipped: no sentence model in {} (scripts/models.sh)", dir.display());
+        eprintln!(
+            "skipped: no sentence model in {} (scripts/models.sh)",
+            dir.display()
+        );
         return;
     }
     let e = super::sentence::SentenceEmbedder::load(&dir, 1).expect("loads");
@@ -503,7 +515,10 @@ fn sentence_embedder_puts_paraphrases_close() {
         assert!((n - 1.0).abs() < 1e-3, "norm² {n}");
     }
     let (para, other) = (cosine(&v[0], &v[1]), cosine(&v[0], &v[2]));
-    assert!(para > 0.6 && other < 0.3, "paraphrase {para}, unrelated {other}");
+    assert!(
+        para > 0.6 && other < 0.3,
+        "paraphrase {para}, unrelated {other}"
+    );
 }
 
 #[test]

@@ -321,18 +321,15 @@ pub fn run(
     let frames = alerts.as_ref().map(AlertStage::sender);
     // Drift judges the minutes' samples once their metrics are durable.
     let drift = if drift_on {
-        Some(
-            DriftStage::start(
-                config.drift.clone(),
-                &config.metrics.window.dimensions,
-                &config.data_root,
-                &stream_name(&k.group_id),
-                config.sink.clone(),
-                frames.clone(),
-                stats.clone(),
-            )
-?,
-        )
+        Some(DriftStage::start(
+            config.drift.clone(),
+            &config.metrics.window.dimensions,
+            &config.data_root,
+            &stream_name(&k.group_id),
+            config.sink.clone(),
+            frames.clone(),
+            stats.clone(),
+        )?)
     } else {
         None
     };

@@ -128,15 +128,8 @@ fn hour_of(date: &str, hour: &str) -> Option<i64> {
     Some(d.and_hms_opt(h, 0, 0)?.and_utc().timestamp_millis())
 }
 
-/// The partition's events files in hour directories at or after `from_ms`'s hour.
-fn partition_files(
-    root: &Path,
-    topic: &str,
-    partition: i32,
-    from_ms: i64,
-) -> Result<Vec<PathBuf>, SinkError> {
-    let prefix = format!("part-{topic}-{partition}-");
-    let from_hour = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
+/// The `events` hour directories with the epoch ms of their hour.
+fn event_hours(root: &Path) -> Result<Vec<(i64, PathBuf)>, SinkError> {
     let events = root.join("events");
     let mut out = Vec::new();
     let Ok(dates) = fs::read_dir(&events) else {
@@ -155,29 +148,47 @@ fn partition_files(
             ) else {
                 continue;
             };
-            if hour_of(d, h).is_none_or(|t| t < from_hour) {
-                continue;
+            if let Some(t) = hour_of(d, h) {
+                out.push((t, hour));
             }
-            for f in fs::read_dir(&hour).map_err(io_err(&hour))? {
-                let f = f.map_err(io_err(&hour))?.path();
-                let Some(name) = f.file_name().and_then(|s| s.to_str()) else {
-                    continue;
-                };
-                // `part-<topic>-<partition>-<first>-<last>.parquet`: after the prefix come
-                // exactly two numbers, which tells `t-1-…` from topic `t-1`'s partitions.
-                let Some(rest) = name
-                    .strip_prefix(&prefix)
-                    .and_then(|r| r.strip_suffix(".parquet"))
-                else {
-                    continue;
-                };
-                let mut nums = rest.split('-');
-                let ok = nums.next().is_some_and(|a| a.parse::<i64>().is_ok())
-                    && nums.next().is_some_and(|b| b.parse::<i64>().is_ok())
-                    && nums.next().is_none();
-                if ok {
-                    out.push(f);
-                }
+        }
+    }
+    Ok(out)
+}
+
+/// The partition's events files in hour directories at or after `from_ms`'s hour.
+fn partition_files(
+    root: &Path,
+    topic: &str,
+    partition: i32,
+    from_ms: i64,
+) -> Result<Vec<PathBuf>, SinkError> {
+    let prefix = format!("part-{topic}-{partition}-");
+    let from_hour = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
+    let mut out = Vec::new();
+    for (t, hour) in event_hours(root)? {
+        if t < from_hour {
+            continue;
+        }
+        for f in fs::read_dir(&hour).map_err(io_err(&hour))? {
+            let f = f.map_err(io_err(&hour))?.path();
+            let Some(name) = f.file_name().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            // `part-<topic>-<partition>-<first>-<last>.parquet`: after the prefix come
+            // exactly two numbers, which tells `t-1-…` from topic `t-1`'s partitions.
+            let Some(rest) = name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".parquet"))
+            else {
+                continue;
+            };
+            let mut nums = rest.split('-');
+            let ok = nums.next().is_some_and(|a| a.parse::<i64>().is_ok())
+                && nums.next().is_some_and(|b| b.parse::<i64>().is_ok())
+                && nums.next().is_none();
+            if ok {
+                out.push(f);
             }
         }
     }
@@ -408,33 +419,15 @@ pub(crate) fn events_between(
     columns: &[&str],
     mut visit: impl FnMut(&LlmEvent<'_>),
 ) -> Result<u64, SinkError> {
-    let events = root.join("events");
     let mut files = Vec::new();
-    let Ok(dates) = fs::read_dir(&events) else {
-        return Ok(0);
-    };
-    for date in dates {
-        let date = date.map_err(io_err(&events))?.path();
-        let Ok(hours) = fs::read_dir(&date) else {
+    for (t, hour) in event_hours(root)? {
+        if t + HOUR_MS <= from_ms || t >= to_ms {
             continue;
-        };
-        for hour in hours {
-            let hour = hour.map_err(io_err(&date))?.path();
-            let (Some(d), Some(h)) = (
-                date.file_name().and_then(|s| s.to_str()),
-                hour.file_name().and_then(|s| s.to_str()),
-            ) else {
-                continue;
-            };
-            let Some(t) = hour_of(d, h) else { continue };
-            if t + HOUR_MS <= from_ms || t >= to_ms {
-                continue;
-            }
-            for f in fs::read_dir(&hour).map_err(io_err(&hour))? {
-                let f = f.map_err(io_err(&hour))?.path();
-                if f.extension().is_some_and(|x| x == "parquet") {
-                    files.push(f);
-                }
+        }
+        for f in fs::read_dir(&hour).map_err(io_err(&hour))? {
+            let f = f.map_err(io_err(&hour))?.path();
+            if f.extension().is_some_and(|x| x == "parquet") {
+                files.push(f);
             }
         }
     }

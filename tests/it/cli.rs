@@ -260,7 +260,10 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
         .collect();
     assert_eq!(
         latency,
-        ["LatencyRegression v4 firing", "LatencyRegression v4 resolved"],
+        [
+            "LatencyRegression v4 firing",
+            "LatencyRegression v4 resolved"
+        ],
         "{changes:?}"
     );
     assert!(

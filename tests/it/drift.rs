@@ -46,7 +46,10 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         v["closed_through_ms"].as_i64().unwrap()
     };
-    let (drift_closed, metrics_closed) = (closed(&state), closed(&root.join("_state/metrics/drift.json")));
+    let (drift_closed, metrics_closed) = (
+        closed(&state),
+        closed(&root.join("_state/metrics/drift.json")),
+    );
     assert!(
         metrics_closed > drift_closed,
         "the kill left minutes closed by metrics and not yet judged by drift ({metrics_closed} vs {drift_closed})"
