@@ -112,6 +112,36 @@ pub struct Scalars {
 /// Whether an answer reads as a refusal (a cheap English phrase match; the quality stage
 /// has the proper detector). Only the first 200 characters are looked at.
 pub fn is_refusal(output: &str) -> bool {
+    // ASCII-lowercased head on the stack: this runs for every event.
+    let mut head = [0u8; 200];
+    let n = output.len().min(head.len());
+    for (h, b) in head.iter_mut().zip(output.as_bytes()) {
+        *h = b.to_ascii_lowercase();
+    }
+    let head = &head[..n];
+    const PHRASES_ASCII: [&[u8]; 12] = [
+        b"i'm sorry, but",
+        "i\u{2019}m sorry, but".as_bytes(),
+        b"i am sorry, but",
+        b"i can't help",
+        "i can\u{2019}t help".as_bytes(),
+        b"i cannot help",
+        b"i can't assist",
+        b"i cannot assist",
+        b"i can't provide",
+        b"i cannot provide",
+        b"i won't",
+        b"as an ai",
+    ];
+    // Every phrase starts with `i` or `a`: look only there.
+    (0..n).any(|i| {
+        matches!(head[i], b'i' | b'a') && PHRASES_ASCII.iter().any(|p| head[i..].starts_with(p))
+    })
+}
+
+/// The slower reference form of [`is_refusal`] (tests compare the two).
+#[cfg(test)]
+pub fn is_refusal_reference(output: &str) -> bool {
     const PHRASES: [&str; 10] = [
         "i'm sorry, but",
         "i am sorry, but",
@@ -136,6 +166,15 @@ pub fn is_refusal(output: &str) -> bool {
 /// The dominant script of a text, by letters (Latin, Cyrillic, Greek, Arabic, Hebrew,
 /// Devanagari, Han, Kana, Hangul, Thai, other); "none" without letters.
 pub fn script(text: &str) -> &'static str {
+    // ASCII letters are Latin: the common case needs no char decoding.
+    let head = &text.as_bytes()[..text.len().min(200)];
+    if head.is_ascii() {
+        return if head.iter().any(u8::is_ascii_alphabetic) {
+            "latin"
+        } else {
+            "none"
+        };
+    }
     let mut counts = [0u32; 11];
     const NAMES: [&str; 11] = [
         "latin",
@@ -150,7 +189,7 @@ pub fn script(text: &str) -> &'static str {
         "thai",
         "other",
     ];
-    for c in text.chars().take(500).filter(|c| c.is_alphabetic()) {
+    for c in text.chars().take(200).filter(|c| c.is_alphabetic()) {
         let i = match c as u32 {
             0x0000..=0x024F | 0x1E00..=0x1EFF => 0,
             0x0400..=0x052F => 1,
@@ -172,22 +211,37 @@ pub fn script(text: &str) -> &'static str {
     }
 }
 
+/// Adds one to a category, allocating its name only the first time.
+fn count(c: &mut Categories, key: &str) {
+    match c.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            c.insert(key.into(), 1);
+        }
+    }
+}
+
+/// Characters in a UTF-8 string: bytes that do not continue a character.
+fn char_count(s: &str) -> usize {
+    s.bytes().filter(|b| (b & 0xC0) != 0x80).count()
+}
+
 impl Scalars {
     pub fn observe(&mut self, e: &LlmEvent<'_>, input: Option<&str>) {
         if let Some(t) = input {
-            self.numeric[0].add(t.chars().count() as f64);
-            *self.categorical[2].entry(script(t).into()).or_default() += 1;
+            self.numeric[0].add(char_count(t) as f64);
+            count(&mut self.categorical[2], script(t));
         }
         if let Some(o) = e.output.as_deref() {
-            self.numeric[1].add(o.chars().count() as f64);
+            self.numeric[1].add(char_count(o) as f64);
             let r = if is_refusal(o) { "refusal" } else { "answer" };
-            *self.categorical[1].entry(r.into()).or_default() += 1;
+            count(&mut self.categorical[1], r);
         }
         if let Some(t) = e.output_tokens {
             self.numeric[2].add(t.max(0) as f64);
         }
         if let Some(f) = e.finish_reason.as_deref() {
-            *self.categorical[0].entry(f.into()).or_default() += 1;
+            count(&mut self.categorical[0], f);
         }
     }
 

@@ -530,3 +530,22 @@ fn a_missing_sentence_model_is_a_clear_error() {
         .to_string();
     assert!(err.contains("scripts/models.sh"), "{err}");
 }
+
+#[test]
+fn fast_scalar_features_agree_with_their_plain_forms() {
+    use super::scalar::{is_refusal, is_refusal_reference, script};
+    for t in [
+        "I'm sorry, but I can't help with that.",
+        "I’m sorry, but no.",
+        "AS AN AI language model, I cannot",
+        "Sure! Here is the code you asked for.",
+        "Désolé, je ne peux pas.",
+        "",
+    ] {
+        assert_eq!(is_refusal(t), is_refusal_reference(t), "{t:?}");
+    }
+    assert_eq!(script("Hello there"), "latin");
+    assert_eq!(script("1234 !!"), "none");
+    assert_eq!(script("Привет, как дела?"), "cyrillic");
+    assert_eq!(script("今天天气很好"), "han");
+}
