@@ -549,3 +549,45 @@ fn fast_scalar_features_agree_with_their_plain_forms() {
     assert_eq!(script("Привет, как дела?"), "cyrillic");
     assert_eq!(script("今天天气很好"), "han");
 }
+
+/// What the rebuild after a restart reads back from `events` samples exactly as the live
+/// path did: the texts, and the session the sampler keys on.
+#[test]
+fn events_read_back_carry_what_the_sampler_keys_on() {
+    let e = LlmEvent {
+        event_id: Cow::Borrowed("ev-1"),
+        timestamp_ms: 1_795_752_000_000,
+        session_id: Some(Cow::Borrowed("conv-7")),
+        ..event(
+            "ev-1".into(),
+            "where is my order".into(),
+            "on its way".into(),
+            false,
+        )
+    };
+    let mut b = crate::event::EventBatchBuilder::new();
+    let src = crate::event::Provenance {
+        format: "telltale",
+        topic: "t",
+        partition: 0,
+        offset: 3,
+    };
+    b.append(&e, &src);
+    let batch = b.finish();
+    let mut seen = Vec::new();
+    crate::metrics::rebuild::for_each_event(&batch, |offset, back| {
+        let mut live = WindowSample::new(4);
+        let mut rebuilt = WindowSample::new(4);
+        live.observe(&e, 1000);
+        rebuilt.observe(back, 1000);
+        let keys = |s: &WindowSample| {
+            s.inputs
+                .items()
+                .map(|(h, t)| (*h, t.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&live), keys(&rebuilt));
+        seen.push((offset, back.session_id.as_deref().map(str::to_owned)));
+    });
+    assert_eq!(seen, [(3, Some("conv-7".to_owned()))]);
+}

@@ -318,7 +318,12 @@ pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &Ll
         i64_col("reasoning_tokens"),
     ];
     let cost_source = str_col("cost_source");
-    let (event_id, input, output) = (str_col("event_id"), str_col("input"), str_col("output"));
+    let (event_id, input, output, session) = (
+        str_col("event_id"),
+        str_col("input"),
+        str_col("output"),
+        str_col("session_id"),
+    );
     fn text(c: Option<&arrow::array::StringArray>, row: usize) -> Option<Cow<'_, str>> {
         let c = c?;
         (!c.is_null(row)).then(|| Cow::Borrowed(c.value(row)))
@@ -374,6 +379,7 @@ pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &Ll
             event_id: text(event_id, row).unwrap_or_default(),
             input: text(input, row),
             output: text(output, row),
+            session_id: text(session, row),
             ..Default::default()
         };
         visit(offsets.value(row), &e);
@@ -404,7 +410,8 @@ pub(crate) fn event_columns(dims: &[Dimension], texts: bool) -> Vec<&'static str
         columns.push("attributes");
     }
     if texts {
-        columns.extend(["event_id", "input", "output"]);
+        // The sampler keys on the session when there is one (one text per conversation).
+        columns.extend(["event_id", "input", "output", "session_id"]);
     }
     columns
 }
