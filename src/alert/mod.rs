@@ -171,7 +171,7 @@ pub fn load_rules(cfg: &AlertingConfig, ctx: &RuleContext) -> Result<RuleSet, Ru
 }
 
 pub fn state_dir(root: &Path) -> PathBuf {
-    root.join("_state").join("alerts")
+    crate::sink::state_dir(root, "alerts")
 }
 
 pub fn state_file(root: &Path, stream: &str) -> PathBuf {

@@ -22,8 +22,8 @@ use tracing::{error, info, warn};
 use super::embed::{Embedder, HashEmbedder};
 use super::sample::WindowSample;
 use super::scalar::{Scalars, scalar_drift};
-use super::stats::{Pca, TestResult, centroid_test, mmd_test, normal_isf, normal_sf, witness};
-use super::table::{DriftRow, drift_batch, drift_file, frame_batch};
+use super::stats::{Pca, TestResult, centroid_test, mmd_test_explained, normal_isf, normal_sf};
+use super::table::{DriftRow, EMBEDDING_METHODS, FIELDS, drift_batch, drift_file, frame_batch};
 use crate::alert::{Frame, FrameSender};
 use crate::config::SinkConfig;
 use crate::metrics::fmt_ms;
@@ -222,8 +222,6 @@ pub struct Judge {
     pub(crate) refs: HashMap<SeriesKey, SeriesRef>,
     closed_through: i64,
 }
-
-const FIELDS: [&str; 2] = ["input", "output"];
 
 impl Judge {
     pub fn new(cfg: DriftConfig, embedder: Arc<dyn Embedder>, closed_through: i64) -> Judge {
@@ -451,9 +449,6 @@ fn seed(key: &SeriesKey, start_ms: i64, field: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(s.as_bytes())
 }
 
-/// The two embedding tests of one field.
-const METHODS: [&str; 2] = ["mmd", "centroid"];
-
 /// A calibrated verdict from a standardized statistic and the same statistic's values in
 /// the series' recent windows (its history): drifted when `z` lies beyond the history's
 /// median by more than the normal `(1 − alpha)` quantile of the history's robust spread
@@ -509,7 +504,7 @@ fn embedding_rows(
     };
     if status != "judged" {
         return (
-            METHODS.map(|m| row(m, String::new())).to_vec(),
+            EMBEDDING_METHODS.map(|m| row(m, String::new())).to_vec(),
             [None, None],
         );
     }
@@ -519,15 +514,15 @@ fn embedding_rows(
     let rp: Vec<Vec<f32>> = reference.iter().map(|v| pca.project(v)).collect();
     let cp: Vec<Vec<f32>> = current.iter().map(|v| pca.project(v)).collect();
     let (alpha, draws) = (cfg.alpha(), cfg.null_draws);
+    // What moved: the current texts the reference has least of (the MMD witness).
+    let (mmd, w) = mmd_test_explained(&rp, &cp, draws, alpha, seed);
     let tests: [TestResult; 2] = [
-        mmd_test(&rp, &cp, draws, alpha, seed),
+        mmd,
         // On the embeddings themselves: the null comes from the reference alone, so a
         // projection fitted with the current sample in it would favour the current sample's
         // own directions (measured: 4× the false-alarm rate in PCA coordinates).
         centroid_test(reference, current, draws, alpha, seed ^ 1),
     ];
-    // What moved: the current texts the reference has least of.
-    let w = witness(&rp, &cp);
     let mut order: Vec<usize> = (0..w.len()).collect();
     order.sort_by(|a, b| w[*b].total_cmp(&w[*a]));
     let examples: Vec<serde_json::Value> = order
@@ -544,7 +539,7 @@ fn embedding_rows(
     let explanation = serde_json::Value::Array(examples).to_string();
     let mut rows = Vec::with_capacity(2);
     for (m, t) in tests.iter().enumerate() {
-        let mut r = row(METHODS[m], explanation.clone());
+        let mut r = row(EMBEDDING_METHODS[m], explanation.clone());
         r.statistic = Some(t.z);
         if history[m].len() < cfg.calibration_windows {
             r.status = "calibrating";
@@ -561,9 +556,7 @@ fn embedding_rows(
 
 /// `<root>/_state/drift/<stream>.json`: the close position and embedder.
 pub fn state_file(root: &Path, stream: &str) -> PathBuf {
-    root.join("_state")
-        .join("drift")
-        .join(format!("{stream}.json"))
+    crate::sink::state_dir(root, "drift").join(format!("{stream}.json"))
 }
 
 /// The close position of a stream's drift stage and its embedder (`None`: never ran).

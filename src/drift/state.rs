@@ -29,9 +29,7 @@ use crate::sink::{SinkError, Table, fsync_dir, write_into_place};
 use crate::window::SeriesKey;
 
 pub fn reference_file(root: &Path, stream: &str) -> PathBuf {
-    root.join("_state")
-        .join("drift")
-        .join(format!("{stream}-reference.parquet"))
+    crate::sink::state_dir(root, "drift").join(format!("{stream}-reference.parquet"))
 }
 
 fn key_json(key: &SeriesKey) -> String {

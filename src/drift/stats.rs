@@ -91,8 +91,9 @@ fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
-/// The pooled sample's RBF kernel matrix (n × n, row-major) with the median heuristic.
-fn rbf_kernel(pooled: &[&[f32]]) -> (Vec<f32>, f32) {
+/// The pooled sample's RBF kernel matrix (n × n, row-major), bandwidth by the median
+/// heuristic.
+fn rbf_kernel(pooled: &[&[f32]]) -> Vec<f32> {
     let n = pooled.len();
     let mut d = vec![0f32; n * n];
     let mut off = Vec::with_capacity(n * (n - 1) / 2);
@@ -114,7 +115,7 @@ fn rbf_kernel(pooled: &[&[f32]]) -> (Vec<f32>, f32) {
     for v in &mut d {
         *v = (-*v / median).exp();
     }
-    (d, median)
+    d
 }
 
 /// Unbiased MMD² (Gretton et al. 2012, eq. 3) of a split of the pooled
@@ -147,12 +148,26 @@ pub fn mmd_test(
     alpha: f64,
     seed: u64,
 ) -> TestResult {
+    mmd_test_explained(reference, current, permutations, alpha, seed).0
+}
+
+/// [`mmd_test`], and the MMD witness function at each current point from the same kernel
+/// matrix: its mean kernel similarity to the current sample minus that to the reference.
+/// The current texts where it is highest are the ones the reference has least of: what
+/// moved.
+pub fn mmd_test_explained(
+    reference: &[Vec<f32>],
+    current: &[Vec<f32>],
+    permutations: usize,
+    alpha: f64,
+    seed: u64,
+) -> (TestResult, Vec<f64>) {
     if reference.len() < 2 || current.len() < 2 {
-        return result(0.0, Vec::new(), alpha);
+        return (result(0.0, Vec::new(), alpha), vec![0.0; current.len()]);
     }
     let pooled: Vec<&[f32]> = reference.iter().chain(current).map(Vec::as_slice).collect();
     let n = pooled.len();
-    let (k, _) = rbf_kernel(&pooled);
+    let k = rbf_kernel(&pooled);
     let rows: Vec<f64> = k
         .chunks_exact(n)
         .map(|r| r.iter().map(|v| f64::from(*v)).sum())
@@ -172,21 +187,7 @@ pub fn mmd_test(
         }
         mmd2_split(&k, n, &rows, total, &idx[..c])
     });
-    result(observed, null, alpha)
-}
-
-/// The MMD witness function at each current point: its mean kernel similarity to the current
-/// sample minus that to the reference (same kernel and bandwidth as [`mmd_test`]). The
-/// current texts where it is highest are the ones the reference has least of: what moved.
-pub fn witness(reference: &[Vec<f32>], current: &[Vec<f32>]) -> Vec<f64> {
-    if reference.is_empty() || current.len() < 2 {
-        return vec![0.0; current.len()];
-    }
-    let pooled: Vec<&[f32]> = reference.iter().chain(current).map(Vec::as_slice).collect();
-    let n = pooled.len();
-    let m = reference.len();
-    let (k, _) = rbf_kernel(&pooled);
-    (m..n)
+    let witness = (m..n)
         .map(|i| {
             let row = &k[i * n..(i + 1) * n];
             let own = (m..n)
@@ -197,7 +198,8 @@ pub fn witness(reference: &[Vec<f32>], current: &[Vec<f32>]) -> Vec<f64> {
             let other = row[..m].iter().map(|v| f64::from(*v)).sum::<f64>() / m as f64;
             own - other
         })
-        .collect()
+        .collect();
+    (result(observed, null, alpha), witness)
 }
 
 fn centroid(x: &[&[f32]]) -> Vec<f64> {

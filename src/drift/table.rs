@@ -35,7 +35,9 @@ pub struct DriftRow {
     pub embedder: Option<String>,
 }
 
-/// The embedding verdict columns of the alert frame, per text field.
+/// The text fields that are embedded, in the order the stage keeps them.
+pub const FIELDS: [&str; 2] = ["input", "output"];
+/// The embedding tests of each field, in the order the stage keeps their statistics.
 pub const EMBEDDING_METHODS: [&str; 2] = ["mmd", "centroid"];
 
 /// The numeric columns a `source = "drift"` alert rule can read.
@@ -45,7 +47,7 @@ pub fn frame_metrics() -> Vec<String> {
         "drifted".to_owned(),
         "scalar_drifted".to_owned(),
     ];
-    for f in ["input", "output"] {
+    for f in FIELDS {
         m.push(format!("{f}_drifted"));
         for method in EMBEDDING_METHODS {
             m.push(format!("{f}_{method}_p_value"));
@@ -199,7 +201,7 @@ pub fn frame_batch(
         }
         let flag = f64::from(u8::from(r.drifted));
         bump(&mut values, &format!("{}_drifted", r.field), i, flag);
-        if r.field == "input" || r.field == "output" {
+        if FIELDS.contains(&r.field) {
             bump(&mut values, "drifted", i, flag);
             if let (Some(c), Some(p)) =
                 (col(&format!("{}_{}_p_value", r.field, r.method)), r.p_value)

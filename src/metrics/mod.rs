@@ -113,9 +113,7 @@ impl MetricsOutput {
 
 /// Where a stream's close position is recorded.
 pub fn state_path(root: &Path, stream: &str) -> PathBuf {
-    root.join("_state")
-        .join("metrics")
-        .join(format!("{stream}.json"))
+    crate::sink::state_dir(root, "metrics").join(format!("{stream}.json"))
 }
 
 /// A name safe in file names: `[A-Za-z0-9_.]`, others become `_`.

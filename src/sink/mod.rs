@@ -418,6 +418,11 @@ fn tmp_name(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `<root>/_state/<stage>`: where a stage keeps what survives restarts.
+pub fn state_dir(root: &Path, stage: &str) -> PathBuf {
+    root.join("_state").join(stage)
+}
+
 /// Writes a small file atomically: temp name, fsync, rename, fsync the directory.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     let tmp = tmp_name(path);
