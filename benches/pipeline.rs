@@ -26,6 +26,8 @@
 //!   memory per live series.
 //! - `drift`: the drift building blocks (see `fn drift`): embedding texts/s, PCA, and one
 //!   window's MMD and centroid tests.
+//! - `quality`: the demo's objective scorers per event (JSON Schema, PII, refusal), every event
+//!   sampled, against the sampling decision alone.
 //! - `alert`: judging one closed window of 10 000 series (the metrics stage's real rows) with
 //!   1 000 rules that all apply to every series, so 10 M rule × series judgements per window,
 //!   counted as elements: 980 quiet thresholds over six columns, 10 busy ones (≈ 1 % of the
@@ -757,6 +759,75 @@ fn drift(c: &mut Criterion) {
     g.finish();
 }
 
+/// The quality stage's scorers (`pipelines/demo.toml`: JSON Schema on doc-summarizer v3, PII
+/// and refusal on every output) on 20 k generated events (≈ 1 KB outputs), every event
+/// sampled; against the sampling decision alone (an xxh3 of the event id) in the same run.
+fn quality(c: &mut Criterion) {
+    use telltale::quality::{Quality, QualityConfig};
+    let events: Vec<LlmEvent<'static>> = TrafficGenerator::new(9, T0, HOUR, 20_000)
+        .malformed_every(None)
+        .take(20_000)
+        .filter_map(|r| {
+            let d = Decoder::new(DecoderConfig::default())
+                .decode(Some(&r.payload), None)
+                .ok()?;
+            Some(d.event.into_owned())
+        })
+        .collect();
+    let demo = telltale::config::PipelineConfig::from_str_with_env(
+        include_str!("../pipelines/demo.toml"),
+        "pipelines/demo.toml",
+        &|_| None,
+    )
+    .expect("the demo pipeline parses")
+    .quality;
+    let only = |name: &str| {
+        Quality::new(QualityConfig {
+            scorers: demo
+                .scorers
+                .iter()
+                .filter(|s| s.name == name)
+                .cloned()
+                .collect(),
+            ..demo.clone()
+        })
+    };
+    let mut g = c.benchmark_group("quality");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    let all = Quality::new(demo.clone());
+    g.bench_function("baseline_sample_decision", |b| {
+        b.iter(|| events.iter().filter(|e| all.sample(e).is_some()).count())
+    });
+    let mut out = Vec::new();
+    for (name, q) in [
+        ("score_demo_scorers", all.clone()),
+        ("score_pii_only", only("no_pii")),
+        ("score_refusal_only", only("no_refusal")),
+        ("score_json_schema_only", only("summary_json")),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut n = 0;
+                for e in &events {
+                    q.assess(e, &mut out);
+                    n += out.len();
+                }
+                n
+            })
+        });
+    }
+    let bytes: usize = events
+        .iter()
+        .filter_map(|e| e.output.as_deref())
+        .map(str::len)
+        .sum();
+    eprintln!(
+        "quality bench: {} events, mean output {} bytes",
+        events.len(),
+        bytes / events.len()
+    );
+}
+
 /// A judge with the same references (cloning the stage's state for each iteration).
 fn judge_clone(
     j: &telltale::drift::Judge,
@@ -772,6 +843,7 @@ criterion_group!(
     end_to_end,
     alert,
     alert_latency,
-    drift
+    drift,
+    quality
 );
 criterion_main!(benches);

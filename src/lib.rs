@@ -33,6 +33,7 @@ pub mod drift;
 pub mod event;
 pub mod ingest;
 pub mod metrics;
+pub mod quality;
 pub mod query;
 pub mod rejects;
 pub mod replay;

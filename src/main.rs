@@ -550,9 +550,24 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
             .map_or("(built-in)".to_owned(), |p| p.display().to_string()),
         prices.len()
     );
+    let q = &config.quality;
+    if q.enabled() {
+        println!(
+            "ok   quality: {} scorers ({}); {} % of events sampled, {} per-series rules",
+            q.scorers.len(),
+            q.scorers
+                .iter()
+                .map(|s| format!("{} {}", s.name, s.kind))
+                .collect::<Vec<_>>()
+                .join(", "),
+            q.sample_rate * 100.0,
+            q.rules.len()
+        );
+    }
     if config.alerting.enabled {
         let mut ctx = alert::rule_context(&config.metrics);
         ctx.drift_window_ms = config.drift.window_ms;
+        ctx.quality_metrics = telltale::quality::table::frame_metrics(&config.quality.scorers);
         let rules = alert::load_rules(&config.alerting, &ctx)?;
         println!(
             "ok   alert rules: {} rules, {} inhibit rules; receivers: {}",

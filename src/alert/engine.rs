@@ -55,6 +55,14 @@ impl Frame {
         })
     }
 
+    /// A `quality` file's rows pivoted to one row per series (see
+    /// [`crate::quality::table::frame_batch`]); `None` when empty.
+    pub fn from_quality(batch: &RecordBatch) -> Option<Frame> {
+        let mut f = Frame::from_metrics(&crate::quality::table::frame_batch(batch)?)?;
+        f.source = "quality".into();
+        Some(f)
+    }
+
     fn key(&self) -> String {
         format!("{}/{}", self.source, self.resolution_ms)
     }
@@ -511,6 +519,9 @@ impl Engine {
                 continue;
             }
             let metric = numeric_column(batch, &rule.metric);
+            // A metric may carry its own sample count (`<metric>__n`: the scores behind a
+            // quality rate); `min_samples` checks that, else the window's events.
+            let events = int_column(batch, &format!("{}__n", rule.metric)).or(events);
             let slow = match rule.condition {
                 Condition::BurnRate {
                     slow_above_ms: Some(t),

@@ -68,6 +68,10 @@ pub const BUILTIN_RULES: &[(&str, &str)] = &[
     ),
     ("alerts/cost.toml", include_str!("../../alerts/cost.toml")),
     ("alerts/drift.toml", include_str!("../../alerts/drift.toml")),
+    (
+        "alerts/quality.toml",
+        include_str!("../../alerts/quality.toml"),
+    ),
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +146,7 @@ pub fn rule_context(m: &crate::metrics::MetricsConfig) -> RuleContext {
         window_ms: m.window.size_ms,
         rollup_ms: m.window.rollup_ms,
         drift_window_ms: crate::drift::DriftConfig::default().window_ms,
+        quality_metrics: Vec::new(),
     }
 }
 
@@ -202,11 +207,33 @@ pub fn silences_file(root: &Path) -> PathBuf {
 /// The metrics windows of `stream` that start in [from_ms, to_ms), oldest first (unreadable
 /// files are skipped with a warning).
 pub fn metrics_frames(root: &Path, stream: &str, from_ms: i64, to_ms: i64) -> Vec<Frame> {
+    let mut out = table_frames(root, "metrics", stream, from_ms, to_ms, Frame::from_metrics);
+    out.extend(table_frames(
+        root,
+        "quality",
+        stream,
+        from_ms,
+        to_ms,
+        Frame::from_quality,
+    ));
+    out.sort_by_key(|f| (f.end_ms, f.resolution_ms));
+    out
+}
+
+/// The frames of one per-window table's files of `stream` that start in `from_ms..to_ms`.
+fn table_frames(
+    root: &Path,
+    table: &str,
+    stream: &str,
+    from_ms: i64,
+    to_ms: i64,
+    to_frame: fn(&arrow::array::RecordBatch) -> Option<Frame>,
+) -> Vec<Frame> {
     const HOUR: i64 = 3_600_000;
-    let prefix = format!("metrics-{stream}-");
+    let prefix = format!("{table}-{stream}-");
     let mut out = Vec::new();
     for hour in from_ms.div_euclid(HOUR)..=to_ms.div_euclid(HOUR) {
-        let dir = root.join("metrics").join(crate::sink::hour_dir(hour));
+        let dir = root.join(table).join(crate::sink::hour_dir(hour));
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
@@ -233,14 +260,13 @@ pub fn metrics_frames(root: &Path, stream: &str, from_ms: i64, to_ms: i64) -> Ve
                 }
             });
             match batch {
-                Ok(b) => out.extend(b.as_ref().and_then(Frame::from_metrics)),
+                Ok(b) => out.extend(b.as_ref().and_then(to_frame)),
                 Err(err) => {
-                    warn!(path = %e.path().display(), error = %err, start, "skipping an unreadable metrics file")
+                    warn!(path = %e.path().display(), error = %err, start, "skipping an unreadable {table} file")
                 }
             }
         }
     }
-    out.sort_by_key(|f| (f.end_ms, f.resolution_ms));
     out
 }
 
@@ -384,10 +410,15 @@ impl FrameSender {
     /// Hands over the windows of a durable metrics output. Blocks only if the stage is 64
     /// outputs behind (it evaluates in memory, so that means it is stuck or gone).
     pub fn send_metrics(&self, out: &crate::metrics::MetricsOutput) {
+        let quality = out
+            .quality_files
+            .iter()
+            .filter_map(|(_, b)| Frame::from_quality(b));
         self.send(
             out.files
                 .iter()
                 .filter_map(|(_, b)| Frame::from_metrics(b))
+                .chain(quality)
                 .collect(),
         );
     }

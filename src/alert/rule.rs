@@ -14,7 +14,7 @@ use crate::config::reader::parse_duration;
 use crate::config::reader::{Errors, Obj};
 
 /// The metric sources a rule can read (per-window outputs of the stages).
-pub const SOURCES: &[&str] = &["metrics", "drift"];
+pub const SOURCES: &[&str] = &["metrics", "drift", "quality"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MatchOp {
@@ -250,6 +250,8 @@ pub struct RuleContext {
     pub rollup_ms: i64,
     /// The drift window (`source = "drift"` rules judge one per window).
     pub drift_window_ms: i64,
+    /// What `source = "quality"` rules can read (from the configured scorers).
+    pub quality_metrics: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -498,6 +500,27 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
                 crate::drift::table::frame_metrics().join(", ")
             ),
         );
+    } else if let Some(m) = &metric
+        && source == "quality"
+    {
+        // Category rates may be named without a scorer of that category (shipped rules):
+        // the rule then never has data.
+        let category_rate = crate::quality::Category::ALL.iter().any(|c| {
+            crate::quality::table::CATEGORY_METRICS
+                .iter()
+                .any(|x| *m == format!("{}_{x}", c.name()))
+        });
+        if !ctx.quality_metrics.contains(m) && !category_rate {
+            let known = if ctx.quality_metrics.len() > 1 {
+                ctx.quality_metrics.join(", ")
+            } else {
+                "none: the pipeline has no [[quality.scorer]]".to_owned()
+            };
+            e.push(
+                &r.path_of("metric"),
+                format!("{m:?} is not a quality metric (per scorer <name>_pass_rate, _pass_rate_low, _pass_rate_high, _mean_score; per category <category>_fail_rate, _fail_rate_low, _fail_rate_high; this pipeline's: {known})"),
+            );
+        }
     } else if let Some(m) = &metric
         && !drift
         && !is_numeric_metric(m)

@@ -708,3 +708,66 @@ fn pinned_baseline_does_not_adapt_to_a_lasting_change() {
         ]
     );
 }
+
+/// A `source = "quality"` rule reads the pivoted `quality` rows: the category's failure rate
+/// interval, with `min_samples` counting the scores behind it (not the window's events).
+#[test]
+fn quality_rule_judges_the_interval_and_counts_scores() {
+    use crate::quality::table::QualityBatchBuilder;
+    use crate::quality::{QualityCounts, ScorerCounts};
+    let cfg = crate::config::PipelineConfig::from_str_with_env(
+        "[pipeline]\ndata_root = \"x\"\n[source]\ntype = \"file\"\npath = \"x\"\n[quality]\n[[quality.scorer]]\nname = \"no_pii\"\ntype = \"pii\"\n",
+        "t.toml",
+        &|_| None,
+    )
+    .unwrap();
+    let scorers = cfg.quality.scorers;
+    let mut c = ctx();
+    c.quality_metrics = crate::quality::table::frame_metrics(&scorers);
+    assert!(
+        c.quality_metrics
+            .contains(&"no_pii_pass_rate_high".to_owned())
+    );
+    let rules = r#"
+[[rule]]
+name = "Pii"
+source = "quality"
+metric = "pii_fail_rate_low"
+threshold = { above = 0.02 }
+min_samples = 10
+"#;
+    let set = parse_rules(rules, "q.toml", &c).expect("quality rule parses");
+    let mut e = Engine::new(set.rules, c.dimensions.clone(), 30 * MIN);
+    let dims = crate::metrics::MetricsConfig::default().window.dimensions;
+    let frame = |m: i64, sampled: u64, n: u64, passed: u64| {
+        let mut b = QualityBatchBuilder::new(&dims);
+        let key =
+            crate::window::SeriesKey::new(&[Some("bot"), Some("prod"), Some("gpt"), Some("v1")]);
+        let counts = QualityCounts {
+            sampled,
+            scorers: vec![ScorerCounts {
+                n,
+                passed,
+                value_sum: passed as f64,
+            }],
+        };
+        b.append("1m", (m - 1) * MIN, m * MIN, "s", &key, &counts, &scorers);
+        Frame::from_quality(&b.finish()).expect("a row")
+    };
+    // 100 events sampled but only 8 scored: too few scores to judge, however bad.
+    assert!(e.evaluate(&frame(1, 100, 8, 0)).transitions.is_empty());
+    // 1 of 12 with PII: the interval's low end (1.5 %) stays under 2 %.
+    assert!(e.evaluate(&frame(2, 12, 12, 11)).transitions.is_empty());
+    // 3 of 12: low end 8.9 % — fires (no `for`).
+    let t = e.evaluate(&frame(3, 12, 12, 9)).transitions;
+    assert_eq!(t.last().map(|t| t.to), Some("firing"), "{t:?}");
+    // Unknown quality metrics are refused with the list of known ones.
+    let bad = parse_rules(
+        "[[rule]]\nname = \"X\"\nsource = \"quality\"\nmetric = \"nope_pass_rate\"\nthreshold = { above = 1 }\n",
+        "q.toml",
+        &c,
+    )
+    .unwrap_err()
+    .join("\n");
+    assert!(bad.contains("no_pii_pass_rate"), "{bad}");
+}

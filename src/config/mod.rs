@@ -76,6 +76,7 @@ pub struct PipelineConfig {
     pub telemetry: TelemetryConfig,
     pub alerting: AlertingConfig,
     pub drift: DriftConfig,
+    pub quality: crate::quality::QualityConfig,
 }
 
 /// telltale's own HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -219,7 +220,9 @@ impl PipelineConfig {
         let toml::Value::Table(table) = root else {
             unreachable!("parsed as a table above")
         };
-        let cfg = Self::read(Obj::new("", table), &mut e);
+        // Relative file paths inside the pipeline (JSON Schemas) are relative to its file.
+        let base = Path::new(file).parent().unwrap_or(Path::new(""));
+        let cfg = Self::read(Obj::new("", table), base, &mut e);
         if e.0.is_empty() {
             Ok(cfg.expect("a config is built whenever no error was recorded"))
         } else {
@@ -230,7 +233,7 @@ impl PipelineConfig {
         }
     }
 
-    fn read(mut root: Obj, e: &mut Errors) -> Option<PipelineConfig> {
+    fn read(mut root: Obj, base: &Path, e: &mut Errors) -> Option<PipelineConfig> {
         let mut pipeline = root
             .table(e, "pipeline")
             .unwrap_or_else(|| Obj::new("pipeline", Default::default()));
@@ -305,6 +308,7 @@ impl PipelineConfig {
         let telemetry = read_telemetry(&mut root, e);
         let alerting = read_alerting(&mut root, e);
         let drift = read_drift(&mut root, e, &metrics);
+        let quality = crate::quality::config::read_quality(&mut root, base, e);
         root.finish(e);
 
         Some(PipelineConfig {
@@ -322,6 +326,7 @@ impl PipelineConfig {
             telemetry,
             alerting,
             drift,
+            quality,
         })
     }
 
@@ -353,6 +358,7 @@ impl PipelineConfig {
             telemetry: TelemetryConfig { listen: None },
             alerting: AlertingConfig::default(),
             drift: DriftConfig::default(),
+            quality: crate::quality::QualityConfig::default(),
         }
     }
 

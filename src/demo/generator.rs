@@ -129,7 +129,10 @@ const APPS: &[App] = &[
     App {
         name: "doc-summarizer",
         prompt_id: "summarize",
-        deployments: &[("prod", "v2", "gpt-4o", "openai", 100)],
+        deployments: &[
+            ("prod", "v2", "gpt-4o", "openai", 60),
+            ("prod", "v3", "gpt-4o", "openai", 40),
+        ],
         system: "Summarize documents faithfully. Do not add facts that are not in the source.",
         prompts: SUMMARY_PROMPTS,
         sentences: SUMMARY_SENTENCES,
@@ -167,6 +170,21 @@ const REFUSALS: &[&str] = &[
 pub const SHIFT_FROM: f64 = 0.55;
 /// The jailbreak burst on support-bot v3 (prod): a quarter of its prompts in this span.
 pub const JAILBREAK_SPAN: (f64, f64) = (0.80, 0.92);
+
+/// doc-summarizer v3 answers in JSON (`summary`, `bullets`); within this span of the run a
+/// growing share of its answers break: prose instead of JSON, JSON without bullets, or a
+/// summary that leaks a contact's e-mail address. Then the prompt is fixed.
+pub const QUALITY_SPAN: (f64, f64) = (0.30, 0.75);
+
+/// The share of doc-summarizer v3's answers that are broken at `progress`: ramps to 45 % over
+/// the first 0.1 of [`QUALITY_SPAN`], holds, then drops to none.
+pub fn quality_breakage(progress: f64) -> f64 {
+    let (from, to) = QUALITY_SPAN;
+    if !(from..to).contains(&progress) {
+        return 0.0;
+    }
+    0.45 * ((progress - from) / 0.1).min(1.0)
+}
 
 /// How far the degrading series is degraded at `progress` (0..1) through the run: normal for
 /// the first 45 %, worse over the next 5 % until fully degraded, held until 70 %, then back to
@@ -231,6 +249,8 @@ pub struct TrafficGenerator {
     drift: bool,
     /// Its own random numbers, so turning it on leaves the rest of the traffic unchanged.
     drift_rng: SmallRng,
+    /// The same for doc-summarizer v3's broken answers ([`quality_breakage`]).
+    quality_rng: SmallRng,
 }
 
 impl TrafficGenerator {
@@ -253,6 +273,7 @@ impl TrafficGenerator {
             degrade: Some(("support-bot", "v4", 3.0)),
             drift: true,
             drift_rng: SmallRng::seed_from_u64(seed ^ 0xd71f),
+            quality_rng: SmallRng::seed_from_u64(seed ^ 0x9a17),
         }
     }
 
@@ -298,6 +319,27 @@ impl TrafficGenerator {
             n += s.split_whitespace().count();
         }
         out
+    }
+
+    /// doc-summarizer v3's answer: the summary as JSON, or one of its broken forms.
+    fn summary_json(&mut self, text: String, progress: f64) -> String {
+        let bullets: Vec<&str> = text
+            .split_inclusive(". ")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .take(3)
+            .collect();
+        let broken = self.quality_rng.random_bool(quality_breakage(progress));
+        match (broken, self.quality_rng.random_range(0..3)) {
+            (false, _) => json!({"summary": text, "bullets": bullets}).to_string(),
+            (true, 0) => format!("Here is a summary of the document:\n\n{text}"),
+            (true, 1) => json!({"summary": text}).to_string(),
+            (true, _) => {
+                let who = ["jane.doe", "m.rossi", "t.nguyen"][self.quality_rng.random_range(0..3)];
+                let summary = format!("{text} Questions go to {who}@acme-corp.com.");
+                json!({"summary": summary, "bullets": bullets}).to_string()
+            }
+        }
     }
 
     pub fn next_record(&mut self) -> GeneratedRecord {
@@ -362,6 +404,9 @@ impl TrafficGenerator {
             prompt = JAILBREAK_PROMPTS[i].to_owned();
             let n = self.drift_rng.random_range(1..=REFUSALS.len());
             output = REFUSALS[..n].join(" ");
+        }
+        if app.name == "doc-summarizer" && version == "v3" {
+            output = self.summary_json(output, progress);
         }
         let input_tokens = ((prompt.split_whitespace().count()
             + app.system.split_whitespace().count()) as f64

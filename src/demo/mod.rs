@@ -246,6 +246,13 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
     w(
         out,
         format!(
+            "quality    {} scores of sampled events (objective scorers from pipelines/demo.toml: JSON Schema, PII, refusals), written with their events; per series and window in the quality table",
+            snapshot.scores_written,
+        ),
+    );
+    w(
+        out,
+        format!(
             "data       {}  (tables: {})",
             opts.data_dir.display(),
             query::table_names(&opts.data_dir)?.join(", ")
@@ -346,6 +353,23 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
                 substr(coalesce(regexp_replace(explanation, '^\\[\\{\"event_id\":\"[^\"]*\",\"text\":\"([^\"]*)\".*$', '\\1'), ''), 1, 70) AS what_moved
          FROM drift WHERE drifted AND method IN ('mmd', 'js', 'ks')
          ORDER BY window_start, app, field LIMIT 14",
+    ),
+    (
+        "Quality, from the quality table: doc-summarizer v3's answers break (prose instead of JSON, missing bullets, leaked e-mail addresses), then its prompt is fixed; v2 holds:",
+        "SELECT to_char(date_bin(INTERVAL '20 minutes', window_start), '%H:%M') AS period, prompt_version AS version,
+                sum(CASE WHEN evaluation_name = 'no_pii' THEN scored END) AS scored,
+                round(100.0 * sum(CASE WHEN evaluation_name = 'summary_json' THEN passed END)
+                      / nullif(sum(CASE WHEN evaluation_name = 'summary_json' THEN scored END), 0), 1) AS valid_json_pct,
+                round(100.0 * sum(CASE WHEN evaluation_name = 'no_pii' THEN passed END)
+                      / nullif(sum(CASE WHEN evaluation_name = 'no_pii' THEN scored END), 0), 1) AS no_pii_pct
+         FROM quality WHERE resolution = '1m' AND app = 'doc-summarizer'
+         GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
+    (
+        "Failing scores by scorer, from the scores table (one row per sampled event and scorer):",
+        "SELECT app, prompt_version AS version, evaluation_name AS scorer, count(*) AS failed,
+                substr(min(explanation), 1, 60) AS example
+         FROM scores WHERE NOT passed GROUP BY 1, 2, 3 ORDER BY failed DESC LIMIT 8",
     ),
     (
         "Alerts, from the alerts table (every transition; the notifications went to the terminal, above, and to .eml files):",

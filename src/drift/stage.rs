@@ -579,7 +579,7 @@ fn recover(
     to: i64,
 ) -> Result<Vec<SampleWindow>, SinkError> {
     let cfg = judge.config();
-    let columns = crate::metrics::rebuild::event_columns(dims, true);
+    let columns = crate::metrics::rebuild::event_columns(dims, true, false);
     let mut windows: BTreeMap<i64, HashMap<SeriesKey, WindowSample>> = BTreeMap::new();
     crate::metrics::rebuild::events_between(root, from, to, &columns, |e| {
         let values: Vec<Option<&str>> = dims.iter().map(|d| d.value(e)).collect();

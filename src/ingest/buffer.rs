@@ -12,6 +12,8 @@ use crate::decode::Decoder;
 use crate::event::{EventBatchBuilder, Provenance, SourceRecord};
 use crate::metrics::cost::PriceTable;
 use crate::metrics::{MetricsOutput, MetricsStage, apply_cost};
+use crate::quality::table::ScoreBatchBuilder;
+use crate::quality::{Quality, Scored};
 use crate::rejects::RejectBatchBuilder;
 use crate::sink::SinkJob;
 use crate::telemetry::Stats;
@@ -30,6 +32,8 @@ struct PartitionBuffer {
     event_hours: Vec<i64>,
     rejects: RejectBatchBuilder,
     reject_hours: Vec<i64>,
+    scores: ScoreBatchBuilder,
+    score_hours: Vec<i64>,
     /// The partition's watermark lane in the metrics stage.
     lane: usize,
     /// Records below this offset were already counted in metrics (a redelivery after the
@@ -53,6 +57,9 @@ pub struct Accumulator {
     unpublished: Counts,
     prices: Option<PriceTable>,
     metrics: Option<MetricsStage>,
+    quality: Option<Arc<Quality>>,
+    /// Reused per event: the sampled event's verdicts.
+    scored: Vec<Scored>,
 }
 
 #[derive(Default)]
@@ -82,6 +89,8 @@ impl Accumulator {
             unpublished: Counts::default(),
             prices: None,
             metrics: None,
+            quality: None,
+            scored: Vec::new(),
         }
     }
 
@@ -94,6 +103,13 @@ impl Accumulator {
     /// Feeds every decoded event to the metrics stage.
     pub fn with_metrics(mut self, metrics: MetricsStage) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Samples and scores events: scores are written with them, and counted in their
+    /// metrics windows (the metrics stage must have the same [`Quality`]).
+    pub fn with_quality(mut self, quality: Arc<Quality>) -> Self {
+        self.quality = Some(quality);
         self
     }
 
@@ -164,6 +180,8 @@ impl Accumulator {
                     event_hours: Vec::new(),
                     rejects: RejectBatchBuilder::new(self.max_raw_bytes),
                     reject_hours: Vec::new(),
+                    scores: ScoreBatchBuilder::new(),
+                    score_hours: Vec::new(),
                     lane,
                     counted_until,
                 })
@@ -181,10 +199,22 @@ impl Accumulator {
         match self.decoder.decode(rec.payload, rec.timestamp_ms) {
             Ok(mut d) => {
                 apply_cost(&mut d.event, self.prices.as_ref());
+                let sampled = match &self.quality {
+                    Some(q) => q.assess(&d.event, &mut self.scored),
+                    None => None,
+                };
+                if let (Some(q), Some(reason)) = (&self.quality, sampled) {
+                    let before = buf.scores.len();
+                    buf.scores
+                        .append(&d.event, reason, &self.scored, q.scorers());
+                    let hour = d.event.timestamp_ms.div_euclid(HOUR_MS);
+                    buf.score_hours
+                        .extend(std::iter::repeat_n(hour, buf.scores.len() - before));
+                }
                 if let Some(m) = self.metrics.as_mut()
                     && rec.offset >= buf.counted_until
                 {
-                    m.observe(&d.event, buf.lane);
+                    m.observe_assessed(&d.event, buf.lane, sampled.map(|_| &self.scored[..]));
                     buf.counted_until = rec.offset + 1;
                 }
                 let src = Provenance {
@@ -269,6 +299,8 @@ impl Accumulator {
             event_hours: std::mem::take(&mut buf.event_hours),
             rejects: buf.rejects.finish(),
             reject_hours: std::mem::take(&mut buf.reject_hours),
+            scores: buf.scores.finish(),
+            score_hours: std::mem::take(&mut buf.score_hours),
         };
         buf.records = 0;
         buf.bytes = 0;

@@ -139,6 +139,13 @@ pub fn run(
         stats.clone(),
     )
     .with_prices(load_prices(&config.metrics)?);
+    let quality = config
+        .quality
+        .enabled()
+        .then(|| crate::quality::Quality::new(config.quality.clone()));
+    if let Some(q) = &quality {
+        acc = acc.with_quality(q.clone());
+    }
     if config.metrics.enabled {
         // One stream per input set: a rerun of the same files recomputes and replaces its own
         // metrics rows; other backfills and the live pipeline keep theirs.
@@ -148,12 +155,11 @@ pub fn run(
             xxh3_64(names.join("\n").as_bytes()) as u32
         );
         info!(stream = %stream, "metrics for this input are written as stream {stream}");
-        acc = acc.with_metrics(MetricsStage::new(
-            config.metrics.clone(),
-            &stream,
-            false,
-            stats.clone(),
-        ));
+        let mut m = MetricsStage::new(config.metrics.clone(), &stream, false, stats.clone());
+        if let Some(q) = quality {
+            m = m.with_quality(q);
+        }
+        acc = acc.with_metrics(m);
     }
     stats
         .ready

@@ -266,11 +266,19 @@ pub fn run(
     )
     .with_prices(load_prices(&config.metrics)?);
     let drift_on = config.metrics.enabled && config.drift.enabled;
+    let quality = config
+        .quality
+        .enabled()
+        .then(|| crate::quality::Quality::new(config.quality.clone()));
+    if let Some(q) = &quality {
+        acc = acc.with_quality(q.clone());
+    }
     if config.metrics.enabled {
         let mut m = MetricsStage::open(
             &config.data_root,
             config.metrics.clone(),
             &k.group_id,
+            quality.clone(),
             stats.clone(),
         )?;
         if drift_on {
@@ -308,6 +316,7 @@ pub fn run(
     let alerts = if config.alerting.enabled && config.metrics.enabled {
         let mut ctx = crate::alert::rule_context(&config.metrics);
         ctx.drift_window_ms = config.drift.window_ms;
+        ctx.quality_metrics = crate::quality::table::frame_metrics(&config.quality.scorers);
         Some(AlertStage::start(
             &config.alerting,
             &ctx,

@@ -48,9 +48,11 @@ use arrow::array::RecordBatch;
 use tracing::{info, warn};
 
 use crate::event::LlmEvent;
+use crate::quality::table::{QualityBatchBuilder, quality_file};
+use crate::quality::{Quality, QualityCounts, Scored};
 use crate::sink::SinkError;
 use crate::telemetry::{SeriesGauge, Stats};
-use crate::window::{Closed, Dimension, Rollup, Slot, WindowConfig, Windows};
+use crate::window::{Closed, Dimension, Rollup, SeriesKey, Slot, WindowConfig, Windows};
 use cost::Price;
 pub use rebuild::state_body;
 use series::{CostSource, SealedMetrics, SeriesMetrics};
@@ -103,6 +105,8 @@ pub struct MetricsOutput {
     pub closed_through: Option<i64>,
     /// The closed minutes' samples for the drift stage (empty when it does not run).
     pub samples: Vec<crate::drift::SampleWindow>,
+    /// `quality` table files (paths relative to the data root), written with `files`.
+    pub quality_files: Vec<(PathBuf, RecordBatch)>,
 }
 
 impl MetricsOutput {
@@ -151,6 +155,10 @@ pub struct MetricsStage {
     published_overflow: u64,
     /// Drift sampling: texts kept per series, window and field, and their length cap.
     sampling: Option<(usize, usize)>,
+    /// Quality scoring (the ingest path scores; the rebuild scores again).
+    quality: Option<Arc<Quality>>,
+    quality_rollup: Rollup<QualityCounts>,
+    scored: Vec<Scored>,
 }
 
 impl MetricsStage {
@@ -181,16 +189,22 @@ impl MetricsStage {
             published_late: 0,
             published_overflow: 0,
             sampling: None,
+            quality: None,
+            quality_rollup: Rollup::new(w.rollup_ms),
+            scored: Vec::new(),
         }
     }
 
     /// A stage that continues a stream: reads its close position and restores the open
     /// roll-up from the stream's fine rows. Open fine windows are rebuilt per partition
     /// ([`MetricsStage::rebuild_partition`]).
+    /// With `quality`, the stage also counts scores (as [`MetricsStage::with_quality`]) and
+    /// restores the open roll-up of the `quality` table too.
     pub fn open(
         root: &Path,
         config: MetricsConfig,
         stream: &str,
+        quality: Option<Arc<Quality>>,
         stats: Arc<Stats>,
     ) -> Result<Self, SinkError> {
         let stream = stream_name(stream);
@@ -202,6 +216,7 @@ impl MetricsStage {
             closed_through.unwrap_or(i64::MIN),
             stats,
         );
+        stage.quality = quality;
         if let Some(through) = closed_through {
             let restored = rebuild::restore_rollup(&mut stage, root, through)?;
             info!(stream = %stage.stream, closed_through = %fmt_ms(through), restored_windows = restored, "metrics state restored");
@@ -213,6 +228,17 @@ impl MetricsStage {
     pub fn with_sampling(mut self, drift: &crate::drift::DriftConfig) -> Self {
         self.sampling = Some((drift.samples_per_window, drift.max_text_chars));
         self
+    }
+
+    /// Also counts quality scores per series and window (the `quality` table); for a stage
+    /// without history (a stage that continues a stream gets it from [`MetricsStage::open`]).
+    pub fn with_quality(mut self, quality: Arc<Quality>) -> Self {
+        self.quality = Some(quality);
+        self
+    }
+
+    pub fn quality(&self) -> Option<&Arc<Quality>> {
+        self.quality.as_ref()
     }
 
     /// Whether texts are sampled (the rebuild then reads them back from `events`).
@@ -229,9 +255,21 @@ impl MetricsStage {
     }
 
     /// Counts an event in its window (or as late). `lane`: its partition's
-    /// [`MetricsStage::lane`].
+    /// [`MetricsStage::lane`]. With quality on, the event is sampled and scored here.
     pub fn observe(&mut self, e: &LlmEvent<'_>, lane: usize) {
+        let mut scored = std::mem::take(&mut self.scored);
+        let sampled = self.quality.as_ref().and_then(|q| q.assess(e, &mut scored));
+        self.observe_assessed(e, lane, sampled.map(|_| &scored[..]));
+        self.scored = scored;
+    }
+
+    /// [`MetricsStage::observe`] for an event the caller has already sampled and scored
+    /// (`scored`: `None` when it was not sampled).
+    pub fn observe_assessed(&mut self, e: &LlmEvent<'_>, lane: usize, scored: Option<&[Scored]>) {
         if let Slot::Open(s) = self.windows.slot(e, lane) {
+            if let Some(scored) = scored {
+                s.quality.get_or_insert_default().observe(scored);
+            }
             s.observe(e, e.cost_source.and_then(CostSource::parse));
             if let Some((k, max_chars)) = self.sampling {
                 s.sample
@@ -301,6 +339,7 @@ impl MetricsStage {
         let dims = self.config.window.dimensions.clone();
         let mut latest: Option<(i64, Vec<SeriesGauge>)> = None;
         let mut samples = Vec::new();
+        let mut quality_files = Vec::new();
         for mut w in closed {
             w.series.sort_by(|a, b| a.0.cmp(&b.0));
             let mut b = MetricsBatchBuilder::new(&dims);
@@ -348,6 +387,35 @@ impl MetricsStage {
             if let Some(done) = self.rollup.add(w.start_ms, sealed, |a, b| a.merge(&b)) {
                 files.push(self.coarse_file(&dims, done));
             }
+            if let Some(q) = self.quality.clone() {
+                let counts: Vec<(SeriesKey, QualityCounts)> = w
+                    .series
+                    .iter_mut()
+                    .map(|(k, s)| (k.clone(), s.quality.take().map(|b| *b).unwrap_or_default()))
+                    .collect();
+                let mut b = QualityBatchBuilder::new(&dims);
+                for (key, c) in &counts {
+                    b.append(
+                        &self.fine,
+                        w.start_ms,
+                        w.end_ms,
+                        &self.stream,
+                        key,
+                        c,
+                        q.scorers(),
+                    );
+                }
+                quality_files.push((
+                    quality_file(&self.stream, &self.fine, w.start_ms),
+                    b.finish(),
+                ));
+                if let Some(done) = self
+                    .quality_rollup
+                    .add(w.start_ms, counts, |a, b| a.merge(&b))
+                {
+                    quality_files.push(self.coarse_quality_file(&dims, &q, done));
+                }
+            }
         }
         let through = if all {
             i64::MAX
@@ -356,6 +424,11 @@ impl MetricsStage {
         };
         if let Some(done) = self.rollup.close_before(through) {
             files.push(self.coarse_file(&dims, done));
+        }
+        if let Some(q) = self.quality.clone()
+            && let Some(done) = self.quality_rollup.close_before(through)
+        {
+            quality_files.push(self.coarse_quality_file(&dims, &q, done));
         }
         self.stats
             .live_series
@@ -375,7 +448,32 @@ impl MetricsStage {
             files,
             closed_through: self.persist.then(|| self.windows.closed_through()),
             samples,
+            quality_files,
         })
+    }
+
+    fn coarse_quality_file(
+        &self,
+        dims: &[Dimension],
+        q: &Quality,
+        done: Closed<QualityCounts>,
+    ) -> (PathBuf, RecordBatch) {
+        let mut b = QualityBatchBuilder::new(dims);
+        for (key, c) in &done.series {
+            b.append(
+                &self.coarse,
+                done.start_ms,
+                done.end_ms,
+                &self.stream,
+                key,
+                c,
+                q.scorers(),
+            );
+        }
+        (
+            quality_file(&self.stream, &self.coarse, done.start_ms),
+            b.finish(),
+        )
     }
 
     fn coarse_file(

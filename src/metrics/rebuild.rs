@@ -97,6 +97,19 @@ pub fn restore_rollup(
             }
             restored += 1;
         }
+        if let Some(q) = stage.quality.clone() {
+            let path = root.join(crate::quality::table::quality_file(
+                &stage.stream,
+                &stage.fine,
+                start,
+            ));
+            if path.exists() {
+                for batch in read_parquet(&path, None)? {
+                    let rows = crate::quality::table::quality_rows(&batch, &dims, q.scorers());
+                    let _ = stage.quality_rollup.add(start, rows, |a, b| a.merge(&b));
+                }
+            }
+        }
         start += size;
     }
     Ok(restored)
@@ -215,7 +228,7 @@ pub fn rebuild_partition(
     let pending = pending_files(root, topic, partition)?;
     let files = partition_files(root, topic, partition, horizon)?;
     let dims = stage.config.window.dimensions.clone();
-    let columns = event_columns(&dims, stage.samples());
+    let columns = event_columns(&dims, stage.samples(), stage.quality().is_some());
     let from_offset = stage.counted(topic, partition);
     let mut next = from_offset;
     let mut counted = 0u64;
@@ -324,6 +337,8 @@ pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &Ll
         str_col("output"),
         str_col("session_id"),
     );
+    let (expected, system, feedback) =
+        (str_col("expected"), str_col("system"), f64_col("feedback"));
     fn text(c: Option<&arrow::array::StringArray>, row: usize) -> Option<Cow<'_, str>> {
         let c = c?;
         (!c.is_null(row)).then(|| Cow::Borrowed(c.value(row)))
@@ -380,6 +395,9 @@ pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &Ll
             input: text(input, row),
             output: text(output, row),
             session_id: text(session, row),
+            expected: text(expected, row),
+            system: text(system, row),
+            feedback: f(feedback, row),
             ..Default::default()
         };
         visit(offsets.value(row), &e);
@@ -387,8 +405,8 @@ pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &Ll
 }
 
 /// The `events` columns [`for_each_event`] reads for series of `dims`; with the texts when
-/// `texts` (drift sampling).
-pub(crate) fn event_columns(dims: &[Dimension], texts: bool) -> Vec<&'static str> {
+/// `texts` (drift sampling), and what scorers read when `quality`.
+pub(crate) fn event_columns(dims: &[Dimension], texts: bool, quality: bool) -> Vec<&'static str> {
     let mut columns: Vec<&str> = vec![
         "timestamp",
         "latency_ms",
@@ -412,6 +430,21 @@ pub(crate) fn event_columns(dims: &[Dimension], texts: bool) -> Vec<&'static str
     if texts {
         // The sampler keys on the session when there is one (one text per conversation).
         columns.extend(["event_id", "input", "output", "session_id"]);
+    }
+    if quality {
+        for c in [
+            "event_id",
+            "input",
+            "output",
+            "expected",
+            "system",
+            "feedback",
+            "attributes",
+        ] {
+            if !columns.contains(&c) {
+                columns.push(c);
+            }
+        }
     }
     columns
 }

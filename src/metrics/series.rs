@@ -182,6 +182,8 @@ pub struct SeriesMetrics {
     hists: Hists,
     /// Texts and scalar features for the drift stage (when it runs).
     pub sample: Option<Box<crate::drift::sample::WindowSample>>,
+    /// Per-scorer counts of the quality stage (when it runs and sampled an event).
+    pub quality: Option<Box<crate::quality::QualityCounts>>,
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +198,7 @@ impl Default for SeriesMetrics {
             counters: Counters::default(),
             hists: Hists::Live(Box::new(std::array::from_fn(|_| new_histogram()))),
             sample: None,
+            quality: None,
         }
     }
 }

@@ -205,7 +205,7 @@ fn sink_config() -> SinkConfig {
 fn start(root: &Path, committed: i64) -> Process<'_> {
     let stats = Arc::new(Stats::default());
     let config = MetricsConfig::default();
-    let stage = MetricsStage::open(root, config.clone(), "group", stats.clone()).unwrap();
+    let stage = MetricsStage::open(root, config.clone(), "group", None, stats.clone()).unwrap();
     let acc = Accumulator::new(
         Decoder::new(DecoderConfig::default()),
         sink_config(),

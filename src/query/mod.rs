@@ -37,6 +37,7 @@ fn known_schema(table: &str) -> Option<SchemaRef> {
         "events" => Some(crate::event::event_schema()),
         "rejects" => Some(crate::rejects::reject_schema()),
         "alerts" => Some(crate::alert::table::alerts_schema()),
+        "scores" => Some(crate::quality::table::score_schema()),
         _ => None,
     }
 }
@@ -83,7 +84,7 @@ pub async fn session(root: &Path) -> Result<SessionContext, QueryError> {
         root.to_owned()
     };
     let mut names = table_names(&root)?;
-    for t in ["events", "rejects", "alerts"] {
+    for t in ["events", "rejects", "alerts", "scores"] {
         if !names.iter().any(|n| n == t) {
             names.push(t.to_owned());
         }

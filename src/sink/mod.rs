@@ -52,6 +52,8 @@ pub enum Table {
     Metrics,
     Alerts,
     Drift,
+    Scores,
+    Quality,
 }
 
 impl Table {
@@ -62,6 +64,8 @@ impl Table {
             Table::Metrics => "metrics",
             Table::Alerts => "alerts",
             Table::Drift => "drift",
+            Table::Scores => "scores",
+            Table::Quality => "quality",
         }
     }
 }
@@ -81,6 +85,9 @@ pub struct SinkJob {
     pub event_hours: Vec<i64>,
     pub rejects: RecordBatch,
     pub reject_hours: Vec<i64>,
+    /// Quality scores of the job's sampled events (zero rows when quality is off).
+    pub scores: RecordBatch,
+    pub score_hours: Vec<i64>,
 }
 
 /// Messages to the writer thread.
@@ -205,6 +212,7 @@ impl Sink {
         for (table, batch, hours) in [
             (Table::Events, &job.events, &job.event_hours),
             (Table::Rejects, &job.rejects, &job.reject_hours),
+            (Table::Scores, &job.scores, &job.score_hours),
         ] {
             if batch.num_rows() == 0 {
                 continue;
@@ -275,9 +283,14 @@ impl Sink {
     pub fn write_metrics(&self, out: &crate::metrics::MetricsOutput) -> Result<Written, SinkError> {
         let mut written = Written::default();
         let mut dirs = BTreeSet::new();
-        for (rel, batch) in &out.files {
+        let files = out.files.iter().map(|(r, b)| (r, b, Table::Metrics));
+        let quality = out
+            .quality_files
+            .iter()
+            .map(|(r, b)| (r, b, Table::Quality));
+        for (rel, batch, table) in files.chain(quality) {
             let path = self.root.join(rel);
-            written.bytes += write_into_place(&path, batch, Table::Metrics, &self.config)?;
+            written.bytes += write_into_place(&path, batch, table, &self.config)?;
             dirs.insert(path.parent().expect("a file has a directory").to_owned());
             written.files.push(path);
         }
@@ -504,6 +517,9 @@ pub fn run_writer(
             stats
                 .rejects_written
                 .fetch_add(job.rejects.num_rows() as u64, Ordering::Relaxed);
+            stats
+                .scores_written
+                .fetch_add(job.scores.num_rows() as u64, Ordering::Relaxed);
         }
         if !sink.config.debug_commit_delay.is_zero() {
             std::thread::sleep(sink.config.debug_commit_delay);

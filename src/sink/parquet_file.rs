@@ -38,7 +38,8 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
             "cost_usd_hist",
         ],
         Table::Alerts => &["error"],
-        Table::Drift => &["explanation"],
+        Table::Drift | Table::Scores => &["explanation"],
+        Table::Quality => &[],
     };
     for col in long_text {
         // Mostly-unique long text: dictionaries and page statistics cost time and buy nothing.
@@ -47,7 +48,7 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_statistics_enabled(path, EnabledStatistics::None);
     }
-    if table == Table::Metrics {
+    if matches!(table, Table::Metrics | Table::Quality) {
         // Small files (a window's rows) with many narrow columns: zstd's per-column-chunk
         // setup would cost more than it saves, except on the histograms.
         b = b.set_compression(Compression::UNCOMPRESSED);

@@ -58,6 +58,8 @@ fn job(first: i64, timestamps: &[i64], rejects: usize) -> SinkJob {
         bytes: 100 * n as u64,
         events: b.finish(),
         event_hours: hours,
+        scores: crate::quality::table::ScoreBatchBuilder::new().finish(),
+        score_hours: Vec::new(),
         rejects: r.finish(),
         reject_hours: vec![T0.div_euclid(HOUR); rejects],
     }

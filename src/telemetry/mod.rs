@@ -23,6 +23,8 @@ pub struct Stats {
     /// Rows that reached Parquet, counted when durable.
     pub events_written: AtomicU64,
     pub rejects_written: AtomicU64,
+    /// `scores` rows (quality) made durable with their events.
+    pub scores_written: AtomicU64,
     pub files_written: AtomicU64,
     pub bytes_written: AtomicU64,
     /// Records whose offsets were committed after their data was durable.
@@ -99,6 +101,7 @@ pub struct StatsSnapshot {
     pub records_rejected: u64,
     pub events_written: u64,
     pub rejects_written: u64,
+    pub scores_written: u64,
     pub files_written: u64,
     pub bytes_written: u64,
     pub records_committed: u64,
@@ -121,6 +124,7 @@ impl Stats {
             records_rejected: g(&self.records_rejected),
             events_written: g(&self.events_written),
             rejects_written: g(&self.rejects_written),
+            scores_written: g(&self.scores_written),
             files_written: g(&self.files_written),
             bytes_written: g(&self.bytes_written),
             records_committed: g(&self.records_committed),

@@ -190,6 +190,7 @@ pub fn render(stats: &Stats) -> String {
     for (table, v) in [
         ("events", g(&stats.events_written)),
         ("rejects", g(&stats.rejects_written)),
+        ("scores", g(&stats.scores_written)),
         ("metrics", g(&stats.metrics_rows_written)),
     ] {
         o.sample("telltale_sink_rows_total", &[("table", table)], v);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::support::*;
 
-fn write_jsonl_gz(path: &Path, records: &[telltale::demo::GeneratedRecord]) {
+pub fn write_jsonl_gz(path: &Path, records: &[telltale::demo::GeneratedRecord]) {
     let f = std::fs::File::create(path).unwrap();
     let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     for r in records {
@@ -309,6 +309,52 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
                OR (app = 'support-bot' AND prompt_version = 'v3'))",
     );
     assert!(false_alarms <= 2, "{false_alarms} false drift verdicts");
+    // Quality: doc-summarizer v3's broken answers fire the PII and format rules, which resolve
+    // once its prompt is fixed; the jailbreak's refusals fire the refusal rule; no other
+    // series has a quality alert.
+    let quality: Vec<&String> = changes
+        .iter()
+        .filter(|c| {
+            ["PiiInOutputs", "OutputFormatBroken", "RefusalsHigh"]
+                .iter()
+                .any(|r| c.starts_with(r))
+        })
+        .collect();
+    for want in [
+        "PiiInOutputs v3 firing",
+        "PiiInOutputs v3 resolved",
+        "OutputFormatBroken v3 firing",
+        "OutputFormatBroken v3 resolved",
+        "RefusalsHigh v3 firing",
+    ] {
+        assert!(quality.iter().any(|c| *c == want), "{want}: {changes:?}");
+    }
+    assert!(quality.iter().all(|c| c.contains(" v3 ")), "{changes:?}");
+    let quality_alerts = strings(&sql(
+        &data,
+        "SELECT DISTINCT rule || ' ' || labels['app'] FROM alerts
+         WHERE kind = 'transition' AND status = 'firing' AND rule IN ('PiiInOutputs', 'OutputFormatBroken', 'RefusalsHigh')
+         ORDER BY 1",
+    ));
+    assert_eq!(
+        quality_alerts,
+        [
+            "OutputFormatBroken doc-summarizer",
+            "PiiInOutputs doc-summarizer",
+            "RefusalsHigh support-bot"
+        ]
+    );
+    // Every failing JSON score lies inside the span the generator breaks answers in.
+    let (q0, q1) = telltale::demo::generator::QUALITY_SPAN;
+    let failing = strings(&sql(
+        &data,
+        "SELECT CAST(min(CAST(timestamp AS BIGINT)) AS VARCHAR) || ' ' || CAST(max(CAST(timestamp AS BIGINT)) AS VARCHAR) || ' ' || CAST(count(*) AS VARCHAR)
+         FROM scores WHERE evaluation_name = 'summary_json' AND NOT passed",
+    ));
+    let parts: Vec<i64> = failing[0].split(' ').map(|x| x.parse().unwrap()).collect();
+    let at = |p: f64| t0 + ((t1 - t0) as f64 * p) as i64;
+    assert!(parts[0] >= at(q0) && parts[1] < at(q1), "{failing:?}");
+    assert!(parts[2] > 50, "{failing:?}");
     let emails = files_with_suffix(&data.join("alert-emails"), ".eml");
     assert!(emails.len() >= 4, "{} emails", emails.len());
     let bodies: Vec<String> = emails

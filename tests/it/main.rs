@@ -4,5 +4,6 @@ mod alerts;
 mod cli;
 mod drift;
 mod kafka;
+mod quality;
 mod shared_data;
 mod support;
