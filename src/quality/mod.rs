@@ -23,6 +23,8 @@
 //! [`SinkJob`]: crate::sink::SinkJob
 
 pub mod config;
+pub mod custom;
+pub mod judge;
 pub mod pii;
 pub mod scorer;
 pub mod table;
@@ -196,6 +198,11 @@ impl Quality {
             output: e.output.as_deref(),
             expected: e.expected.as_deref(),
             system: e.system.as_deref(),
+            context: e
+                .attributes
+                .iter()
+                .find(|(k, _)| k == "context")
+                .map(|(_, v)| &**v),
             output_tokens: e.output_tokens,
         };
         for (i, s) in self.config.scorers.iter().enumerate() {
@@ -281,5 +288,7 @@ pub fn wilson(passed: u64, n: u64) -> (f64, f64) {
     (low, high)
 }
 
+#[cfg(test)]
+mod judge_tests;
 #[cfg(test)]
 mod tests;

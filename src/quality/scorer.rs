@@ -21,6 +21,8 @@ pub struct Case<'a> {
     pub output: Option<&'a str>,
     pub expected: Option<&'a str>,
     pub system: Option<&'a str>,
+    /// Retrieved context the answer should be faithful to (the event's `context` attribute).
+    pub context: Option<&'a str>,
     /// The output's token count when the event reports it.
     pub output_tokens: Option<i64>,
 }
