@@ -13,11 +13,15 @@ import re
 import sys
 import time
 
+# `--delay S`: take S seconds per request (tests use it to stand in for a slow scorer).
+DELAY = float(sys.argv[sys.argv.index("--delay") + 1]) if "--delay" in sys.argv else 0.0
+
 WORD = re.compile(r"[a-z]{4,}")
 
 for line in sys.stdin:
     req = json.loads(line)
     output = req.get("output") or ""
+    time.sleep(DELAY)
     if output.startswith("#sleep"):
         time.sleep(float(output.split()[1]))
     if output.startswith("#exit"):

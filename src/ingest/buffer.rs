@@ -34,6 +34,7 @@ struct PartitionBuffer {
     reject_hours: Vec<i64>,
     scores: ScoreBatchBuilder,
     score_hours: Vec<i64>,
+    deferred: Vec<crate::quality::deferred::Deferred>,
     /// The partition's watermark lane in the metrics stage.
     lane: usize,
     /// Records below this offset were already counted in metrics (a redelivery after the
@@ -182,6 +183,7 @@ impl Accumulator {
                     reject_hours: Vec::new(),
                     scores: ScoreBatchBuilder::new(),
                     score_hours: Vec::new(),
+                    deferred: Vec::new(),
                     lane,
                     counted_until,
                 })
@@ -210,6 +212,7 @@ impl Accumulator {
                     let hour = d.event.timestamp_ms.div_euclid(HOUR_MS);
                     buf.score_hours
                         .extend(std::iter::repeat_n(hour, buf.scores.len() - before));
+                    buf.deferred.extend(q.deferred(&d.event, reason));
                 }
                 if let Some(m) = self.metrics.as_mut()
                     && rec.offset >= buf.counted_until
@@ -301,6 +304,7 @@ impl Accumulator {
             reject_hours: std::mem::take(&mut buf.reject_hours),
             scores: buf.scores.finish(),
             score_hours: std::mem::take(&mut buf.score_hours),
+            deferred: std::mem::take(&mut buf.deferred),
         };
         buf.records = 0;
         buf.bytes = 0;

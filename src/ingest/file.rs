@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use crossbeam_channel::bounded;
 use flate2::read::MultiGzDecoder;
@@ -114,6 +115,26 @@ pub fn run(
     let sink = Sink::new(&config.data_root, config.sink.clone());
     let recovery = sink.clone();
     let writer_stats = stats.clone();
+    let quality = config
+        .quality
+        .enabled()
+        .then(|| crate::quality::Quality::new(config.quality.clone()));
+    // Deferred scorers (judge, command, http): a backfill waits for them at the end.
+    let deferred = match &quality {
+        Some(q) if q.has_deferred() => Some(
+            crate::quality::deferred::DeferredStage::start(
+                q.clone(),
+                &config.data_root,
+                &format!("backfill-{:08x}", xxh3_64(pattern.as_bytes()) as u32),
+                config.sink.clone(),
+                Some(load_prices(&config.metrics)?),
+                stats.clone(),
+            )
+            .map_err(IngestError::Quality)?,
+        ),
+        _ => None,
+    };
+    let deferred_tx = deferred.as_ref().map(|d| d.sender());
     let writer = thread::Builder::new()
         .name("telltale-writer".into())
         .spawn(move || {
@@ -124,6 +145,11 @@ pub fn run(
                 writer_stats,
                 &|| true,
                 &|_| {},
+                &|job| {
+                    if let Some(d) = &deferred_tx {
+                        d.submit(crate::quality::deferred::DeferredJob::of(job));
+                    }
+                },
             )
         })
         .map_err(|e| IngestError::Io {
@@ -139,10 +165,6 @@ pub fn run(
         stats.clone(),
     )
     .with_prices(load_prices(&config.metrics)?);
-    let quality = config
-        .quality
-        .enabled()
-        .then(|| crate::quality::Quality::new(config.quality.clone()));
     if let Some(q) = &quality {
         acc = acc.with_quality(q.clone());
     }
@@ -262,6 +284,12 @@ pub fn run(
     }
     drop(tx);
     let writer_result = writer.join().map_err(|_| IngestError::WriterGone)?;
+    if let Some(d) = deferred {
+        // A backfill's deferred scores are part of its result: wait for them (what a crash
+        // leaves undone is scored by the next run over the same files).
+        info!("waiting for the deferred scorers to finish");
+        d.stop(Duration::from_secs(24 * 3600));
+    }
     result?;
     writer_result?;
     Ok(())

@@ -343,6 +343,22 @@ pub fn run(
         None
     };
     let samples = drift.as_ref().map(DriftStage::sender);
+    // Deferred scorers (judge, command, http) score committed jobs' samples off this path.
+    let deferred = match &quality {
+        Some(q) if q.has_deferred() => Some(
+            crate::quality::deferred::DeferredStage::start(
+                q.clone(),
+                &config.data_root,
+                &stream_name(&k.group_id),
+                config.sink.clone(),
+                Some(load_prices(&config.metrics)?),
+                stats.clone(),
+            )
+            .map_err(IngestError::Quality)?,
+        ),
+        _ => None,
+    };
+    let deferred_tx = deferred.as_ref().map(|d| d.sender());
 
     let committer = Arc::new(KafkaCommitter(consumer.clone()));
     let writer_stats = stats.clone();
@@ -362,6 +378,11 @@ pub fn run(
                     }
                     if let Some(d) = &samples {
                         d.send(std::mem::take(&mut out.samples));
+                    }
+                },
+                &|job| {
+                    if let Some(d) = &deferred_tx {
+                        d.submit(crate::quality::deferred::DeferredJob::of(job));
                     }
                 },
             )
@@ -393,6 +414,9 @@ pub fn run(
     // what it can, then alerts deliver and stop.
     if let Some(d) = drift {
         d.stop();
+    }
+    if let Some(d) = deferred {
+        d.stop(Duration::from_secs(10));
     }
     if let Some(a) = alerts {
         a.stop();

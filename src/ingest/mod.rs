@@ -50,6 +50,8 @@ pub enum IngestError {
     Prices(#[from] crate::metrics::cost::PriceError),
     #[error(transparent)]
     Alert(#[from] crate::alert::AlertError),
+    #[error("quality: {0}")]
+    Quality(String),
 }
 
 /// Asks a running pipeline to stop: buffers are flushed, offsets committed, then it returns.

@@ -169,6 +169,42 @@ fn event_hours(root: &Path) -> Result<Vec<(i64, PathBuf)>, SinkError> {
     Ok(out)
 }
 
+/// The partition's committed `events` files of jobs past offset `after`, grouped by job
+/// (`(first, last)` offsets; a job's events may span several hour directories), in offset
+/// order. Files of jobs whose manifest is still pending are left out (Kafka delivers them
+/// again).
+pub(crate) fn committed_jobs(
+    root: &Path,
+    topic: &str,
+    partition: i32,
+    after: i64,
+) -> Result<std::collections::BTreeMap<(i64, i64), Vec<PathBuf>>, SinkError> {
+    let pending = pending_files(root, topic, partition)?;
+    let mut jobs: std::collections::BTreeMap<(i64, i64), Vec<PathBuf>> = Default::default();
+    // Every hour directory (a lower bound that rounds to an hour without overflowing).
+    for f in partition_files(root, topic, partition, i64::MIN / 2)? {
+        if pending.contains(&f) {
+            continue;
+        }
+        let range = f
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| {
+                s.rsplitn(3, '-')
+                    .collect::<Vec<_>>()
+                    .get(..2)
+                    .map(|v| v.to_vec())
+            })
+            .and_then(|v| Some((v[1].parse::<i64>().ok()?, v[0].parse::<i64>().ok()?)));
+        if let Some((first, last)) = range
+            && first > after
+        {
+            jobs.entry((first, last)).or_default().push(f);
+        }
+    }
+    Ok(jobs)
+}
+
 /// The partition's events files in hour directories at or after `from_ms`'s hour.
 fn partition_files(
     root: &Path,

@@ -39,6 +39,9 @@ pub const CHECK_TYPES: &[&str] = &[
     "length",
     "refusal",
     "pii",
+    "llm_judge",
+    "command",
+    "http",
 ];
 
 /// `base`: the pipeline file's directory (relative `schema_file`s are resolved against it).
@@ -74,6 +77,39 @@ pub(crate) fn read_quality(root: &mut Obj, base: &Path, e: &mut Errors) -> Quali
             when,
             rate: rate.unwrap_or(1.0),
         });
+    }
+    cfg.deferred_queue = t
+        .integer(e, "deferred_queue", 1, 10_000_000)
+        .map_or(d.deferred_queue, |v| v as usize);
+    if let Some(mut j) = t.table(e, "judge") {
+        let jd = super::judge::JudgeConfig::default();
+        let judge = &mut cfg.judge;
+        judge.base_url = j.string_or(e, "base_url", &jd.base_url);
+        judge.model = j.string_or(e, "model", &jd.model);
+        judge.api_key_env = match j.string(e, "api_key_env") {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(v),
+            None => jd.api_key_env.clone(),
+        };
+        judge.timeout = j.duration(e, "timeout", jd.timeout);
+        judge.max_attempts = j
+            .integer(e, "max_attempts", 1, 20)
+            .map_or(jd.max_attempts, |v| v as u32);
+        judge.concurrency = j
+            .integer(e, "concurrency", 1, 1024)
+            .map_or(jd.concurrency, |v| v as usize);
+        judge.requests_per_minute = j
+            .integer(e, "requests_per_minute", 0, 1_000_000)
+            .map_or(jd.requests_per_minute, |v| v as u32);
+        judge.json_mode = j.boolean(e, "json_mode").unwrap_or(jd.json_mode);
+        judge.max_tokens = j
+            .integer(e, "max_tokens", 16, 100_000)
+            .map_or(jd.max_tokens, |v| v as u32);
+        cfg.budget_tokens_per_hour = j
+            .integer(e, "budget_tokens_per_hour", 0, i64::MAX)
+            .map_or(d.budget_tokens_per_hour, |v| v as u64);
+        cfg.judge_cache = j.string(e, "cache").map(|p| base.join(p));
+        j.finish(e);
     }
     for mut s in t.tables(e, "scorer") {
         if let Some(def) = read_scorer(&mut s, base, e) {
@@ -280,6 +316,67 @@ fn read_check(s: &mut Obj, base: &Path, e: &mut Errors, kind: &str) -> Option<Ch
             };
             Check::Pii(kinds)
         }
+        "llm_judge" => {
+            let rubric = s.required_string(
+                e,
+                "rubric",
+                "correctness, relevance, faithfulness, safety or custom",
+            )?;
+            let Some(kind) = super::judge::RubricKind::parse(&rubric) else {
+                e.push(
+                    &s.path_of("rubric"),
+                    format!("{rubric:?} is not a rubric (expected correctness, relevance, faithfulness, safety or custom)"),
+                );
+                return None;
+            };
+            let criteria = s.string(e, "criteria");
+            if kind == super::judge::RubricKind::Custom && criteria.is_none() {
+                e.push(
+                    &s.path_of("criteria"),
+                    "is required for the custom rubric: what a good answer is",
+                );
+            }
+            let version = s.string_or(e, "rubric_version", "1");
+            Check::Judge(super::judge::Rubric {
+                kind,
+                criteria,
+                version,
+            })
+        }
+        "command" => {
+            let argv = s.string_list(e, "command").unwrap_or_default();
+            if argv.is_empty() {
+                e.push(
+                    &s.path_of("command"),
+                    "is required: the program and its arguments, e.g. [\"python3\", \"scorer.py\"]",
+                );
+                return None;
+            }
+            let argv = argv
+                .into_iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    // A relative script path (not the program itself) is relative to the file.
+                    if i > 0 && !a.starts_with('-') && base.join(&a).exists() {
+                        base.join(&a).display().to_string()
+                    } else {
+                        a
+                    }
+                })
+                .collect();
+            Check::Command {
+                argv,
+                timeout: s.duration(e, "timeout", std::time::Duration::from_secs(10)),
+            }
+        }
+        "http" => Check::Http {
+            url: s.required_string(
+                e,
+                "url",
+                "the scorer's endpoint, e.g. \"http://127.0.0.1:8080/score\"",
+            )?,
+            timeout: s.duration(e, "timeout", std::time::Duration::from_secs(10)),
+        },
         _ => unreachable!("checked against CHECK_TYPES"),
     })
 }

@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod custom;
+pub mod deferred;
 pub mod judge;
 pub mod pii;
 pub mod scorer;
@@ -80,6 +81,16 @@ pub struct QualityConfig {
     pub always_negative_feedback: bool,
     pub rules: Vec<SampleRule>,
     pub scorers: Vec<ScorerDef>,
+    /// The judge endpoint of `llm_judge` scorers (`[quality.judge]`).
+    pub judge: judge::JudgeConfig,
+    /// Judge tokens (prompt + completion) per clock hour; 0 = no limit. When spent, judge
+    /// scorers skip events (counted) until the next hour.
+    pub budget_tokens_per_hour: u64,
+    /// The verdict cache file (default `<data_root>/_state/quality/judge-cache.jsonl`).
+    pub judge_cache: Option<std::path::PathBuf>,
+    /// Sampled events waiting for deferred scorers, at most; beyond, new ones are dropped and
+    /// counted (ingestion never waits for a judge).
+    pub deferred_queue: usize,
 }
 
 impl Default for QualityConfig {
@@ -90,6 +101,10 @@ impl Default for QualityConfig {
             always_negative_feedback: true,
             rules: Vec::new(),
             scorers: Vec::new(),
+            judge: judge::JudgeConfig::default(),
+            budget_tokens_per_hour: 0,
+            judge_cache: None,
+            deferred_queue: 10_000,
         }
     }
 }

@@ -155,12 +155,34 @@ pub enum Check {
     Refusal,
     /// Fails when any of the kinds is found.
     Pii(Vec<PiiKind>),
+    /// LLM-as-a-judge (scored off the ingest path, by the deferred stage).
+    Judge(super::judge::Rubric),
+    /// An external command speaking the custom-scorer protocol (deferred).
+    Command {
+        argv: Vec<String>,
+        timeout: std::time::Duration,
+    },
+    /// An HTTP endpoint speaking the custom-scorer protocol (deferred).
+    Http {
+        url: String,
+        timeout: std::time::Duration,
+    },
 }
 
 impl Check {
+    /// Whether the check runs off the ingest path (it calls a model or another process).
+    pub fn is_deferred(&self) -> bool {
+        matches!(
+            self,
+            Check::Judge(_) | Check::Command { .. } | Check::Http { .. }
+        )
+    }
+
     /// The category a check reports under unless configured otherwise.
     pub fn default_category(&self) -> Category {
         match self {
+            Check::Judge(r) => r.kind.category(),
+            Check::Command { .. } | Check::Http { .. } => Category::Custom,
             Check::ExactMatch | Check::NormalizedMatch | Check::Contains { .. } => {
                 Category::Correctness
             }
@@ -173,6 +195,9 @@ impl Check {
     /// The verdict on `case`'s `field`; `None` when the check does not apply (no text, or no
     /// `expected` for a match).
     pub fn score(&self, case: &Case<'_>, field: Field) -> Option<Score> {
+        if self.is_deferred() {
+            return None;
+        }
         let text = case.field(field)?;
         Some(match self {
             Check::ExactMatch => {
@@ -284,6 +309,9 @@ impl Check {
                     names.dedup();
                     format!("found {}", names.join(", "))
                 })
+            }
+            Check::Judge(_) | Check::Command { .. } | Check::Http { .. } => {
+                unreachable!("deferred checks return above")
             }
         })
     }

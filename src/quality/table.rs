@@ -124,6 +124,33 @@ impl ScoreBatchBuilder {
         scored: &[Scored],
         scorers: &[ScorerDef],
     ) {
+        for s in scored {
+            self.push(e, reason, &scorers[s.scorer], &s.score, None, None);
+        }
+    }
+
+    /// One row of a deferred scorer: `judge` = (cost in USD, latency in ms) of a model call.
+    pub fn append_deferred(
+        &mut self,
+        e: &LlmEvent<'_>,
+        reason: SampleReason,
+        def: &ScorerDef,
+        score: &super::Score,
+        judge_model: Option<&str>,
+        judge: Option<(f64, f64)>,
+    ) {
+        self.push(e, reason, def, score, judge_model, judge);
+    }
+
+    fn push(
+        &mut self,
+        e: &LlmEvent<'_>,
+        reason: SampleReason,
+        def: &ScorerDef,
+        score: &super::Score,
+        judge_model: Option<&str>,
+        judge: Option<(f64, f64)>,
+    ) {
         let dims = [
             &e.app,
             &e.environment,
@@ -133,28 +160,24 @@ impl ScoreBatchBuilder {
             &e.variant,
             &e.experiment,
         ];
-        for s in scored {
-            let def = &scorers[s.scorer];
-            self.event_id.append_value(&e.event_id);
-            self.timestamp.append_value(e.timestamp_ms);
-            for (b, v) in self.dims.iter_mut().zip(dims) {
-                b.append_option(v.as_deref());
-            }
-            self.name.append_value(&def.name);
-            self.value.append_value(s.score.value);
-            self.label.append_value(s.score.label());
-            self.passed.append_value(s.score.passed);
-            self.explanation
-                .append_option(s.score.explanation.as_deref());
-            self.kind.append_value(def.kind);
-            self.version.append_value(&def.version);
-            self.category.append_value(def.category.name());
-            self.reason.append_value(reason.name());
-            self.judge_model.append_null();
-            self.judge_cost.append_null();
-            self.latency.append_null();
-            self.len += 1;
+        self.event_id.append_value(&e.event_id);
+        self.timestamp.append_value(e.timestamp_ms);
+        for (b, v) in self.dims.iter_mut().zip(dims) {
+            b.append_option(v.as_deref());
         }
+        self.name.append_value(&def.name);
+        self.value.append_value(score.value);
+        self.label.append_value(score.label());
+        self.passed.append_value(score.passed);
+        self.explanation.append_option(score.explanation.as_deref());
+        self.kind.append_value(def.kind);
+        self.version.append_value(&def.version);
+        self.category.append_value(def.category.name());
+        self.reason.append_value(reason.name());
+        self.judge_model.append_option(judge_model);
+        self.judge_cost.append_option(judge.map(|j| j.0));
+        self.latency.append_option(judge.map(|j| j.1));
+        self.len += 1;
     }
 
     /// Takes the rows and leaves the builder empty.
@@ -278,6 +301,9 @@ impl QualityBatchBuilder {
     ) {
         let series = key.display(&self.dim_names);
         for (i, def) in scorers.iter().enumerate() {
+            if def.check.is_deferred() {
+                continue; // their scores arrive later, in the deferred stage's files
+            }
             let c = counts.scorers.get(i).copied().unwrap_or_default();
             self.resolution.append_value(resolution);
             self.start.append_value(start_ms);
@@ -413,10 +439,14 @@ pub const CATEGORY_METRICS: [&str; 3] = ["fail_rate", "fail_rate_low", "fail_rat
 /// The metric names a quality rule can use with these scorers.
 pub fn frame_metrics(scorers: &[ScorerDef]) -> Vec<String> {
     let mut m = vec!["events".to_owned()];
-    for s in scorers {
+    for s in scorers.iter().filter(|s| !s.check.is_deferred()) {
         m.extend(SCORER_METRICS.iter().map(|x| format!("{}_{x}", s.name)));
     }
-    let mut cats: Vec<&str> = scorers.iter().map(|s| s.category.name()).collect();
+    let mut cats: Vec<&str> = scorers
+        .iter()
+        .filter(|s| !s.check.is_deferred())
+        .map(|s| s.category.name())
+        .collect();
     cats.sort_unstable();
     cats.dedup();
     for c in cats {

@@ -408,6 +408,66 @@ fn counts_merge_like_one_stream() {
 }
 
 #[test]
+fn deferred_scorers_parse_and_skip_the_ingest_path() {
+    let cfg = parse(
+        r#"
+[quality]
+sample_rate = 1.0
+[quality.judge]
+base_url = "http://127.0.0.1:1/v1"
+model = "judge"
+api_key_env = ""
+budget_tokens_per_hour = 5000
+[[quality.scorer]]
+name = "faithful"
+type = "llm_judge"
+rubric = "faithfulness"
+[[quality.scorer]]
+name = "mine"
+type = "http"
+url = "http://127.0.0.1:1/score"
+timeout = "2s"
+sample_rate = 0.0
+[[quality.scorer]]
+name = "json"
+type = "json"
+"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.judge.model, "judge");
+    assert_eq!(cfg.judge.api_key_env, None);
+    assert_eq!(cfg.budget_tokens_per_hour, 5000);
+    assert_eq!(cfg.scorers[0].category, Category::Hallucination);
+    assert_eq!(cfg.scorers[1].category, Category::Custom);
+    let q = Quality::new(cfg);
+    assert!(q.has_deferred());
+    let e = LlmEvent {
+        event_id: "e".into(),
+        output: Some("{}".into()),
+        status: "ok".into(),
+        attributes: vec![("context".into(), "ctx".into())],
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let reason = q.assess(&e, &mut out).unwrap();
+    // Inline: only the JSON check; the judge and the endpoint wait for the deferred stage
+    // (the endpoint's own rate is 0, so only the judge).
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].scorer, 2);
+    let d = q.deferred(&e, reason).unwrap();
+    assert_eq!(d.scorers, [0]);
+    assert_eq!(
+        d.event.attributes.len(),
+        1,
+        "the context travels with the event"
+    );
+    // Metrics and frames leave deferred scorers out: their scores arrive later.
+    let m = table::frame_metrics(q.scorers());
+    assert!(m.contains(&"json_pass_rate".to_owned()));
+    assert!(!m.iter().any(|x| x.starts_with("faithful")));
+}
+
+#[test]
 fn config_errors_name_their_paths() {
     let errs = parse(
         r#"
@@ -431,6 +491,19 @@ name = "p"
 type = "pii"
 kinds = ["email", "ssn"]
 colour = "red"
+[[quality.scorer]]
+name = "j1"
+type = "llm_judge"
+rubric = "vibes"
+[[quality.scorer]]
+name = "j2"
+type = "llm_judge"
+rubric = "custom"
+[[quality.scorer]]
+name = "c"
+type = "command"
+[quality.judge]
+concurrency = 0
 "#,
     )
     .unwrap_err();
@@ -445,6 +518,10 @@ colour = "red"
         "quality.scorer[2].schema: invalid JSON Schema",
         "quality.scorer[3].kinds[1]",
         "quality.scorer[3].colour: unknown key",
+        "quality.scorer[4].rubric: \"vibes\" is not a rubric",
+        "quality.scorer[5].criteria: is required for the custom rubric",
+        "quality.scorer[6].command: is required",
+        "quality.judge.concurrency",
     ] {
         assert!(all.contains(want), "missing {want:?} in:\n{all}");
     }

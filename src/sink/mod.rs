@@ -88,6 +88,9 @@ pub struct SinkJob {
     /// Quality scores of the job's sampled events (zero rows when quality is off).
     pub scores: RecordBatch,
     pub score_hours: Vec<i64>,
+    /// Sampled events for the deferred scorers (judge, command, http), handed to their stage
+    /// once the job is committed.
+    pub deferred: Vec<crate::quality::deferred::Deferred>,
 }
 
 /// Messages to the writer thread.
@@ -479,7 +482,8 @@ fn retry(
 /// commit throttled 64 partitions to ~3 k events/s; see the end_to_end bench).
 /// A failing write is retried with backoff for as long as `keep_trying` says so; nothing in
 /// the group is committed before all of it is durable.
-/// `after_metrics` gets every metrics output once it is durable (the alert and drift stages).
+/// `after_metrics` gets every metrics output once it is durable (the alert and drift stages),
+/// `after_commit` every job once it is committed (its deferred quality work is taken out).
 pub fn run_writer(
     rx: Receiver<SinkMsg>,
     sink: Sink,
@@ -487,9 +491,10 @@ pub fn run_writer(
     stats: Arc<Stats>,
     keep_trying: &dyn Fn() -> bool,
     after_metrics: &dyn Fn(crate::metrics::MetricsOutput),
+    after_commit: &dyn Fn(&mut SinkJob),
 ) -> Result<(), SinkError> {
     for msg in rx {
-        let jobs = match msg {
+        let mut jobs = match msg {
             SinkMsg::Jobs(jobs) => jobs,
             SinkMsg::Barrier(ack) => {
                 let _ = ack.send(());
@@ -530,11 +535,12 @@ pub fn run_writer(
             .collect();
         match committer.commit(&offsets) {
             Ok(()) => {
-                for job in &jobs {
+                for job in &mut jobs {
                     sink.forget(job);
                     stats
                         .records_committed
                         .fetch_add(job.records, Ordering::Relaxed);
+                    after_commit(job);
                 }
             }
             Err(err) => {

@@ -60,6 +60,7 @@ fn job(first: i64, timestamps: &[i64], rejects: usize) -> SinkJob {
         event_hours: hours,
         scores: crate::quality::table::ScoreBatchBuilder::new().finish(),
         score_hours: Vec::new(),
+        deferred: Vec::new(),
         rejects: r.finish(),
         reject_hours: vec![T0.div_euclid(HOUR); rejects],
     }
@@ -215,7 +216,8 @@ fn writer_retries_until_the_directory_is_writable_then_commits() {
     let stats = Arc::new(Stats::default());
     let (tx, rx) = crossbeam_channel::bounded(1);
     let (rec2, stats2) = (recorder.clone(), stats.clone());
-    let handle = std::thread::spawn(move || run_writer(rx, sink, rec2, stats2, &|| true, &|_| {}));
+    let handle =
+        std::thread::spawn(move || run_writer(rx, sink, rec2, stats2, &|| true, &|_| {}, &|_| {}));
     tx.send(SinkMsg::Jobs(vec![job(0, &[T0], 0)])).unwrap();
     // Let it fail at least once, then repair the root.
     while stats.sink_errors.load(Ordering::Relaxed) == 0 {

@@ -25,6 +25,14 @@ pub struct Stats {
     pub rejects_written: AtomicU64,
     /// `scores` rows (quality) made durable with their events.
     pub scores_written: AtomicU64,
+    /// Deferred scorers (judge, command, http): scores written, calls that failed after
+    /// retries, judge calls skipped by the hourly token budget, sampled events dropped because
+    /// the queue was full, judge tokens spent (cache hits cost none).
+    pub quality_deferred_scored: AtomicU64,
+    pub quality_deferred_failed: AtomicU64,
+    pub quality_budget_skipped: AtomicU64,
+    pub quality_deferred_dropped: AtomicU64,
+    pub quality_judge_tokens: AtomicU64,
     pub files_written: AtomicU64,
     pub bytes_written: AtomicU64,
     /// Records whose offsets were committed after their data was durable.

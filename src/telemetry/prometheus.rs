@@ -183,6 +183,33 @@ pub fn render(stats: &Stats) -> String {
         );
     }
     o.family(
+        "telltale_quality_deferred_total",
+        "counter",
+        "Deferred quality scorings (LLM judge, command, http) by outcome: scored, failed (after retries), budget_skipped (hourly token budget spent), dropped (queue full).",
+    );
+    for (outcome, v) in [
+        ("scored", g(&stats.quality_deferred_scored)),
+        ("failed", g(&stats.quality_deferred_failed)),
+        ("budget_skipped", g(&stats.quality_budget_skipped)),
+        ("dropped", g(&stats.quality_deferred_dropped)),
+    ] {
+        o.sample(
+            "telltale_quality_deferred_total",
+            &[("outcome", outcome)],
+            v,
+        );
+    }
+    o.family(
+        "telltale_quality_judge_tokens_total",
+        "counter",
+        "Tokens (prompt + completion) spent on LLM-judge calls; cached verdicts cost none.",
+    );
+    o.sample(
+        "telltale_quality_judge_tokens_total",
+        &[],
+        g(&stats.quality_judge_tokens),
+    );
+    o.family(
         "telltale_sink_rows_total",
         "counter",
         "Rows made durable in Parquet, per table.",

@@ -16,6 +16,13 @@ pub const QUALITY_TOML: &str = r#"
 sample_rate = 0.3
 
 [[quality.scorer]]
+# A custom scorer process (deferred: scored after the events are committed).
+name = "words_answered"
+type = "command"
+command = ["python3", "CARGO_MANIFEST_DIR/examples/scorer.py"]
+sample_rate = 0.05
+
+[[quality.scorer]]
 name = "summary_json"
 type = "json_schema"
 when = ['prompt_id="summarize"', 'prompt_version="v3"']
@@ -38,11 +45,17 @@ fn utf8(b: &arrow::array::RecordBatch, i: usize) -> arrow::array::StringArray {
         .clone()
 }
 
+/// [`QUALITY_TOML`] with its paths filled in.
+pub fn quality_toml() -> String {
+    QUALITY_TOML.replace("CARGO_MANIFEST_DIR", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The sampler of [`QUALITY_TOML`], as the pipeline builds it.
 fn sampler() -> std::sync::Arc<Quality> {
     let cfg = telltale::config::PipelineConfig::from_str_with_env(
         &format!(
-            "[pipeline]\ndata_root = \"x\"\n[source]\ntype = \"file\"\npath = \"x\"\n{QUALITY_TOML}"
+            "[pipeline]\ndata_root = \"x\"\n[source]\ntype = \"file\"\npath = \"x\"\n{}",
+            quality_toml()
         ),
         "test.toml",
         &|_| None,
@@ -81,14 +94,18 @@ pub fn expected_sampled(root: &Path) -> HashSet<String> {
 /// Every sampled event has its scores once (no scorer twice for an event), and no unsampled
 /// event has any.
 pub fn assert_scores_exactly_once(root: &Path) {
+    assert_deferred_exactly_once(root);
     let dup = scalar(
         root,
         "SELECT count(*) FROM (SELECT event_id, evaluation_name FROM scores GROUP BY 1, 2 HAVING count(*) > 1)",
     );
     assert_eq!(dup, 0, "an (event, scorer) pair scored twice");
-    let scored: HashSet<String> = strings(&sql(root, "SELECT DISTINCT event_id FROM scores"))
-        .into_iter()
-        .collect();
+    let scored: HashSet<String> = strings(&sql(
+        root,
+        "SELECT DISTINCT event_id FROM scores WHERE scorer_type <> 'command'",
+    ))
+    .into_iter()
+    .collect();
     let expected = expected_sampled(root);
     // no_pii and no_refusal apply to every event with an output: errors have none.
     let with_output: HashSet<String> = strings(&sql(
@@ -106,6 +123,71 @@ pub fn assert_scores_exactly_once(root: &Path) {
     assert_eq!(scored, want);
 }
 
+/// The command scorer ran once on each event the sampler and its nested rate pick, after the
+/// events were committed.
+pub fn assert_deferred_exactly_once(root: &Path) {
+    let q = sampler();
+    let mut want = HashSet::new();
+    for b in sql(
+        root,
+        "SELECT event_id, status, error_type, feedback FROM events WHERE output IS NOT NULL",
+    ) {
+        let (ids, status, err) = (utf8(&b, 0), utf8(&b, 1), utf8(&b, 2));
+        let fb = b.column(3).as_primitive::<arrow::datatypes::Float64Type>();
+        for i in 0..b.num_rows() {
+            let e = LlmEvent {
+                event_id: ids.value(i).into(),
+                status: status.value(i).into(),
+                error_type: (!err.is_null(i)).then(|| err.value(i).into()),
+                feedback: (!fb.is_null(i)).then(|| fb.value(i)),
+                output: Some("x".into()),
+                ..Default::default()
+            };
+            if let Some((reason, _)) = q.sample(&e)
+                && q.deferred(&e, reason).is_some()
+            {
+                want.insert(ids.value(i).to_owned());
+            }
+        }
+    }
+    let got = strings(&sql(
+        root,
+        "SELECT event_id FROM scores WHERE evaluation_name = 'words_answered'",
+    ));
+    let unique: HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), unique.len(), "a deferred score written twice");
+    assert!(
+        want.len() > 20,
+        "{} events for the command scorer",
+        want.len()
+    );
+    assert_eq!(unique, want);
+}
+
+/// Waits (at most a minute) until the deferred stage of `stream` has scored every one of
+/// `records` offsets (its recorded positions), so that a clean stop leaves nothing queued.
+pub fn wait_deferred(root: &Path, stream: &str, records: i64) {
+    use std::time::{Duration, Instant};
+    let state = root.join(format!("_state/quality/{stream}.json"));
+    let through = || -> i64 {
+        let v: serde_json::Value = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        v["scored_through"].as_object().map_or(0, |m| {
+            m.values()
+                .filter_map(serde_json::Value::as_i64)
+                .map(|x| x + 1)
+                .sum()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while through() < records && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(through(), records, "deferred scoring did not catch up");
+}
+
 /// A file import with quality on: scores match an independent check of the outputs, and the
 /// `quality` table's 1-minute and 1-hour rows add up to the scores.
 #[test]
@@ -117,8 +199,9 @@ fn scores_match_outputs_and_windows_add_up() {
     std::fs::write(
         &pipeline,
         format!(
-            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n[sink]\nroll_size = \"200KiB\"\n[telemetry]\nlisten = \"off\"\n{QUALITY_TOML}",
-            dir.path().join("data").display()
+            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n[sink]\nroll_size = \"200KiB\"\n[telemetry]\nlisten = \"off\"\n{}",
+            dir.path().join("data").display(),
+            quality_toml()
         ),
     )
     .unwrap();
@@ -182,7 +265,8 @@ fn scores_match_outputs_and_windows_add_up() {
     };
     let key = "app || '/' || environment || '/' || model || '/' || prompt_version || '/' || evaluation_name";
     let from_scores = by(&format!(
-        "SELECT {key}, count(*), CAST(sum(CASE WHEN passed THEN 1 ELSE 0 END) AS BIGINT) FROM scores GROUP BY 1"
+        "SELECT {key}, count(*), CAST(sum(CASE WHEN passed THEN 1 ELSE 0 END) AS BIGINT) FROM scores
+         WHERE scorer_type NOT IN ('llm_judge', 'command', 'http') GROUP BY 1"
     ));
     for res in ["1m", "1h"] {
         let from_windows = by(&format!(
@@ -199,4 +283,249 @@ fn scores_match_outputs_and_windows_add_up() {
              OR pass_rate < pass_rate_low OR pass_rate > pass_rate_high)",
     );
     assert_eq!(bad, 0);
+}
+
+/// kill -9 while the deferred scorer is busy (a slow process): after the restart the
+/// committed events it had not scored are read back from `events` and scored, and every
+/// sampled event has its deferred score exactly once.
+#[test]
+fn deferred_scores_survive_kill_dash_nine() {
+    use std::time::{Duration, Instant};
+    let broker = Broker::start();
+    broker.topic("judged", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let slow = quality_toml().replace(
+        "examples/scorer.py\"]",
+        "examples/scorer.py\", \"--delay\", \"0.05\"]",
+    );
+    assert!(slow.contains("--delay"));
+    let pipeline = pipeline_file(
+        dir.path(),
+        &broker.servers,
+        "judged",
+        "judged",
+        &format!("roll_interval = \"200ms\"\n{slow}"),
+    );
+    let log = dir.path().join("run.log");
+    let root = dir.path().join("data");
+    let records = traffic(21, 6000, None);
+    broker.produce("judged", &records);
+    let mut child = spawn_run(&pipeline, &log);
+    // Kill once some deferred scores are durable, with more still queued.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while files_with_suffix(&root.join("scores"), ".parquet")
+        .iter()
+        .all(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("deferred-")
+        })
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut child = spawn_run(&pipeline, &log);
+    broker.wait_caught_up("judged", "judged", 2, Duration::from_secs(120));
+    // The deferred stage finishes its queue before a clean stop; give it time to drain.
+    let want = scalar(
+        &root,
+        "SELECT count(*) FROM events WHERE output IS NOT NULL",
+    );
+    assert!(want > 1000);
+    wait_deferred(&root, "judged", 6000);
+    let status = terminate(&mut child);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit {status}; log:\n{stderr}");
+    assert!(
+        stderr.contains("read back from events for deferred scoring"),
+        "the kill left no committed events unscored; log:\n{stderr}"
+    );
+    assert_deferred_exactly_once(&root);
+}
+
+/// A local OpenAI-compatible chat-completions server for the judge: it fails answers that
+/// contain "delay" (a stand-in for a rubric) and counts requests.
+fn judge_server() -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    String,
+    tokio::runtime::Runtime,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |body: String| {
+            let h = h.clone();
+            async move {
+                let n = h.fetch_add(1, Ordering::SeqCst);
+                let req: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let user = req["messages"][1]["content"].as_str().unwrap_or("").to_owned();
+                if n % 7 == 3 {
+                    // Now and then a rate limit: the client retries after Retry-After.
+                    return (
+                        axum::http::StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", "0")],
+                        "{\"error\": {\"message\": \"slow down\"}}".to_owned(),
+                    );
+                }
+                let bad = user.contains("delay");
+                let verdict = serde_json::json!({"score": if bad { 0.2 } else { 0.9 }, "label": if bad { "fail" } else { "pass" }, "explanation": "graded"});
+                let resp = serde_json::json!({
+                    "id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": req["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": verdict.to_string()}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 200, "completion_tokens": 20, "total_tokens": 220},
+                });
+                (axum::http::StatusCode::OK, [("content-type", "application/json")], resp.to_string())
+            }
+        }),
+    );
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (hits, url, rt)
+}
+
+/// An LLM judge in a backfill: sampled answers are judged once, with the judge model, cost
+/// and latency on each row; a rerun replaces the rows and pays for nothing (the cache).
+#[test]
+fn judge_scores_a_backfill_and_a_rerun_pays_nothing() {
+    use std::sync::atomic::Ordering;
+    let (hits, url, _rt) = judge_server();
+    let dir = tempfile::tempdir().unwrap();
+    let records = traffic(5, 3000, None);
+    write_jsonl_gz(&dir.path().join("export.jsonl.gz"), &records);
+    let pipeline = dir.path().join("judge.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"[pipeline]
+data_root = "{}"
+[source]
+type = "file"
+path = "unused"
+[telemetry]
+listen = "off"
+[quality]
+sample_rate = 0.05
+[quality.judge]
+base_url = "{url}"
+model = "gpt-4o-mini"
+api_key_env = ""
+concurrency = 3
+[[quality.scorer]]
+name = "support_correct"
+type = "llm_judge"
+rubric = "correctness"
+when = ['app="support-bot"']
+"#,
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        succeed(
+            telltale()
+                .args(["run", "--pipeline"])
+                .arg(&pipeline)
+                .arg("--source")
+                .arg(format!("file:{}/export.jsonl.gz", dir.path().display())),
+        )
+    };
+    run();
+    let root = dir.path().join("data");
+    let rows = scalar(
+        &root,
+        "SELECT count(*) FROM scores WHERE evaluation_name = 'support_correct'",
+    );
+    let distinct = scalar(
+        &root,
+        "SELECT count(DISTINCT event_id) FROM scores WHERE evaluation_name = 'support_correct'",
+    );
+    let sampled = scalar(
+        &root,
+        "SELECT count(*) FROM events WHERE app = 'support-bot' AND output IS NOT NULL",
+    );
+    assert!(rows > 30, "{rows} judged of {sampled} support answers");
+    assert_eq!(rows, distinct);
+    // Every row says which model judged it, what it cost (gpt-4o-mini: 200 prompt and 20
+    // completion tokens at the built-in price) and how long it took.
+    let bad = scalar(
+        &root,
+        "SELECT count(*) FROM scores WHERE evaluation_name = 'support_correct'
+         AND (judge_model <> 'gpt-4o-mini' OR latency_ms IS NULL OR abs(judge_cost_usd - (200 * 0.15 + 20 * 0.6) / 1e6) > 1e-12
+              OR category <> 'correctness' OR scorer_type <> 'llm_judge')",
+    );
+    assert_eq!(bad, 0);
+    let calls = hits.load(Ordering::SeqCst);
+    assert!(
+        calls as i64 > rows,
+        "429s were retried: {calls} calls for {rows} verdicts"
+    );
+    // The rerun rewrites the same rows from the cache: no request, no duplicate.
+    run();
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        calls,
+        "the rerun called the judge"
+    );
+    assert_eq!(
+        scalar(
+            &root,
+            "SELECT count(*) FROM scores WHERE evaluation_name = 'support_correct'"
+        ),
+        rows
+    );
+}
+
+/// The judge's hourly token budget: once spent, judge scorers skip events until the next hour
+/// (the rest of the pipeline carries on).
+#[test]
+fn judge_budget_caps_the_tokens_spent() {
+    use std::sync::atomic::Ordering;
+    let (hits, url, _rt) = judge_server();
+    let dir = tempfile::tempdir().unwrap();
+    write_jsonl_gz(&dir.path().join("export.jsonl.gz"), &traffic(6, 3000, None));
+    let pipeline = dir.path().join("budget.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n[telemetry]\nlisten = \"off\"\n[quality]\nsample_rate = 0.2\n[quality.judge]\nbase_url = \"{url}\"\nmodel = \"gpt-4o-mini\"\napi_key_env = \"\"\nconcurrency = 1\nbudget_tokens_per_hour = 1000\n[[quality.scorer]]\nname = \"relevant\"\ntype = \"llm_judge\"\nrubric = \"relevance\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    succeed(
+        telltale()
+            .args(["run", "--pipeline"])
+            .arg(&pipeline)
+            .arg("--source")
+            .arg(format!("file:{}/export.jsonl.gz", dir.path().display())),
+    );
+    let root = dir.path().join("data");
+    let judged = scalar(
+        &root,
+        "SELECT count(*) FROM scores WHERE evaluation_name = 'relevant'",
+    );
+    let events = scalar(&root, "SELECT count(*) FROM events");
+    // 220 tokens a verdict: never more than 1,000 spent. Calls reserve what the last one
+    // cost (500 before any is known), so the budget is never overshot, at the price of
+    // skipping a little early.
+    assert!(
+        judged >= 1 && judged * 220 <= 1000,
+        "{judged} verdicts (of ≈ {} sampled)",
+        events / 5
+    );
+    assert!(hits.load(Ordering::SeqCst) as i64 <= 2 * judged);
+    assert_eq!(events, 3000);
 }

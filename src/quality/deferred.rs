@@ -1,0 +1,593 @@
+//! The deferred stage: scorers that call a model or another process (`llm_judge`, `command`,
+//! `http`) run here, off the ingest path, on the sampled events of jobs that are already
+//! durable and committed.
+//!
+//! In: per committed [`SinkJob`](crate::sink::SinkJob), the [`Deferred`] items the ingest
+//! path sampled. Out: `scores` rows in `scores/date=…/hour=…/deferred-<topic>-<partition>-
+//! <first>-<last>.parquet`, one file per job and hour, named after the job like its events.
+//!
+//! Ingestion never waits: at most `quality.deferred_queue` items wait here; beyond, a job's
+//! items are dropped and counted (`telltale_quality_deferred_total{outcome="dropped"}`).
+//!
+//! ## Crash safety
+//! Jobs are processed in the order they were committed. After a job's files are durable the
+//! stage records, per partition, the last offset it has scored (`_state/quality/
+//! <stream>.json`). On start, every committed `events` file of a recorded partition past that
+//! offset is read back, sampled again (the sampler depends on the event alone) and scored
+//! before new work: a job scored before a crash but not recorded is scored again and its file
+//! replaced (same name), so no score is lost or duplicated, and the judge cache means the
+//! model is not paid twice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use tracing::{info, warn};
+
+use super::custom::{self, CommandScorer};
+use super::judge::{JudgeCache, JudgeClient};
+use super::scorer::{Case, Check, Score};
+use super::table::ScoreBatchBuilder;
+use super::{Quality, SampleReason, ScorerDef};
+use crate::config::SinkConfig;
+use crate::event::LlmEvent;
+use crate::sink::{
+    SinkError, Table, fsync_dir, hour_dir, state_dir, write_durably, write_into_place,
+};
+use crate::telemetry::Stats;
+
+/// One sampled event waiting for its deferred scorers (owned: it outlives the ingest batch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deferred {
+    pub event: LlmEvent<'static>,
+    pub reason: SampleReason,
+    /// Indices of the scorers to run.
+    pub scorers: Vec<usize>,
+}
+
+impl Quality {
+    /// The deferred work for a sampled event, if any of its deferred scorers applies.
+    pub fn deferred(&self, e: &LlmEvent<'_>, reason: SampleReason) -> Option<Deferred> {
+        let u = super::sample_point(&e.event_id);
+        let scorers: Vec<usize> = self
+            .config
+            .scorers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.check.is_deferred()
+                    && (reason != SampleReason::Rate || s.sample_rate.is_none_or(|r| u < r))
+                    && super::event_matches(&s.when, e)
+                    && e.output.is_some()
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if scorers.is_empty() {
+            return None;
+        }
+        // Only what scorers and score rows read.
+        let event = LlmEvent {
+            event_id: e.event_id.to_string().into(),
+            timestamp_ms: e.timestamp_ms,
+            app: e.app.as_ref().map(|v| v.to_string().into()),
+            environment: e.environment.as_ref().map(|v| v.to_string().into()),
+            model: e.model.as_ref().map(|v| v.to_string().into()),
+            prompt_id: e.prompt_id.as_ref().map(|v| v.to_string().into()),
+            prompt_version: e.prompt_version.as_ref().map(|v| v.to_string().into()),
+            variant: e.variant.as_ref().map(|v| v.to_string().into()),
+            experiment: e.experiment.as_ref().map(|v| v.to_string().into()),
+            input: e.input.as_ref().map(|v| v.to_string().into()),
+            output: e.output.as_ref().map(|v| v.to_string().into()),
+            expected: e.expected.as_ref().map(|v| v.to_string().into()),
+            attributes: e
+                .attributes
+                .iter()
+                .filter(|(k, _)| k == "context")
+                .map(|(k, v)| (k.to_string().into(), v.to_string().into()))
+                .collect(),
+            status: e.status.to_string().into(),
+            ..Default::default()
+        };
+        Some(Deferred {
+            event,
+            reason,
+            scorers,
+        })
+    }
+
+    /// Whether any scorer is deferred (the stage then runs).
+    pub fn has_deferred(&self) -> bool {
+        self.config.scorers.iter().any(|s| s.check.is_deferred())
+    }
+}
+
+/// A committed job's deferred items.
+pub struct DeferredJob {
+    pub topic: String,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub items: Vec<Deferred>,
+}
+
+impl DeferredJob {
+    /// Takes a committed job's deferred items.
+    pub fn of(job: &mut crate::sink::SinkJob) -> DeferredJob {
+        DeferredJob {
+            topic: job.topic.to_string(),
+            partition: job.partition,
+            first_offset: job.first_offset,
+            last_offset: job.last_offset,
+            items: std::mem::take(&mut job.deferred),
+        }
+    }
+}
+
+/// The file a job's deferred scores of one hour go to (relative to the data root).
+pub fn deferred_file(topic: &str, partition: i32, first: i64, last: i64, hour: i64) -> PathBuf {
+    PathBuf::from("scores").join(hour_dir(hour)).join(format!(
+        "deferred-{topic}-{partition}-{first}-{last}.parquet"
+    ))
+}
+
+fn state_path(root: &Path, stream: &str) -> PathBuf {
+    state_dir(root, "quality").join(format!("{stream}.json"))
+}
+
+/// Per partition (`topic/partition`), the last offset whose deferred scores are durable.
+fn read_state(path: &Path) -> BTreeMap<String, i64> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v.get("scored_through")?.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// Sends committed jobs to the stage; cheap to clone.
+#[derive(Clone)]
+pub struct DeferredSender {
+    tx: Sender<DeferredJob>,
+    queued: Arc<AtomicUsize>,
+    cap: usize,
+    stats: Arc<Stats>,
+}
+
+impl DeferredSender {
+    /// Hands over a committed job's items; drops them (counted) when the queue is full.
+    pub fn submit(&self, mut job: DeferredJob) {
+        let n = job.items.len();
+        if self.queued.load(Ordering::Relaxed) + n > self.cap {
+            self.stats
+                .quality_deferred_dropped
+                .fetch_add(n as u64, Ordering::Relaxed);
+            job.items.clear();
+        }
+        self.queued.fetch_add(job.items.len(), Ordering::Relaxed);
+        // The job still goes, empty: the stage records its offsets as scored.
+        let _ = self.tx.send(job);
+    }
+}
+
+pub struct DeferredStage {
+    sender: Option<DeferredSender>,
+    thread: Option<JoinHandle<()>>,
+    stop_now: Arc<AtomicBool>,
+}
+
+/// What the stage's thread needs.
+struct Worker {
+    quality: Arc<Quality>,
+    root: PathBuf,
+    state: PathBuf,
+    sink: SinkConfig,
+    stats: Arc<Stats>,
+    judge: Option<JudgeClient>,
+    commands: Vec<Option<CommandScorer>>,
+    http: reqwest::Client,
+    prices: Option<crate::metrics::cost::PriceTable>,
+    scored_through: BTreeMap<String, i64>,
+    queued: Arc<AtomicUsize>,
+    /// (clock hour, judge tokens spent in it).
+    budget: (u64, u64),
+    /// Tokens of the last verdict bought: what a new call reserves from the budget.
+    last_tokens: AtomicU64,
+}
+
+impl DeferredStage {
+    /// Starts the stage: opens the judge client and cache, reads what was scored before, and
+    /// queues the committed jobs scored after that for scoring again.
+    pub fn start(
+        quality: Arc<Quality>,
+        root: &Path,
+        stream: &str,
+        sink: SinkConfig,
+        prices: Option<crate::metrics::cost::PriceTable>,
+        stats: Arc<Stats>,
+    ) -> Result<DeferredStage, String> {
+        let cfg = quality.config();
+        let needs_judge = cfg
+            .scorers
+            .iter()
+            .any(|s| matches!(s.check, Check::Judge(_)));
+        let judge = if needs_judge {
+            let path = cfg
+                .judge_cache
+                .clone()
+                .unwrap_or_else(|| state_dir(root, "quality").join("judge-cache.jsonl"));
+            let cache = JudgeCache::open(&path)
+                .map_err(|e| format!("judge cache {}: {e}", path.display()))?;
+            info!(path = %path.display(), verdicts = cache.len(), model = %cfg.judge.model, "judge cache opened");
+            Some(JudgeClient::new(cfg.judge.clone(), Some(cache)).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let commands = cfg
+            .scorers
+            .iter()
+            .map(|s| match &s.check {
+                Check::Command { argv, timeout } => {
+                    Some(CommandScorer::new(argv.clone(), *timeout))
+                }
+                _ => None,
+            })
+            .collect();
+        let state = state_path(root, stream);
+        let scored_through = read_state(&state);
+        let (tx, rx) = unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let sender = DeferredSender {
+            tx,
+            queued: queued.clone(),
+            cap: cfg.deferred_queue,
+            stats: stats.clone(),
+        };
+        let recovered = recover(&quality, root, &scored_through, &sender)
+            .map_err(|e| format!("reading back events to score: {e}"))?;
+        if recovered > 0 {
+            info!(
+                events = recovered,
+                "sampled events committed after the last scored offset read back from events for deferred scoring"
+            );
+        }
+        let stop_now = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker {
+            quality,
+            root: root.to_owned(),
+            state,
+            sink,
+            stats,
+            judge,
+            commands,
+            http: reqwest::Client::new(),
+            prices,
+            scored_through,
+            queued,
+            budget: (0, 0),
+            last_tokens: AtomicU64::new(500),
+        };
+        let stop = stop_now.clone();
+        let thread = std::thread::Builder::new()
+            .name("quality-deferred".into())
+            .spawn(move || worker.run(rx, &stop))
+            .map_err(|e| e.to_string())?;
+        Ok(DeferredStage {
+            sender: Some(sender),
+            thread: Some(thread),
+            stop_now,
+        })
+    }
+
+    pub fn sender(&self) -> DeferredSender {
+        self.sender.clone().expect("taken only by stop")
+    }
+
+    /// Lets the stage finish what is queued, for at most `grace`; what is left is scored
+    /// after the next start (its offsets were not recorded).
+    pub fn stop(mut self, grace: Duration) {
+        self.sender.take();
+        let deadline = Instant::now() + grace;
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !t.is_finished() {
+                warn!(grace = ?grace, "deferred scorers still busy at shutdown; the rest is scored after the next start");
+                self.stop_now.store(true, Ordering::SeqCst);
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+/// Queues the committed jobs of recorded partitions past their scored offset.
+fn recover(
+    quality: &Quality,
+    root: &Path,
+    scored_through: &BTreeMap<String, i64>,
+    sender: &DeferredSender,
+) -> Result<usize, SinkError> {
+    let mut n = 0;
+    for (key, &through) in scored_through {
+        let Some((topic, partition)) = key.rsplit_once('/') else {
+            continue;
+        };
+        let Ok(partition) = partition.parse::<i32>() else {
+            continue;
+        };
+        let jobs = crate::metrics::rebuild::committed_jobs(root, topic, partition, through)?;
+        for ((first, last), files) in jobs {
+            let mut items = Vec::new();
+            for f in &files {
+                for batch in crate::metrics::rebuild::read_parquet(f, None)? {
+                    crate::metrics::rebuild::for_each_event(&batch, |_, e| {
+                        if let Some((reason, _)) = quality.sample(e)
+                            && let Some(d) = quality.deferred(e, reason)
+                        {
+                            items.push(d);
+                        }
+                    });
+                }
+            }
+            n += items.len();
+            sender.submit(DeferredJob {
+                topic: topic.to_owned(),
+                partition,
+                first_offset: first,
+                last_offset: last,
+                items,
+            });
+        }
+    }
+    Ok(n)
+}
+
+impl Worker {
+    fn run(&mut self, rx: Receiver<DeferredJob>, stop: &AtomicBool) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                warn!(error = %e, "cannot start the deferred scorers' runtime; deferred scores are off");
+                return;
+            }
+        };
+        for job in rx {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            // A partition seen for the first time is recorded before its first job is scored,
+            // so that a crash during that job is recovered from its start.
+            let key = format!("{}/{}", job.topic, job.partition);
+            if let std::collections::btree_map::Entry::Vacant(v) = self.scored_through.entry(key) {
+                v.insert(job.first_offset - 1);
+                if let Err(e) = self.save_state() {
+                    warn!(error = %e, "cannot record the deferred stage's position");
+                }
+            }
+            let n = job.items.len();
+            let rows = rt.block_on(self.score(&job));
+            // Written until it works: a job is recorded only after its scores are durable.
+            let mut delay = Duration::from_millis(100);
+            while let Err(e) = self.write(&job, &rows) {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                warn!(error = %e, topic = %job.topic, partition = job.partition, "cannot write deferred scores; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Every deferred scorer on every item of the job, concurrently (the judge client bounds
+    /// its own concurrency and rate).
+    async fn score(&mut self, job: &DeferredJob) -> Vec<Row> {
+        let mut calls = Vec::new();
+        let hour = (chrono::Utc::now().timestamp() / 3600) as u64;
+        if self.budget.0 != hour {
+            self.budget = (hour, 0);
+        }
+        for (i, item) in job.items.iter().enumerate() {
+            for &s in &item.scorers {
+                calls.push((i, s));
+            }
+        }
+        // When the budget runs short, events sampled for a reason (errors, negative feedback,
+        // rules) are judged before those the base rate picked.
+        calls.sort_by_key(|&(i, _)| job.items[i].reason == SampleReason::Rate);
+        let budget = self.quality.config().budget_tokens_per_hour;
+        let spent = AtomicU64::new(self.budget.1);
+        let this = &*self;
+        let futures = calls.into_iter().map(|(i, s)| {
+            let item = &job.items[i];
+            let def = &this.quality.scorers()[s];
+            let spent = &spent;
+            async move {
+                let started = Instant::now();
+                let e = &item.event;
+                let case = Case {
+                    input: e.input.as_deref(),
+                    output: e.output.as_deref(),
+                    expected: e.expected.as_deref(),
+                    system: None,
+                    context: e
+                        .attributes
+                        .iter()
+                        .find(|(k, _)| k == "context")
+                        .map(|(_, v)| &**v),
+                    output_tokens: None,
+                };
+                let r = this
+                    .score_one(def, s, &e.event_id, &case, budget, spent)
+                    .await;
+                (i, s, r, started.elapsed())
+            }
+        });
+        let results = futures::future::join_all(futures).await;
+        self.budget.1 = spent.load(Ordering::Relaxed);
+        let mut rows = Vec::new();
+        for (i, s, r, took) in results {
+            match r {
+                Ok((score, cost)) => {
+                    self.stats
+                        .quality_deferred_scored
+                        .fetch_add(1, Ordering::Relaxed);
+                    rows.push((i, s, score, cost.map(|c| (c, took.as_secs_f64() * 1000.0))));
+                }
+                Err(Skip::Budget) => {
+                    self.stats
+                        .quality_budget_skipped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Skip::Failed(msg)) => {
+                    self.stats
+                        .quality_deferred_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(scorer = %self.quality.scorers()[s].name, event_id = %job.items[i].event.event_id, error = %msg, "deferred scorer failed; the event has no score from it");
+                }
+            }
+        }
+        rows
+    }
+
+    /// One scorer on one case: its score and, for a judge, (cost in USD, 0 when unknown).
+    async fn score_one(
+        &self,
+        def: &ScorerDef,
+        index: usize,
+        event_id: &str,
+        case: &Case<'_>,
+        budget: u64,
+        spent: &AtomicU64,
+    ) -> Result<(Score, Option<f64>), Skip> {
+        match &def.check {
+            Check::Judge(rubric) => {
+                let client = self
+                    .judge
+                    .as_ref()
+                    .expect("opened when a judge scorer exists");
+                // Calls run concurrently: each reserves what the last verdict cost before it
+                // starts, and settles the difference when it knows.
+                let estimate = self.last_tokens.load(Ordering::Relaxed).max(1);
+                if budget > 0 {
+                    let before = spent.fetch_add(estimate, Ordering::Relaxed);
+                    if before + estimate > budget {
+                        spent.fetch_sub(estimate, Ordering::Relaxed);
+                        return Err(Skip::Budget);
+                    }
+                }
+                let result = client.judge(rubric, case).await;
+                let used = match &result {
+                    Ok((v, false)) => v.input_tokens + v.output_tokens,
+                    _ => 0,
+                };
+                if budget > 0 {
+                    spent.fetch_add(used, Ordering::Relaxed);
+                    spent.fetch_sub(estimate, Ordering::Relaxed);
+                }
+                let (v, cached) = result.map_err(|e| Skip::Failed(e.to_string()))?;
+                if !cached {
+                    self.last_tokens.store(used, Ordering::Relaxed);
+                    self.stats
+                        .quality_judge_tokens
+                        .fetch_add(used, Ordering::Relaxed);
+                }
+                // What the verdict cost when it was bought (a cached verdict's row, written
+                // again by a replay, keeps the same cost; unknown model prices give 0).
+                let cost = self
+                    .prices
+                    .as_ref()
+                    .and_then(|p| p.get(client.model()))
+                    .and_then(|p| {
+                        p.cost(&crate::metrics::cost::Usage {
+                            input: v.input_tokens,
+                            output: v.output_tokens,
+                            ..Default::default()
+                        })
+                    })
+                    .unwrap_or(0.0);
+                Ok((v.to_score(), Some(cost)))
+            }
+            Check::Command { .. } => {
+                let request = custom::request(&def.name, event_id, case);
+                let cmd = self.commands[index]
+                    .as_ref()
+                    .expect("built for every command scorer");
+                // The process protocol is blocking; the stage has its own thread.
+                cmd.score(&request)
+                    .map(|s| (s, None))
+                    .map_err(|e| Skip::Failed(e.to_string()))
+            }
+            Check::Http { url, timeout } => {
+                let request = custom::request(&def.name, event_id, case);
+                tokio::time::timeout(*timeout, custom::score_http(&self.http, url, &request))
+                    .await
+                    .map_err(|_| Skip::Failed(format!("no answer within {timeout:?}")))?
+                    .map(|s| (s, None))
+                    .map_err(|e| Skip::Failed(e.to_string()))
+            }
+            _ => Err(Skip::Failed("not a deferred scorer".into())),
+        }
+    }
+
+    fn write(&mut self, job: &DeferredJob, rows: &[Row]) -> Result<(), SinkError> {
+        let scorers = self.quality.scorers();
+        let mut by_hour: BTreeMap<i64, ScoreBatchBuilder> = BTreeMap::new();
+        for (i, s, score, cost) in rows {
+            let item = &job.items[*i];
+            let def = &scorers[*s];
+            let judge_model = matches!(def.check, Check::Judge(_))
+                .then(|| self.quality.config().judge.model.as_str());
+            by_hour
+                .entry(item.event.timestamp_ms.div_euclid(3_600_000))
+                .or_default()
+                .append_deferred(&item.event, item.reason, def, score, judge_model, *cost);
+        }
+        let mut dirs = std::collections::BTreeSet::new();
+        for (hour, mut b) in by_hour {
+            let rel = deferred_file(
+                &job.topic,
+                job.partition,
+                job.first_offset,
+                job.last_offset,
+                hour,
+            );
+            let path = self.root.join(rel);
+            write_into_place(&path, &b.finish(), Table::Scores, &self.sink)?;
+            dirs.insert(path.parent().expect("in a directory").to_owned());
+        }
+        for d in &dirs {
+            fsync_dir(d)?;
+        }
+        let key = format!("{}/{}", job.topic, job.partition);
+        let e = self.scored_through.entry(key).or_insert(i64::MIN);
+        *e = (*e).max(job.last_offset);
+        self.save_state()
+    }
+
+    fn save_state(&self) -> Result<(), SinkError> {
+        let dir = self
+            .state
+            .parent()
+            .expect("state files live in a directory");
+        std::fs::create_dir_all(dir).map_err(crate::sink::io_err(dir))?;
+        let body = serde_json::json!({ "scored_through": self.scored_through });
+        write_durably(&self.state, body.to_string().as_bytes())
+    }
+}
+
+/// A score ready to write: (item index in its job, scorer index, score, for a judge its
+/// (cost in USD, latency in ms)).
+type Row = (usize, usize, Score, Option<(f64, f64)>);
+
+enum Skip {
+    Budget,
+    Failed(String),
+}
