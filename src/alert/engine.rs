@@ -63,6 +63,13 @@ impl Frame {
         Some(f)
     }
 
+    /// The table a frame comes from: its source up to a `:` (the quality stage's deferred
+    /// scores are `quality:deferred`, judged by `source = "quality"` rules but tracked apart,
+    /// since they close later than the inline scores' windows).
+    pub fn table(&self) -> &str {
+        self.source.split(':').next().unwrap_or(&self.source)
+    }
+
     fn key(&self) -> String {
         format!("{}/{}", self.source, self.resolution_ms)
     }
@@ -414,7 +421,7 @@ impl Engine {
                 else {
                     continue;
                 };
-                if rt.rule.source != f.source
+                if rt.rule.source != f.table()
                     || rt.rule.resolution_ms != f.resolution_ms
                     || f.start_ms < from
                     || f.start_ms >= to
@@ -515,7 +522,7 @@ impl Engine {
         let kg_after = self.known_good_after_ms;
         for rt in &mut self.rules {
             let rule = &rt.rule;
-            if rule.source != frame.source || rule.resolution_ms != frame.resolution_ms {
+            if rule.source != frame.table() || rule.resolution_ms != frame.resolution_ms {
                 continue;
             }
             let metric = numeric_column(batch, &rule.metric);

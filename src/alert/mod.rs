@@ -260,7 +260,12 @@ fn table_frames(
                 }
             });
             match batch {
-                Ok(b) => out.extend(b.as_ref().and_then(to_frame)),
+                Ok(b) => out.extend(b.as_ref().and_then(to_frame).map(|mut f| {
+                    if name.contains("-deferred-") {
+                        f.source = format!("{}:deferred", f.source);
+                    }
+                    f
+                })),
                 Err(err) => {
                     warn!(path = %e.path().display(), error = %err, start, "skipping an unreadable {table} file")
                 }

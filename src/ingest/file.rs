@@ -111,6 +111,13 @@ pub fn run(
     shutdown: Shutdown,
 ) -> Result<(), IngestError> {
     let files = expand(pattern)?;
+    // One stream per input set: a rerun of the same files recomputes and replaces its own
+    // metrics and quality rows; other backfills and the live pipeline keep theirs.
+    let names: Vec<String> = files.iter().map(|p| source_name(p)).collect();
+    let stream = format!(
+        "backfill-{:08x}",
+        xxh3_64(names.join("\n").as_bytes()) as u32
+    );
     let (tx, rx) = bounded(config.sink.queue_depth);
     let sink = Sink::new(&config.data_root, config.sink.clone());
     let recovery = sink.clone();
@@ -125,7 +132,10 @@ pub fn run(
             crate::quality::deferred::DeferredStage::start(
                 q.clone(),
                 &config.data_root,
-                &format!("backfill-{:08x}", xxh3_64(pattern.as_bytes()) as u32),
+                &stream,
+                config.metrics.window.clone(),
+                None,
+                true,
                 config.sink.clone(),
                 Some(load_prices(&config.metrics)?),
                 stats.clone(),
@@ -169,13 +179,6 @@ pub fn run(
         acc = acc.with_quality(q.clone());
     }
     if config.metrics.enabled {
-        // One stream per input set: a rerun of the same files recomputes and replaces its own
-        // metrics rows; other backfills and the live pipeline keep theirs.
-        let names: Vec<String> = files.iter().map(|p| source_name(p)).collect();
-        let stream = format!(
-            "backfill-{:08x}",
-            xxh3_64(names.join("\n").as_bytes()) as u32
-        );
         info!(stream = %stream, "metrics for this input are written as stream {stream}");
         let mut m = MetricsStage::new(config.metrics.clone(), &stream, false, stats.clone());
         if let Some(q) = quality {

@@ -32,7 +32,7 @@ use super::custom::{self, CommandScorer};
 use super::judge::{JudgeCache, JudgeClient};
 use super::scorer::{Case, Check, Score};
 use super::table::ScoreBatchBuilder;
-use super::{Quality, SampleReason, ScorerDef};
+use super::{Quality, QualityCounts, SampleReason, ScorerDef};
 use crate::config::SinkConfig;
 use crate::event::LlmEvent;
 use crate::sink::{
@@ -83,10 +83,10 @@ impl Quality {
             input: e.input.as_ref().map(|v| v.to_string().into()),
             output: e.output.as_ref().map(|v| v.to_string().into()),
             expected: e.expected.as_ref().map(|v| v.to_string().into()),
+            // The context for faithfulness, and any attribute a series dimension names.
             attributes: e
                 .attributes
                 .iter()
-                .filter(|(k, _)| k == "context")
                 .map(|(k, v)| (k.to_string().into(), v.to_string().into()))
                 .collect(),
             status: e.status.to_string().into(),
@@ -111,17 +111,27 @@ pub struct DeferredJob {
     pub partition: i32,
     pub first_offset: i64,
     pub last_offset: i64,
+    /// The newest event time of the job (all its events, sampled or not): moves the stage's
+    /// watermark.
+    pub max_event_ms: Option<i64>,
     pub items: Vec<Deferred>,
 }
 
 impl DeferredJob {
     /// Takes a committed job's deferred items.
     pub fn of(job: &mut crate::sink::SinkJob) -> DeferredJob {
+        use arrow::array::AsArray;
+        let max_event_ms = job
+            .events
+            .column_by_name("timestamp")
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>())
+            .and_then(arrow::compute::max);
         DeferredJob {
             topic: job.topic.to_string(),
             partition: job.partition,
             first_offset: job.first_offset,
             last_offset: job.last_offset,
+            max_event_ms,
             items: std::mem::take(&mut job.deferred),
         }
     }
@@ -138,13 +148,76 @@ fn state_path(root: &Path, stream: &str) -> PathBuf {
     state_dir(root, "quality").join(format!("{stream}.json"))
 }
 
-/// Per partition (`topic/partition`), the last offset whose deferred scores are durable.
-fn read_state(path: &Path) -> BTreeMap<String, i64> {
+/// Counts per series (its dimension values) in one window.
+type SeriesCounts = BTreeMap<Vec<Option<String>>, QualityCounts>;
+
+/// What the stage checkpoints after every job, atomically: the offsets scored, and the
+/// windows those scores went into — open ones with their counts — so a job scored again
+/// after a crash adds its counts to the windows as they were before it, once.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+struct State {
+    /// Per partition (`topic/partition`), the last offset whose deferred scores are durable.
+    scored_through: BTreeMap<String, i64>,
+    /// Per partition, the newest event time of its scored jobs.
+    #[serde(default)]
+    lanes: BTreeMap<String, i64>,
+    /// Every window ending at or before this is written.
+    #[serde(default = "min_ms")]
+    closed_through: i64,
+    #[serde(default, with = "windows_as_list")]
+    windows: BTreeMap<i64, SeriesCounts>,
+    #[serde(default, with = "windows_as_list")]
+    rollup: BTreeMap<i64, SeriesCounts>,
+}
+
+fn min_ms() -> i64 {
+    i64::MIN
+}
+
+/// JSON maps need string keys: windows are written as `[[start, [[series, counts], …]], …]`.
+mod windows_as_list {
+    use super::{QualityCounts, SeriesCounts};
+    use std::collections::BTreeMap;
+    type List = Vec<(i64, Vec<(Vec<Option<String>>, QualityCounts)>)>;
+    pub fn serialize<S: serde::Serializer>(
+        w: &BTreeMap<i64, SeriesCounts>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let list: List = w
+            .iter()
+            .map(|(k, v)| (*k, v.iter().map(|(a, b)| (a.clone(), b.clone())).collect()))
+            .collect();
+        serde::Serialize::serialize(&list, s)
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<i64, SeriesCounts>, D::Error> {
+        let list: List = serde::Deserialize::deserialize(d)?;
+        Ok(list
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().collect()))
+            .collect())
+    }
+}
+
+fn read_state(path: &Path) -> State {
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| serde_json::from_value(v.get("scored_through")?.clone()).ok())
-        .unwrap_or_default()
+        .and_then(|t| serde_json::from_str::<State>(&t).ok())
+        .unwrap_or(State {
+            closed_through: i64::MIN,
+            ..State::default()
+        })
+}
+
+/// Partitions the stage has been handed jobs of, each with the offset before its first job:
+/// written by the sender (the writer thread) the first time it sees a partition, so that
+/// jobs queued but not yet scored when the process dies are found again even for a partition
+/// the stage had not yet recorded anything for.
+type Registry = Arc<std::sync::Mutex<(PathBuf, BTreeMap<String, i64>)>>;
+
+fn registry_path(root: &Path, stream: &str) -> PathBuf {
+    state_dir(root, "quality").join(format!("{stream}.partitions.json"))
 }
 
 /// Sends committed jobs to the stage; cheap to clone.
@@ -154,11 +227,29 @@ pub struct DeferredSender {
     queued: Arc<AtomicUsize>,
     cap: usize,
     stats: Arc<Stats>,
+    registry: Option<Registry>,
 }
 
 impl DeferredSender {
     /// Hands over a committed job's items; drops them (counted) when the queue is full.
     pub fn submit(&self, mut job: DeferredJob) {
+        if let Some(r) = &self.registry {
+            let mut g = r.lock().unwrap_or_else(|p| p.into_inner());
+            let key = format!("{}/{}", job.topic, job.partition);
+            if let std::collections::btree_map::Entry::Vacant(v) = g.1.entry(key) {
+                v.insert(job.first_offset - 1);
+                let body = serde_json::to_string(&g.1).expect("offsets serialize");
+                let written =
+                    g.0.parent()
+                        .map_or(Ok(()), |d| {
+                            std::fs::create_dir_all(d).map_err(crate::sink::io_err(d))
+                        })
+                        .and_then(|_| write_durably(&g.0, body.as_bytes()));
+                if let Err(e) = written {
+                    warn!(error = %e, "cannot record a new partition for deferred scoring");
+                }
+            }
+        }
         let n = job.items.len();
         if self.queued.load(Ordering::Relaxed) + n > self.cap {
             self.stats
@@ -182,14 +273,22 @@ pub struct DeferredStage {
 struct Worker {
     quality: Arc<Quality>,
     root: PathBuf,
-    state: PathBuf,
+    state_path: PathBuf,
+    st: State,
+    stream: String,
+    window: crate::window::WindowConfig,
+    frames: Option<crate::alert::FrameSender>,
+    /// Close every window when the input ends (file sources).
+    finish: bool,
+    /// Wall clock of each partition's last job: partitions quiet for longer than the
+    /// lateness stop holding the watermark back.
+    lane_seen: std::collections::HashMap<String, Instant>,
     sink: SinkConfig,
     stats: Arc<Stats>,
     judge: Option<JudgeClient>,
     commands: Vec<Option<CommandScorer>>,
     http: reqwest::Client,
     prices: Option<crate::metrics::cost::PriceTable>,
-    scored_through: BTreeMap<String, i64>,
     queued: Arc<AtomicUsize>,
     /// (clock hour, judge tokens spent in it).
     budget: (u64, u64),
@@ -199,11 +298,17 @@ struct Worker {
 
 impl DeferredStage {
     /// Starts the stage: opens the judge client and cache, reads what was scored before, and
-    /// queues the committed jobs scored after that for scoring again.
+    /// queues the committed jobs scored after that for scoring again. Windows follow
+    /// `window` (the metrics windows); closed ones go to `frames` (alert rules); `finish`
+    /// closes every window when the input ends (file sources).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         quality: Arc<Quality>,
         root: &Path,
         stream: &str,
+        window: crate::window::WindowConfig,
+        frames: Option<crate::alert::FrameSender>,
+        finish: bool,
         sink: SinkConfig,
         prices: Option<crate::metrics::cost::PriceTable>,
         stats: Arc<Stats>,
@@ -236,16 +341,43 @@ impl DeferredStage {
             })
             .collect();
         let state = state_path(root, stream);
-        let scored_through = read_state(&state);
+        // A file source recomputes everything on every run (as its metrics do); a stream
+        // continues from its checkpoint.
+        let mut st = if finish {
+            State {
+                closed_through: i64::MIN,
+                ..State::default()
+            }
+        } else {
+            read_state(&state)
+        };
         let (tx, rx) = unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
+        // Streams only: a file source rescores its whole input on every run.
+        let registry = (!finish).then(|| {
+            let path = registry_path(root, stream);
+            let known: BTreeMap<String, i64> = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            Arc::new(std::sync::Mutex::new((path, known)))
+        });
+        // Where each partition's scoring resumes: its recorded offset, else the offset before
+        // the first job it was handed.
+        let mut resume = st.scored_through.clone();
+        if let Some(r) = &registry {
+            for (k, v) in &r.lock().unwrap_or_else(|p| p.into_inner()).1 {
+                resume.entry(k.clone()).or_insert(*v);
+            }
+        }
         let sender = DeferredSender {
             tx,
             queued: queued.clone(),
             cap: cfg.deferred_queue,
             stats: stats.clone(),
+            registry,
         };
-        let recovered = recover(&quality, root, &scored_through, &sender)
+        let recovered = recover(&quality, root, &resume, &sender)
             .map_err(|e| format!("reading back events to score: {e}"))?;
         if recovered > 0 {
             info!(
@@ -253,18 +385,31 @@ impl DeferredStage {
                 "sampled events committed after the last scored offset read back from events for deferred scoring"
             );
         }
+        // Every known partition holds the watermark (for up to the lateness, in wall time)
+        // until its jobs arrive: recovered jobs of one partition must not close the windows
+        // another partition's recovered jobs still fill.
+        let mut lane_seen = std::collections::HashMap::new();
+        for k in resume.keys() {
+            st.lanes.entry(k.clone()).or_insert(i64::MIN);
+            lane_seen.insert(k.clone(), Instant::now());
+        }
         let stop_now = Arc::new(AtomicBool::new(false));
         let mut worker = Worker {
             quality,
             root: root.to_owned(),
-            state,
+            state_path: state,
+            st,
+            stream: stream.to_owned(),
+            window,
+            frames,
+            finish,
+            lane_seen,
             sink,
             stats,
             judge,
             commands,
             http: reqwest::Client::new(),
             prices,
-            scored_through,
             queued,
             budget: (0, 0),
             last_tokens: AtomicU64::new(500),
@@ -321,9 +466,11 @@ fn recover(
         let jobs = crate::metrics::rebuild::committed_jobs(root, topic, partition, through)?;
         for ((first, last), files) in jobs {
             let mut items = Vec::new();
+            let mut max_ts: Option<i64> = None;
             for f in &files {
                 for batch in crate::metrics::rebuild::read_parquet(f, None)? {
                     crate::metrics::rebuild::for_each_event(&batch, |_, e| {
+                        max_ts = Some(max_ts.map_or(e.timestamp_ms, |m| m.max(e.timestamp_ms)));
                         if let Some((reason, _)) = quality.sample(e)
                             && let Some(d) = quality.deferred(e, reason)
                         {
@@ -338,6 +485,7 @@ fn recover(
                 partition,
                 first_offset: first,
                 last_offset: last,
+                max_event_ms: max_ts,
                 items,
             });
         }
@@ -364,9 +512,10 @@ impl Worker {
             // A partition seen for the first time is recorded before its first job is scored,
             // so that a crash during that job is recovered from its start.
             let key = format!("{}/{}", job.topic, job.partition);
-            if let std::collections::btree_map::Entry::Vacant(v) = self.scored_through.entry(key) {
+            if let std::collections::btree_map::Entry::Vacant(v) = self.st.scored_through.entry(key)
+            {
                 v.insert(job.first_offset - 1);
-                if let Err(e) = self.save_state() {
+                if let Err(e) = save_state(&self.state_path, &self.st) {
                     warn!(error = %e, "cannot record the deferred stage's position");
                 }
             }
@@ -384,6 +533,167 @@ impl Worker {
             }
             self.queued.fetch_sub(n, Ordering::Relaxed);
         }
+        if self.finish && !stop.load(Ordering::SeqCst) {
+            let mut next = self.st.clone();
+            let files = self.close(&mut next, true);
+            match self.commit(next, files) {
+                Ok(()) => {}
+                Err(e) => warn!(error = %e, "cannot write the deferred scores' last windows"),
+            }
+        }
+    }
+
+    /// Adds a job's scores to the windows of `next`.
+    fn count(&mut self, next: &mut State, job: &DeferredJob, rows: &[Row]) {
+        let size = self.window.size_ms;
+        let key = format!("{}/{}", job.topic, job.partition);
+        if let Some(t) = job.max_event_ms {
+            let lane = next.lanes.entry(key.clone()).or_insert(i64::MIN);
+            *lane = (*lane).max(t);
+        }
+        self.lane_seen.insert(key, Instant::now());
+        let mut late = 0u64;
+        let mut per_item: BTreeMap<usize, Vec<super::Scored>> = BTreeMap::new();
+        for (i, s, score, _) in rows {
+            per_item.entry(*i).or_default().push(super::Scored {
+                scorer: *s,
+                score: score.clone(),
+            });
+        }
+        for (i, item) in job.items.iter().enumerate() {
+            let e = &item.event;
+            let start = e.timestamp_ms - e.timestamp_ms.rem_euclid(size);
+            if start.saturating_add(size) <= next.closed_through {
+                late += 1;
+                continue;
+            }
+            let series: Vec<Option<String>> = self
+                .window
+                .dimensions
+                .iter()
+                .map(|d| d.value(e).map(str::to_owned))
+                .collect();
+            next.windows
+                .entry(start)
+                .or_default()
+                .entry(series)
+                .or_default()
+                .observe(per_item.get(&i).map_or(&[][..], Vec::as_slice));
+        }
+        if late > 0 {
+            self.stats.late_events.fetch_add(late, Ordering::Relaxed);
+        }
+    }
+
+    /// Closes the windows of `next` its watermark has passed (all when `all`): their rows
+    /// and the roll-ups they complete, as files to write.
+    fn close(&self, next: &mut State, all: bool) -> Vec<(PathBuf, arrow::array::RecordBatch)> {
+        let (size, lateness, roll) = (
+            self.window.size_ms,
+            self.window.lateness_ms,
+            self.window.rollup_ms,
+        );
+        let watermark = if all {
+            i64::MAX
+        } else {
+            // Partitions heard from within the lateness hold the watermark; quiet ones don't.
+            let active: Vec<i64> = next
+                .lanes
+                .iter()
+                .filter(|(k, _)| {
+                    self.lane_seen
+                        .get(*k)
+                        .is_some_and(|t| t.elapsed() < Duration::from_millis(lateness as u64))
+                })
+                .map(|(_, v)| *v)
+                .collect();
+            let newest = active
+                .iter()
+                .min()
+                .copied()
+                .or_else(|| next.lanes.values().max().copied())
+                .unwrap_or(i64::MIN);
+            newest.saturating_sub(lateness)
+        };
+        let dims = &self.window.dimensions;
+        let scorers = self.quality.scorers();
+        let fine = crate::metrics::resolution_name(size);
+        let coarse = crate::metrics::resolution_name(roll);
+        let rows = |res: &str, start: i64, end: i64, series: &SeriesCounts| {
+            let mut b = super::table::QualityBatchBuilder::deferred(dims);
+            for (values, c) in series {
+                let v: Vec<Option<&str>> = values.iter().map(Option::as_deref).collect();
+                let key = crate::window::SeriesKey::new(&v);
+                b.append(res, start, end, &self.stream, &key, c, scorers);
+            }
+            b.finish()
+        };
+        let mut files = Vec::new();
+        let closing: Vec<i64> = next
+            .windows
+            .keys()
+            .copied()
+            .take_while(|s| all || s.saturating_add(size) <= watermark)
+            .collect();
+        for start in closing {
+            let series = next.windows.remove(&start).expect("listed");
+            files.push((
+                super::table::deferred_quality_file(&self.stream, &fine, start),
+                rows(&fine, start, start + size, &series),
+            ));
+            next.closed_through = next.closed_through.max(start + size);
+            let hour = start - start.rem_euclid(roll);
+            let acc = next.rollup.entry(hour).or_default();
+            for (k, c) in series {
+                acc.entry(k).or_default().merge(&c);
+            }
+        }
+        let done: Vec<i64> = next
+            .rollup
+            .keys()
+            .copied()
+            .filter(|h| all || h.saturating_add(roll) <= next.closed_through)
+            .collect();
+        for hour in done {
+            let series = next.rollup.remove(&hour).expect("listed");
+            files.push((
+                super::table::deferred_quality_file(&self.stream, &coarse, hour),
+                rows(&coarse, hour, hour + roll, &series),
+            ));
+        }
+        files
+    }
+
+    /// Writes closed windows' files, then the state that says they are written; then hands
+    /// the windows to the alert rules.
+    fn commit(
+        &mut self,
+        next: State,
+        files: Vec<(PathBuf, arrow::array::RecordBatch)>,
+    ) -> Result<(), SinkError> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for (rel, batch) in &files {
+            let path = self.root.join(rel);
+            write_into_place(&path, batch, Table::Quality, &self.sink)?;
+            dirs.insert(path.parent().expect("in a directory").to_owned());
+        }
+        for d in &dirs {
+            fsync_dir(d)?;
+        }
+        save_state(&self.state_path, &next)?;
+        self.st = next;
+        if let Some(f) = &self.frames {
+            let frames = files
+                .iter()
+                .filter_map(|(_, b)| crate::alert::Frame::from_quality(b))
+                .map(|mut f| {
+                    f.source = "quality:deferred".into();
+                    f
+                })
+                .collect();
+            f.send(frames);
+        }
+        Ok(())
     }
 
     /// Every deferred scorer on every item of the job, concurrently (the judge client bounds
@@ -566,21 +876,22 @@ impl Worker {
         for d in &dirs {
             fsync_dir(d)?;
         }
+        // The job's counts and the windows they close, checkpointed with its offsets.
+        let mut next = self.st.clone();
+        self.count(&mut next, job, rows);
         let key = format!("{}/{}", job.topic, job.partition);
-        let e = self.scored_through.entry(key).or_insert(i64::MIN);
+        let e = next.scored_through.entry(key).or_insert(i64::MIN);
         *e = (*e).max(job.last_offset);
-        self.save_state()
+        let files = self.close(&mut next, false);
+        self.commit(next, files)
     }
+}
 
-    fn save_state(&self) -> Result<(), SinkError> {
-        let dir = self
-            .state
-            .parent()
-            .expect("state files live in a directory");
-        std::fs::create_dir_all(dir).map_err(crate::sink::io_err(dir))?;
-        let body = serde_json::json!({ "scored_through": self.scored_through });
-        write_durably(&self.state, body.to_string().as_bytes())
-    }
+fn save_state(path: &Path, st: &State) -> Result<(), SinkError> {
+    let dir = path.parent().expect("state files live in a directory");
+    std::fs::create_dir_all(dir).map_err(crate::sink::io_err(dir))?;
+    let body = serde_json::to_string(st).expect("the state serializes");
+    write_durably(path, body.as_bytes())
 }
 
 /// A score ready to write: (item index in its job, scorer index, score, for a judge its
@@ -590,4 +901,42 @@ type Row = (usize, usize, Score, Option<(f64, f64)>);
 enum Skip {
     Budget,
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips() {
+        let mut st = State {
+            closed_through: 120_000,
+            ..State::default()
+        };
+        st.scored_through.insert("t/0".into(), 41);
+        st.lanes.insert("t/0".into(), 99_000);
+        let mut c = QualityCounts::default();
+        c.observe(&[super::super::Scored {
+            scorer: 1,
+            score: Score {
+                value: 0.5,
+                passed: true,
+                explanation: None,
+            },
+        }]);
+        st.windows
+            .entry(180_000)
+            .or_default()
+            .insert(vec![Some("app".into()), None], c.clone());
+        st.rollup.entry(0).or_default().insert(vec![None, None], c);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        save_state(&path, &st).unwrap();
+        let back = read_state(&path);
+        assert_eq!(back.scored_through, st.scored_through);
+        assert_eq!(back.lanes, st.lanes);
+        assert_eq!(back.closed_through, 120_000);
+        assert_eq!(back.windows, st.windows);
+        assert_eq!(back.rollup, st.rollup);
+    }
 }

@@ -235,7 +235,7 @@ impl Quality {
 
 /// Per scorer, in one series' window: how many events it scored, how many passed, and the
 /// sum of their values. Mergeable (sums).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QualityCounts {
     /// Events sampled (scored by at least the sampler; scorers may not all apply).
     pub sampled: u64,
@@ -243,7 +243,7 @@ pub struct QualityCounts {
     pub scorers: Vec<ScorerCounts>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ScorerCounts {
     pub n: u64,
     pub passed: u64,

@@ -237,6 +237,11 @@ pub fn quality_schema(dims: &[Dimension]) -> SchemaRef {
     Arc::new(Schema::new(f))
 }
 
+/// The relative path of one window's `quality` file of the deferred scorers.
+pub fn deferred_quality_file(stream: &str, resolution: &str, start_ms: i64) -> PathBuf {
+    quality_file(&format!("{stream}-deferred"), resolution, start_ms)
+}
+
 /// The relative path of one window's `quality` file.
 pub fn quality_file(stream: &str, resolution: &str, start_ms: i64) -> PathBuf {
     PathBuf::from("quality")
@@ -246,6 +251,9 @@ pub fn quality_file(stream: &str, resolution: &str, start_ms: i64) -> PathBuf {
 
 /// Builds `quality` rows.
 pub struct QualityBatchBuilder {
+    /// Rows of the deferred scorers only (the deferred stage's windows), else of the inline
+    /// ones only.
+    deferred: bool,
     schema: SchemaRef,
     dim_names: Vec<Dimension>,
     resolution: StringBuilder,
@@ -263,8 +271,17 @@ pub struct QualityBatchBuilder {
 }
 
 impl QualityBatchBuilder {
+    /// Rows of the deferred scorers (judge, command, http).
+    pub fn deferred(dims: &[Dimension]) -> Self {
+        QualityBatchBuilder {
+            deferred: true,
+            ..Self::new(dims)
+        }
+    }
+
     pub fn new(dims: &[Dimension]) -> Self {
         QualityBatchBuilder {
+            deferred: false,
             schema: quality_schema(dims),
             dim_names: dims.to_vec(),
             resolution: StringBuilder::new(),
@@ -301,8 +318,8 @@ impl QualityBatchBuilder {
     ) {
         let series = key.display(&self.dim_names);
         for (i, def) in scorers.iter().enumerate() {
-            if def.check.is_deferred() {
-                continue; // their scores arrive later, in the deferred stage's files
+            if def.check.is_deferred() != self.deferred {
+                continue; // the other stage's windows hold these
             }
             let c = counts.scorers.get(i).copied().unwrap_or_default();
             self.resolution.append_value(resolution);
@@ -439,14 +456,10 @@ pub const CATEGORY_METRICS: [&str; 3] = ["fail_rate", "fail_rate_low", "fail_rat
 /// The metric names a quality rule can use with these scorers.
 pub fn frame_metrics(scorers: &[ScorerDef]) -> Vec<String> {
     let mut m = vec!["events".to_owned()];
-    for s in scorers.iter().filter(|s| !s.check.is_deferred()) {
+    for s in scorers {
         m.extend(SCORER_METRICS.iter().map(|x| format!("{}_{x}", s.name)));
     }
-    let mut cats: Vec<&str> = scorers
-        .iter()
-        .filter(|s| !s.check.is_deferred())
-        .map(|s| s.category.name())
-        .collect();
+    let mut cats: Vec<&str> = scorers.iter().map(|s| s.category.name()).collect();
     cats.sort_unstable();
     cats.dedup();
     for c in cats {

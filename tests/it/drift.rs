@@ -128,7 +128,7 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
         &format!(
             "WITH m AS (SELECT {key} AS k, events FROM metrics WHERE resolution = '1m' AND CAST(window_end AS BIGINT) <= {metrics_through}),
                   e AS (SELECT {ekey} AS k, count(*) AS n FROM events GROUP BY 1),
-                  q AS (SELECT {key} AS k, max(sampled) AS sampled, sum(scored) AS scored FROM quality WHERE resolution = '1m' GROUP BY 1),
+                  q AS (SELECT {key} AS k, max(sampled) AS sampled, sum(scored) AS scored FROM quality WHERE resolution = '1m' AND evaluation_name <> 'words_answered' GROUP BY 1),
                   s AS (SELECT {ekey} AS k, count(DISTINCT event_id) AS sampled, count(*) AS scored FROM scores WHERE scorer_type NOT IN ('llm_judge', 'command', 'http') GROUP BY 1)
              SELECT m.k || ' ' || CAST(coalesce(q.scored, 0) AS VARCHAR) || ' vs ' || CAST(coalesce(s.scored, 0) AS VARCHAR)
              FROM m JOIN e ON m.k = e.k LEFT JOIN q ON m.k = q.k LEFT JOIN s ON m.k = s.k

@@ -249,8 +249,8 @@ fn scores_match_outputs_and_windows_add_up() {
         ["doc-summarizer v3"]
     );
 
-    // Windows: per series and scorer, the 1-minute rows and the 1-hour roll-up both count
-    // every score once, with the same passes.
+    // Windows: per series and scorer — inline and deferred (the command scorer) alike — the
+    // 1-minute rows and the 1-hour roll-up both count every score once, with the same passes.
     let by = |q: &str| -> HashMap<String, (i64, i64)> {
         let mut m = HashMap::new();
         for b in sql(&root, q) {
@@ -265,8 +265,7 @@ fn scores_match_outputs_and_windows_add_up() {
     };
     let key = "app || '/' || environment || '/' || model || '/' || prompt_version || '/' || evaluation_name";
     let from_scores = by(&format!(
-        "SELECT {key}, count(*), CAST(sum(CASE WHEN passed THEN 1 ELSE 0 END) AS BIGINT) FROM scores
-         WHERE scorer_type NOT IN ('llm_judge', 'command', 'http') GROUP BY 1"
+        "SELECT {key}, count(*), CAST(sum(CASE WHEN passed THEN 1 ELSE 0 END) AS BIGINT) FROM scores GROUP BY 1"
     ));
     for res in ["1m", "1h"] {
         let from_windows = by(&format!(
@@ -344,6 +343,27 @@ fn deferred_scores_survive_kill_dash_nine() {
         "the kill left no committed events unscored; log:\n{stderr}"
     );
     assert_deferred_exactly_once(&root);
+    // The deferred scores' closed windows, checkpointed with the offsets, count each score
+    // once across the kill.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("_state/quality/judged.json")).unwrap(),
+    )
+    .unwrap();
+    let closed = state["closed_through"].as_i64().unwrap();
+    let in_windows = scalar(
+        &root,
+        &format!(
+            "SELECT CAST(sum(scored) AS BIGINT) FROM quality WHERE resolution = '1m' AND evaluation_name = 'words_answered' AND CAST(window_end AS BIGINT) <= {closed}"
+        ),
+    );
+    let scored = scalar(
+        &root,
+        &format!(
+            "SELECT count(*) FROM scores WHERE evaluation_name = 'words_answered' AND CAST(timestamp AS BIGINT) < {closed}"
+        ),
+    );
+    assert!(scored > 20, "{scored}");
+    assert_eq!(in_windows, scored);
 }
 
 /// A local OpenAI-compatible chat-completions server for the judge: it fails answers that
@@ -472,8 +492,39 @@ when = ['app="support-bot"']
         calls as i64 > rows,
         "429s were retried: {calls} calls for {rows} verdicts"
     );
+    // The judge's scores per window: the 1-minute and 1-hour rows of the deferred scorers
+    // count every verdict once.
+    let check_windows = || {
+        for res in ["1m", "1h"] {
+            let (n, p) = (
+                scalar(
+                    &root,
+                    &format!(
+                        "SELECT CAST(sum(scored) AS BIGINT) FROM quality WHERE resolution = '{res}' AND evaluation_name = 'support_correct'"
+                    ),
+                ),
+                scalar(
+                    &root,
+                    &format!(
+                        "SELECT CAST(sum(passed) AS BIGINT) FROM quality WHERE resolution = '{res}' AND evaluation_name = 'support_correct'"
+                    ),
+                ),
+            );
+            assert_eq!(n, rows, "{res}");
+            assert_eq!(
+                p,
+                scalar(
+                    &root,
+                    "SELECT count(*) FROM scores WHERE evaluation_name = 'support_correct' AND passed"
+                ),
+                "{res}"
+            );
+        }
+    };
+    check_windows();
     // The rerun rewrites the same rows from the cache: no request, no duplicate.
     run();
+    check_windows();
     assert_eq!(
         hits.load(Ordering::SeqCst),
         calls,
