@@ -530,6 +530,20 @@ async fn run(pipeline: &Path, source: Option<&str>) -> Result<()> {
         "done: {} records read, {} events and {} rejects written to {} files",
         snap.records_in, snap.events_written, snap.rejects_written, snap.files_written
     );
+    let deferred = snap.quality_deferred_scored
+        + snap.quality_deferred_failed
+        + snap.quality_budget_skipped
+        + snap.quality_deferred_dropped;
+    if snap.scores_written + deferred > 0 {
+        eprintln!(
+            "quality: {} scores written with their events; deferred scorers: {} scored, {} failed, {} skipped (token budget), {} dropped (queue full)",
+            snap.scores_written,
+            snap.quality_deferred_scored,
+            snap.quality_deferred_failed,
+            snap.quality_budget_skipped,
+            snap.quality_deferred_dropped
+        );
+    }
     Ok(())
 }
 

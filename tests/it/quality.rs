@@ -45,6 +45,39 @@ fn utf8(b: &arrow::array::RecordBatch, i: usize) -> arrow::array::StringArray {
         .clone()
 }
 
+/// `telltale run --pipeline <pipeline> --source file:<dir>/export.jsonl.gz`, which must
+/// succeed.
+fn import(pipeline: &Path, dir: &Path) -> std::process::Output {
+    succeed(
+        telltale()
+            .args(["run", "--pipeline"])
+            .arg(pipeline)
+            .arg("--source")
+            .arg(format!("file:{}/export.jsonl.gz", dir.display())),
+    )
+}
+
+/// Imports `records` with a file pipeline whose tables after `[telemetry]` are `extra`;
+/// returns the temporary directory (the data root is its `data`) and the run's output.
+fn backfill(
+    records: &[telltale::demo::GeneratedRecord],
+    extra: &str,
+) -> (tempfile::TempDir, std::process::Output) {
+    let dir = tempfile::tempdir().unwrap();
+    write_jsonl_gz(&dir.path().join("export.jsonl.gz"), records);
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n[telemetry]\nlisten = \"off\"\n{extra}",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = import(&pipeline, dir.path());
+    (dir, out)
+}
+
 /// [`QUALITY_TOML`] with its paths filled in.
 pub fn quality_toml() -> String {
     QUALITY_TOML.replace("CARGO_MANIFEST_DIR", env!("CARGO_MANIFEST_DIR"))
@@ -205,13 +238,7 @@ fn scores_match_outputs_and_windows_add_up() {
         ),
     )
     .unwrap();
-    succeed(
-        telltale()
-            .args(["run", "--pipeline"])
-            .arg(&pipeline)
-            .arg("--source")
-            .arg(format!("file:{}/export.jsonl.gz", dir.path().display())),
-    );
+    import(&pipeline, dir.path());
     let root = dir.path().join("data");
     assert_scores_exactly_once(&root);
 
@@ -453,15 +480,7 @@ when = ['app="support-bot"']
         ),
     )
     .unwrap();
-    let run = || {
-        succeed(
-            telltale()
-                .args(["run", "--pipeline"])
-                .arg(&pipeline)
-                .arg("--source")
-                .arg(format!("file:{}/export.jsonl.gz", dir.path().display())),
-        )
-    };
+    let run = || import(&pipeline, dir.path());
     run();
     let root = dir.path().join("data");
     let rows = scalar(
@@ -545,23 +564,11 @@ when = ['app="support-bot"']
 fn judge_budget_caps_the_tokens_spent() {
     use std::sync::atomic::Ordering;
     let (hits, url, _rt) = judge_server();
-    let dir = tempfile::tempdir().unwrap();
-    write_jsonl_gz(&dir.path().join("export.jsonl.gz"), &traffic(6, 3000, None));
-    let pipeline = dir.path().join("budget.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n[telemetry]\nlisten = \"off\"\n[quality]\nsample_rate = 0.2\n[quality.judge]\nbase_url = \"{url}\"\nmodel = \"gpt-4o-mini\"\napi_key_env = \"\"\nconcurrency = 1\nbudget_tokens_per_hour = 1000\n[[quality.scorer]]\nname = \"relevant\"\ntype = \"llm_judge\"\nrubric = \"relevance\"\n",
-            dir.path().join("data").display()
+    let (dir, _) = backfill(
+        &traffic(6, 3000, None),
+        &format!(
+            "[quality]\nsample_rate = 0.2\n[quality.judge]\nbase_url = \"{url}\"\nmodel = \"gpt-4o-mini\"\napi_key_env = \"\"\nconcurrency = 1\nbudget_tokens_per_hour = 1000\n[[quality.scorer]]\nname = \"relevant\"\ntype = \"llm_judge\"\nrubric = \"relevance\"\n"
         ),
-    )
-    .unwrap();
-    succeed(
-        telltale()
-            .args(["run", "--pipeline"])
-            .arg(&pipeline)
-            .arg("--source")
-            .arg(format!("file:{}/export.jsonl.gz", dir.path().display())),
     );
     let root = dir.path().join("data");
     let judged = scalar(
@@ -579,4 +586,51 @@ fn judge_budget_caps_the_tokens_spent() {
     );
     assert!(hits.load(Ordering::SeqCst) as i64 <= 2 * judged);
     assert_eq!(events, 3000);
+}
+
+/// A deferred scorer slower than the traffic never holds ingestion up: past
+/// `deferred_queue`, sampled events are dropped and counted, and the run reports it.
+#[test]
+fn a_slow_scorer_drops_and_counts_instead_of_blocking() {
+    let (dir, out) = backfill(
+        &traffic(8, 4000, None),
+        &format!(
+            "[sink]\nroll_size = \"100KiB\"\n[quality]\nsample_rate = 0.1\ndeferred_queue = 20\n[[quality.scorer]]\nname = \"slow\"\ntype = \"command\"\ncommand = [\"python3\", \"{}/examples/scorer.py\", \"--delay\", \"0.2\"]\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("quality:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let num = |after: &str| -> u64 {
+        let i = line.find(after).unwrap_or_else(|| panic!("{line}"));
+        line[..i]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (scored, dropped) = (num(" scored"), num(" dropped"));
+    let root = dir.path().join("data");
+    assert_eq!(scalar(&root, "SELECT count(*) FROM events"), 4000);
+    assert!(dropped > 0 && scored > 0, "{line}");
+    assert_eq!(
+        scalar(
+            &root,
+            "SELECT count(*) FROM scores WHERE evaluation_name = 'slow'"
+        ),
+        scored as i64
+    );
+    // Everything sampled was either scored or dropped.
+    let sampled = scalar(
+        &root,
+        "SELECT count(*) FROM events WHERE output IS NOT NULL",
+    );
+    assert!(
+        scored + dropped > 0 && (scored + dropped) as i64 <= sampled,
+        "{line}"
+    );
 }
