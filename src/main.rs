@@ -577,6 +577,31 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
             q.sample_rate * 100.0,
             q.rules.len()
         );
+        let judges = q
+            .scorers
+            .iter()
+            .filter(|s| matches!(s.check, telltale::quality::Check::Judge(_)))
+            .count();
+        if judges > 0 {
+            let j = &q.judge;
+            if let Some(var) = &j.api_key_env
+                && std::env::var(var).is_err()
+            {
+                bail!(
+                    "quality.judge: the API key variable {var} is not set (set it, or api_key_env = \"\" for a server without keys)"
+                );
+            }
+            println!(
+                "ok   judge: {} at {} for {judges} scorer(s); {} in flight, budget {}",
+                j.model,
+                j.base_url,
+                j.concurrency,
+                match q.budget_tokens_per_hour {
+                    0 => "unlimited".to_owned(),
+                    b => format!("{b} tokens/hour"),
+                }
+            );
+        }
     }
     if config.alerting.enabled {
         let mut ctx = alert::rule_context(&config.metrics);
