@@ -136,6 +136,7 @@ pub fn run(
                 config.metrics.window.clone(),
                 None,
                 true,
+                false,
                 config.sink.clone(),
                 Some(load_prices(&config.metrics)?),
                 stats.clone(),

@@ -343,9 +343,11 @@ pub fn run(
         None
     };
     let samples = drift.as_ref().map(DriftStage::sender);
-    // Deferred scorers (judge, command, http) score committed jobs' samples off this path.
+    // Deferred scorers (judge, command, http) score committed jobs' samples off this path;
+    // the same stage scores the events drift names as outliers.
+    let outliers = drift_on && config.quality.always_drift_outliers;
     let deferred = match &quality {
-        Some(q) if q.has_deferred() => Some(
+        Some(q) if q.has_deferred() || outliers => Some(
             crate::quality::deferred::DeferredStage::start(
                 q.clone(),
                 &config.data_root,
@@ -353,6 +355,7 @@ pub fn run(
                 config.metrics.window.clone(),
                 frames.clone(),
                 false,
+                outliers,
                 config.sink.clone(),
                 Some(load_prices(&config.metrics)?),
                 stats.clone(),
@@ -361,7 +364,11 @@ pub fn run(
         ),
         _ => None,
     };
-    let deferred_tx = deferred.as_ref().map(|d| d.sender());
+    // Jobs go to the stage only when it has scorers to run on them.
+    let deferred_tx = deferred
+        .as_ref()
+        .filter(|_| quality.as_ref().is_some_and(|q| q.has_deferred()))
+        .map(|d| d.sender());
 
     let committer = Arc::new(KafkaCommitter(consumer.clone()));
     let writer_stats = stats.clone();

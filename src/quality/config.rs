@@ -56,6 +56,9 @@ pub(crate) fn read_quality(root: &mut Obj, base: &Path, e: &mut Errors) -> Quali
     cfg.always_negative_feedback = t
         .boolean(e, "always_negative_feedback")
         .unwrap_or(d.always_negative_feedback);
+    cfg.always_drift_outliers = t
+        .boolean(e, "always_drift_outliers")
+        .unwrap_or(d.always_drift_outliers);
     for mut r in t.tables(e, "sample") {
         let when = r.string_list(e, "when").unwrap_or_default();
         if when.is_empty() {

@@ -168,6 +168,9 @@ struct State {
     windows: BTreeMap<i64, SeriesCounts>,
     #[serde(default, with = "windows_as_list")]
     rollup: BTreeMap<i64, SeriesCounts>,
+    /// Start of the last drift window whose outliers are scored.
+    #[serde(default = "min_ms")]
+    outliers_through: i64,
 }
 
 fn min_ms() -> i64 {
@@ -206,6 +209,7 @@ fn read_state(path: &Path) -> State {
         .and_then(|t| serde_json::from_str::<State>(&t).ok())
         .unwrap_or(State {
             closed_through: i64::MIN,
+            outliers_through: i64::MIN,
             ..State::default()
         })
 }
@@ -280,6 +284,8 @@ struct Worker {
     frames: Option<crate::alert::FrameSender>,
     /// Close every window when the input ends (file sources).
     finish: bool,
+    /// Score drift outliers (the drift table's explanations) as they are judged.
+    outliers: bool,
     /// Wall clock of each partition's last job: partitions quiet for longer than the
     /// lateness stop holding the watermark back.
     lane_seen: std::collections::HashMap<String, Instant>,
@@ -309,6 +315,7 @@ impl DeferredStage {
         window: crate::window::WindowConfig,
         frames: Option<crate::alert::FrameSender>,
         finish: bool,
+        outliers: bool,
         sink: SinkConfig,
         prices: Option<crate::metrics::cost::PriceTable>,
         stats: Arc<Stats>,
@@ -346,6 +353,7 @@ impl DeferredStage {
         let mut st = if finish {
             State {
                 closed_through: i64::MIN,
+                outliers_through: i64::MIN,
                 ..State::default()
             }
         } else {
@@ -403,6 +411,7 @@ impl DeferredStage {
             window,
             frames,
             finish,
+            outliers,
             lane_seen,
             sink,
             stats,
@@ -505,7 +514,19 @@ impl Worker {
                 return;
             }
         };
-        for job in rx {
+        let mut next_outliers = Instant::now();
+        loop {
+            if self.outliers && Instant::now() >= next_outliers {
+                if let Err(e) = rt.block_on(self.score_outliers()) {
+                    warn!(error = %e, "cannot score drift outliers; retrying");
+                }
+                next_outliers = Instant::now() + Duration::from_secs(1);
+            }
+            let job = match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(job) => job,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             if stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -541,6 +562,91 @@ impl Worker {
                 Err(e) => warn!(error = %e, "cannot write the deferred scores' last windows"),
             }
         }
+    }
+
+    /// Scores the events the drift table names as what moved most in drifted windows judged
+    /// since the last pass (each window once: its start is checkpointed), unless the sampler
+    /// picked them already. Their scores go to
+    /// `scores/…/outliers-<stream>-<window start>.parquet` and stay out of the rates.
+    async fn score_outliers(&mut self) -> Result<(), SinkError> {
+        let windows = drift_windows(&self.root, &self.stream, self.st.outliers_through)?;
+        for (start, path) in windows {
+            let mut ids: Vec<String> = Vec::new();
+            let mut end = start;
+            for b in crate::metrics::rebuild::read_parquet(&path, None)? {
+                outlier_ids(&b, &mut ids, &mut end);
+            }
+            ids.sort();
+            ids.dedup();
+            let events = if ids.is_empty() {
+                Vec::new()
+            } else {
+                find_events(&self.root, start, end.max(start + 1), &ids)?
+            };
+            let mut b = BTreeMap::<i64, ScoreBatchBuilder>::new();
+            for e in &events {
+                if self.quality.sample(e).is_some() {
+                    continue; // scored already, as a sampled event
+                }
+                let case = Case::of(e);
+                let hour = e.timestamp_ms.div_euclid(3_600_000);
+                for (i, def) in self.quality.scorers().iter().enumerate() {
+                    if !super::event_matches(&def.when, e) {
+                        continue;
+                    }
+                    let scored = if def.check.is_deferred() {
+                        if e.output.is_none() {
+                            continue;
+                        }
+                        let spent = AtomicU64::new(self.budget.1);
+                        let budget = self.quality.config().budget_tokens_per_hour;
+                        let r = self
+                            .score_one(def, i, &e.event_id, &case, budget, &spent)
+                            .await;
+                        self.budget.1 = spent.load(Ordering::Relaxed);
+                        match r {
+                            Ok((score, cost)) => Some((score, cost)),
+                            Err(_) => None,
+                        }
+                    } else {
+                        def.check.score(&case, def.field).map(|s| (s, None))
+                    };
+                    if let Some((score, cost)) = scored {
+                        let judge_model = matches!(def.check, Check::Judge(_))
+                            .then(|| self.quality.config().judge.model.as_str());
+                        b.entry(hour).or_default().append_deferred(
+                            e,
+                            SampleReason::DriftOutlier,
+                            def,
+                            &score,
+                            judge_model,
+                            cost.map(|c| (c, 0.0)),
+                        );
+                    }
+                }
+            }
+            let mut dirs = std::collections::BTreeSet::new();
+            for (hour, mut batch) in b {
+                let path = self
+                    .root
+                    .join("scores")
+                    .join(hour_dir(hour))
+                    .join(format!("outliers-{}-{start}.parquet", self.stream));
+                write_into_place(&path, &batch.finish(), Table::Scores, &self.sink)?;
+                dirs.insert(path.parent().expect("in a directory").to_owned());
+            }
+            for d in &dirs {
+                fsync_dir(d)?;
+            }
+            let mut next = self.st.clone();
+            next.outliers_through = start;
+            save_state(&self.state_path, &next)?;
+            self.st = next;
+            if !events.is_empty() {
+                info!(window = %crate::metrics::fmt_ms(start), events = events.len(), "drift outliers scored");
+            }
+        }
+        Ok(())
     }
 
     /// Adds a job's scores to the windows of `next`.
@@ -722,18 +828,7 @@ impl Worker {
             async move {
                 let started = Instant::now();
                 let e = &item.event;
-                let case = Case {
-                    input: e.input.as_deref(),
-                    output: e.output.as_deref(),
-                    expected: e.expected.as_deref(),
-                    system: None,
-                    context: e
-                        .attributes
-                        .iter()
-                        .find(|(k, _)| k == "context")
-                        .map(|(_, v)| &**v),
-                    output_tokens: None,
-                };
+                let case = Case::of(e);
                 let r = this
                     .score_one(def, s, &e.event_id, &case, budget, spent)
                     .await;
@@ -892,6 +987,126 @@ fn save_state(path: &Path, st: &State) -> Result<(), SinkError> {
     std::fs::create_dir_all(dir).map_err(crate::sink::io_err(dir))?;
     let body = serde_json::to_string(st).expect("the state serializes");
     write_durably(path, body.as_bytes())
+}
+
+/// The stream's drift files of windows starting after `after`, oldest first.
+fn drift_windows(root: &Path, stream: &str, after: i64) -> Result<Vec<(i64, PathBuf)>, SinkError> {
+    let prefix = format!("drift-{stream}-");
+    let mut out = Vec::new();
+    let dir = root.join("drift");
+    let Ok(dates) = std::fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    let from_hour = if after == i64::MIN {
+        i64::MIN
+    } else {
+        after.div_euclid(3_600_000)
+    };
+    for date in dates.flatten() {
+        let Ok(hours) = std::fs::read_dir(date.path()) else {
+            continue;
+        };
+        for hour in hours.flatten() {
+            let Ok(files) = std::fs::read_dir(hour.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Some(start) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|r| r.strip_suffix(".parquet"))
+                    .and_then(|r| r.parse::<i64>().ok())
+                else {
+                    continue;
+                };
+                if start > after && start.div_euclid(3_600_000) >= from_hour {
+                    out.push((start, f.path()));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Event ids in the explanations of a drift file's drifted embedding verdicts (MMD witness
+/// texts), and the window end.
+fn outlier_ids(b: &arrow::array::RecordBatch, ids: &mut Vec<String>, end: &mut i64) {
+    use arrow::array::{Array, AsArray};
+    let s = |n: &str| {
+        b.column_by_name(n)
+            .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok())
+    };
+    let (Some(field), Some(method), Some(expl)) = (s("field"), s("method"), s("explanation"))
+    else {
+        return;
+    };
+    let (field, method, expl) = (
+        field.as_string::<i32>(),
+        method.as_string::<i32>(),
+        expl.as_string::<i32>(),
+    );
+    let Some(drifted) = b.column_by_name("drifted").and_then(|c| c.as_boolean_opt()) else {
+        return;
+    };
+    if let Some(e) = b
+        .column_by_name("window_end")
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>())
+        .and_then(arrow::compute::max)
+    {
+        *end = (*end).max(e);
+    }
+    for i in 0..b.num_rows() {
+        if drifted.is_null(i) || !drifted.value(i) || expl.is_null(i) {
+            continue;
+        }
+        if !matches!(field.value(i), "input" | "output") || method.value(i) != "mmd" {
+            continue;
+        }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(expl.value(i))
+            && let Some(items) = v.as_array()
+        {
+            ids.extend(
+                items
+                    .iter()
+                    .filter_map(|x| x.get("event_id")?.as_str().map(str::to_owned)),
+            );
+        }
+    }
+}
+
+/// The events with these ids among the `events` files of the hours `from..to` spans.
+fn find_events(
+    root: &Path,
+    from: i64,
+    to: i64,
+    ids: &[String],
+) -> Result<Vec<LlmEvent<'static>>, SinkError> {
+    let mut out: Vec<LlmEvent<'static>> = Vec::new();
+    for hour in from.div_euclid(3_600_000)..=(to - 1).div_euclid(3_600_000) {
+        let dir = root.join("events").join(hour_dir(hour));
+        let Ok(files) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let path = f.path();
+            if path.extension().is_none_or(|x| x != "parquet") {
+                continue;
+            }
+            for b in crate::metrics::rebuild::read_parquet(&path, None)? {
+                crate::metrics::rebuild::for_each_event(&b, |_, e| {
+                    if ids
+                        .binary_search_by(|x| x.as_str().cmp(&e.event_id))
+                        .is_ok()
+                        && !out.iter().any(|o| o.event_id == e.event_id)
+                    {
+                        out.push(e.clone().into_owned());
+                    }
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A score ready to write: (item index in its job, scorer index, score, for a judge its

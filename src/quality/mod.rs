@@ -79,6 +79,9 @@ pub struct QualityConfig {
     pub sample_rate: f64,
     pub always_errors: bool,
     pub always_negative_feedback: bool,
+    /// Events the drift stage names as what moved most in a drifted window are scored too
+    /// (by every scorer, after the window is judged).
+    pub always_drift_outliers: bool,
     pub rules: Vec<SampleRule>,
     pub scorers: Vec<ScorerDef>,
     /// The judge endpoint of `llm_judge` scorers (`[quality.judge]`).
@@ -99,6 +102,7 @@ impl Default for QualityConfig {
             sample_rate: 0.1,
             always_errors: true,
             always_negative_feedback: true,
+            always_drift_outliers: true,
             rules: Vec::new(),
             scorers: Vec::new(),
             judge: judge::JudgeConfig::default(),
@@ -123,6 +127,9 @@ pub enum SampleReason {
     Rule,
     Error,
     NegativeFeedback,
+    /// Named by a drift explanation (one of the texts that moved most); scored by the
+    /// deferred stage, and kept out of the per-window rates (they would bias them).
+    DriftOutlier,
 }
 
 impl SampleReason {
@@ -132,6 +139,7 @@ impl SampleReason {
             SampleReason::Rule => "rule",
             SampleReason::Error => "error",
             SampleReason::NegativeFeedback => "negative_feedback",
+            SampleReason::DriftOutlier => "drift_outlier",
         }
     }
 }
@@ -208,18 +216,7 @@ impl Quality {
     pub fn assess(&self, e: &LlmEvent<'_>, out: &mut Vec<Scored>) -> Option<SampleReason> {
         out.clear();
         let (reason, u) = self.sample(e)?;
-        let case = Case {
-            input: e.input.as_deref(),
-            output: e.output.as_deref(),
-            expected: e.expected.as_deref(),
-            system: e.system.as_deref(),
-            context: e
-                .attributes
-                .iter()
-                .find(|(k, _)| k == "context")
-                .map(|(_, v)| &**v),
-            output_tokens: e.output_tokens,
-        };
+        let case = Case::of(e);
         for (i, s) in self.config.scorers.iter().enumerate() {
             let nested = reason != SampleReason::Rate || s.sample_rate.is_none_or(|r| u < r);
             if !nested || !event_matches(&s.when, e) {

@@ -28,6 +28,22 @@ pub struct Case<'a> {
 }
 
 impl<'a> Case<'a> {
+    /// An event's texts (the `context` attribute is the faithfulness context).
+    pub fn of(e: &'a crate::event::LlmEvent<'_>) -> Case<'a> {
+        Case {
+            input: e.input.as_deref(),
+            output: e.output.as_deref(),
+            expected: e.expected.as_deref(),
+            system: e.system.as_deref(),
+            context: e
+                .attributes
+                .iter()
+                .find(|(k, _)| k == "context")
+                .map(|(_, v)| &**v),
+            output_tokens: e.output_tokens,
+        }
+    }
+
     pub fn field(&self, f: Field) -> Option<&'a str> {
         match f {
             Field::Input => self.input,

@@ -117,6 +117,29 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
     // from `events` and scored again, not lost and not counted twice. (A minute with late
     // events, counted in `events` but not in its closed window, is left out.)
     crate::quality::assert_scores_exactly_once(&root);
+    // Drift outliers: the events the drift table names (MMD witnesses of drifted windows) are
+    // scored too, once, unless the sampler had picked them already.
+    let outliers = strings(&sql(
+        &root,
+        "SELECT DISTINCT event_id FROM scores WHERE sample_reason = 'drift_outlier'",
+    ));
+    assert!(!outliers.is_empty(), "no drift outlier was scored");
+    let named = strings(&sql(
+        &root,
+        "SELECT explanation FROM drift WHERE drifted AND method = 'mmd' AND field IN ('input', 'output')",
+    ))
+    .join("\n");
+    for id in &outliers {
+        assert!(
+            named.contains(id.as_str()),
+            "{id} is not named by a drift explanation"
+        );
+    }
+    let twice = scalar(
+        &root,
+        "SELECT count(*) FROM (SELECT event_id, evaluation_name FROM scores GROUP BY 1, 2 HAVING count(*) > 1)",
+    );
+    assert_eq!(twice, 0);
     let metrics_through = closed(&root.join("_state/metrics/drift.json"));
     let key = "app || '/' || environment || '/' || model || '/' || prompt_version || '@' || CAST(CAST(window_start AS BIGINT) AS VARCHAR)";
     let minute = "CAST(CAST(timestamp AS BIGINT) / 60000 * 60000 AS VARCHAR)";
@@ -129,7 +152,7 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
             "WITH m AS (SELECT {key} AS k, events FROM metrics WHERE resolution = '1m' AND CAST(window_end AS BIGINT) <= {metrics_through}),
                   e AS (SELECT {ekey} AS k, count(*) AS n FROM events GROUP BY 1),
                   q AS (SELECT {key} AS k, max(sampled) AS sampled, sum(scored) AS scored FROM quality WHERE resolution = '1m' AND evaluation_name <> 'words_answered' GROUP BY 1),
-                  s AS (SELECT {ekey} AS k, count(DISTINCT event_id) AS sampled, count(*) AS scored FROM scores WHERE scorer_type NOT IN ('llm_judge', 'command', 'http') GROUP BY 1)
+                  s AS (SELECT {ekey} AS k, count(DISTINCT event_id) AS sampled, count(*) AS scored FROM scores WHERE scorer_type NOT IN ('llm_judge', 'command', 'http') AND sample_reason <> 'drift_outlier' GROUP BY 1)
              SELECT m.k || ' ' || CAST(coalesce(q.scored, 0) AS VARCHAR) || ' vs ' || CAST(coalesce(s.scored, 0) AS VARCHAR)
              FROM m JOIN e ON m.k = e.k LEFT JOIN q ON m.k = q.k LEFT JOIN s ON m.k = s.k
              WHERE m.events = e.n AND coalesce(q.scored, 0) <> coalesce(s.scored, 0)"

@@ -135,7 +135,7 @@ pub fn assert_scores_exactly_once(root: &Path) {
     assert_eq!(dup, 0, "an (event, scorer) pair scored twice");
     let scored: HashSet<String> = strings(&sql(
         root,
-        "SELECT DISTINCT event_id FROM scores WHERE scorer_type <> 'command'",
+        "SELECT DISTINCT event_id FROM scores WHERE scorer_type <> 'command' AND sample_reason <> 'drift_outlier'",
     ))
     .into_iter()
     .collect();
@@ -185,7 +185,7 @@ pub fn assert_deferred_exactly_once(root: &Path) {
     }
     let got = strings(&sql(
         root,
-        "SELECT event_id FROM scores WHERE evaluation_name = 'words_answered'",
+        "SELECT event_id FROM scores WHERE evaluation_name = 'words_answered' AND sample_reason <> 'drift_outlier'",
     ));
     let unique: HashSet<String> = got.iter().cloned().collect();
     assert_eq!(got.len(), unique.len(), "a deferred score written twice");
@@ -386,7 +386,7 @@ fn deferred_scores_survive_kill_dash_nine() {
     let scored = scalar(
         &root,
         &format!(
-            "SELECT count(*) FROM scores WHERE evaluation_name = 'words_answered' AND CAST(timestamp AS BIGINT) < {closed}"
+            "SELECT count(*) FROM scores WHERE evaluation_name = 'words_answered' AND sample_reason <> 'drift_outlier' AND CAST(timestamp AS BIGINT) < {closed}"
         ),
     );
     assert!(scored > 20, "{scored}");
