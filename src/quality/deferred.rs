@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use super::custom::{self, CommandScorer};
 use super::judge::{JudgeCache, JudgeClient};
 use super::scorer::{Case, Check, Score};
-use super::table::ScoreBatchBuilder;
+use super::table::{JudgeUsage, ScoreBatchBuilder};
 use super::{Quality, QualityCounts, SampleReason, ScorerDef};
 use crate::config::SinkConfig;
 use crate::event::LlmEvent;
@@ -605,13 +605,13 @@ impl Worker {
                             .await;
                         self.budget.1 = spent.load(Ordering::Relaxed);
                         match r {
-                            Ok((score, cost)) => Some((score, cost)),
+                            Ok((score, usage)) => Some((score, usage)),
                             Err(_) => None,
                         }
                     } else {
                         def.check.score(&case, def.field).map(|s| (s, None))
                     };
-                    if let Some((score, cost)) = scored {
+                    if let Some((score, usage)) = scored {
                         let judge_model = matches!(def.check, Check::Judge(_))
                             .then(|| self.quality.config().judge.model.as_str());
                         b.entry(hour).or_default().append_deferred(
@@ -620,7 +620,7 @@ impl Worker {
                             def,
                             &score,
                             judge_model,
-                            cost.map(|c| (c, 0.0)),
+                            usage,
                         );
                     }
                 }
@@ -840,11 +840,15 @@ impl Worker {
         let mut rows = Vec::new();
         for (i, s, r, took) in results {
             match r {
-                Ok((score, cost)) => {
+                Ok((score, usage)) => {
                     self.stats
                         .quality_deferred_scored
                         .fetch_add(1, Ordering::Relaxed);
-                    rows.push((i, s, score, cost.map(|c| (c, took.as_secs_f64() * 1000.0))));
+                    let usage = usage.map(|u| JudgeUsage {
+                        latency_ms: took.as_secs_f64() * 1000.0,
+                        ..u
+                    });
+                    rows.push((i, s, score, usage));
                 }
                 Err(Skip::Budget) => {
                     self.stats
@@ -871,7 +875,7 @@ impl Worker {
         case: &Case<'_>,
         budget: u64,
         spent: &AtomicU64,
-    ) -> Result<(Score, Option<f64>), Skip> {
+    ) -> Result<(Score, Option<JudgeUsage>), Skip> {
         match &def.check {
             Check::Judge(rubric) => {
                 let client = self
@@ -918,7 +922,15 @@ impl Worker {
                         })
                     })
                     .unwrap_or(0.0);
-                Ok((v.to_score(), Some(cost)))
+                Ok((
+                    v.to_score(),
+                    Some(JudgeUsage {
+                        cost_usd: cost,
+                        latency_ms: 0.0,
+                        input_tokens: v.input_tokens,
+                        output_tokens: v.output_tokens,
+                    }),
+                ))
             }
             Check::Command { .. } => {
                 let request = custom::request(&def.name, event_id, case);
@@ -1111,7 +1123,7 @@ fn find_events(
 
 /// A score ready to write: (item index in its job, scorer index, score, for a judge its
 /// (cost in USD, latency in ms)).
-type Row = (usize, usize, Score, Option<(f64, f64)>);
+type Row = (usize, usize, Score, Option<JudgeUsage>);
 
 enum Skip {
     Budget,

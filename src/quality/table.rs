@@ -52,6 +52,8 @@ static SCORE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("judge_model", DataType::Utf8, true),
         Field::new("judge_cost_usd", DataType::Float64, true),
         Field::new("latency_ms", DataType::Float64, true),
+        Field::new("judge_input_tokens", DataType::Int64, true),
+        Field::new("judge_output_tokens", DataType::Int64, true),
     ]);
     Arc::new(Schema::new(f))
 });
@@ -77,7 +79,18 @@ pub struct ScoreBatchBuilder {
     judge_model: StringBuilder,
     judge_cost: Float64Builder,
     latency: Float64Builder,
+    /// Judge prompt and completion tokens.
+    tokens: [Int64Builder; 2],
     len: usize,
+}
+
+/// What a model-based score cost.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct JudgeUsage {
+    pub cost_usd: f64,
+    pub latency_ms: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 impl Default for ScoreBatchBuilder {
@@ -104,6 +117,7 @@ impl ScoreBatchBuilder {
             judge_model: StringBuilder::new(),
             judge_cost: Float64Builder::new(),
             latency: Float64Builder::new(),
+            tokens: std::array::from_fn(|_| Int64Builder::new()),
             len: 0,
         }
     }
@@ -129,7 +143,7 @@ impl ScoreBatchBuilder {
         }
     }
 
-    /// One row of a deferred scorer: `judge` = (cost in USD, latency in ms) of a model call.
+    /// One row of a deferred scorer, with what its model call cost.
     pub fn append_deferred(
         &mut self,
         e: &LlmEvent<'_>,
@@ -137,7 +151,7 @@ impl ScoreBatchBuilder {
         def: &ScorerDef,
         score: &super::Score,
         judge_model: Option<&str>,
-        judge: Option<(f64, f64)>,
+        judge: Option<JudgeUsage>,
     ) {
         self.push(e, reason, def, score, judge_model, judge);
     }
@@ -149,7 +163,7 @@ impl ScoreBatchBuilder {
         def: &ScorerDef,
         score: &super::Score,
         judge_model: Option<&str>,
-        judge: Option<(f64, f64)>,
+        judge: Option<JudgeUsage>,
     ) {
         let dims = [
             &e.app,
@@ -175,8 +189,10 @@ impl ScoreBatchBuilder {
         self.category.append_value(def.category.name());
         self.reason.append_value(reason.name());
         self.judge_model.append_option(judge_model);
-        self.judge_cost.append_option(judge.map(|j| j.0));
-        self.latency.append_option(judge.map(|j| j.1));
+        self.judge_cost.append_option(judge.map(|j| j.cost_usd));
+        self.latency.append_option(judge.map(|j| j.latency_ms));
+        self.tokens[0].append_option(judge.map(|j| j.input_tokens as i64));
+        self.tokens[1].append_option(judge.map(|j| j.output_tokens as i64));
         self.len += 1;
     }
 
@@ -189,7 +205,7 @@ impl ScoreBatchBuilder {
         for d in &mut self.dims {
             cols.push(Arc::new(d.finish()));
         }
-        cols.extend::<[ArrayRef; 12]>([
+        cols.extend::<[ArrayRef; 14]>([
             Arc::new(self.name.finish()),
             Arc::new(self.value.finish()),
             Arc::new(self.label.finish()),
@@ -202,6 +218,8 @@ impl ScoreBatchBuilder {
             Arc::new(self.judge_model.finish()),
             Arc::new(self.judge_cost.finish()),
             Arc::new(self.latency.finish()),
+            Arc::new(self.tokens[0].finish()),
+            Arc::new(self.tokens[1].finish()),
         ]);
         self.len = 0;
         RecordBatch::try_new(score_schema(), cols).expect("columns match the scores schema")

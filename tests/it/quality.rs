@@ -503,7 +503,8 @@ when = ['app="support-bot"']
         &root,
         "SELECT count(*) FROM scores WHERE evaluation_name = 'support_correct'
          AND (judge_model <> 'gpt-4o-mini' OR latency_ms IS NULL OR abs(judge_cost_usd - (200 * 0.15 + 20 * 0.6) / 1e6) > 1e-12
-              OR category <> 'correctness' OR scorer_type <> 'llm_judge')",
+              OR category <> 'correctness' OR scorer_type <> 'llm_judge'
+              OR judge_input_tokens <> 200 OR judge_output_tokens <> 20)",
     );
     assert_eq!(bad, 0);
     let calls = hits.load(Ordering::SeqCst);
