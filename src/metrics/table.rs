@@ -32,8 +32,9 @@ const SUMS: [&str; 5] = [
     "reasoning_tokens_sum",
 ];
 
-/// The table's schema for a set of series dimensions.
-pub fn metrics_schema(dims: &[Dimension]) -> SchemaRef {
+/// The leading columns of every per-window table (`metrics`, `quality`): `resolution`,
+/// `window_start`, `window_end`, `stream`, `series`, and one column per series dimension.
+pub fn window_key_fields(dims: &[Dimension]) -> Vec<Field> {
     let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
     let mut f = vec![
         Field::new("resolution", DataType::Utf8, false),
@@ -45,6 +46,96 @@ pub fn metrics_schema(dims: &[Dimension]) -> SchemaRef {
     for d in dims {
         f.push(Field::new(d.column(), DataType::Utf8, true));
     }
+    f
+}
+
+/// Builds the [`window_key_fields`] columns.
+pub struct WindowKeys {
+    dim_names: Vec<Dimension>,
+    resolution: StringBuilder,
+    start: TimestampMillisecondBuilder,
+    end: TimestampMillisecondBuilder,
+    stream: StringBuilder,
+    series: StringBuilder,
+    dims: Vec<StringBuilder>,
+}
+
+impl WindowKeys {
+    pub fn new(dims: &[Dimension]) -> Self {
+        WindowKeys {
+            dim_names: dims.to_vec(),
+            resolution: StringBuilder::new(),
+            start: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            end: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            stream: StringBuilder::new(),
+            series: StringBuilder::new(),
+            dims: dims.iter().map(|_| StringBuilder::new()).collect(),
+        }
+    }
+
+    /// The same key for `n` rows (one for a metrics row, one per scorer for quality).
+    pub fn append_n(
+        &mut self,
+        resolution: &str,
+        start_ms: i64,
+        end_ms: i64,
+        stream: &str,
+        key: &SeriesKey,
+        n: usize,
+    ) {
+        let series = key.display(&self.dim_names);
+        for _ in 0..n {
+            self.resolution.append_value(resolution);
+            self.start.append_value(start_ms);
+            self.end.append_value(end_ms);
+            self.stream.append_value(stream);
+            self.series.append_value(&series);
+            for (b, v) in self.dims.iter_mut().zip(key.values()) {
+                b.append_option(v.as_deref());
+            }
+        }
+    }
+
+    /// The columns, in [`window_key_fields`] order; the builders are left empty.
+    pub fn finish(&mut self) -> Vec<ArrayRef> {
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(self.resolution.finish()),
+            Arc::new(self.start.finish()),
+            Arc::new(self.end.finish()),
+            Arc::new(self.stream.finish()),
+            Arc::new(self.series.finish()),
+        ];
+        for b in &mut self.dims {
+            cols.push(Arc::new(b.finish()));
+        }
+        cols
+    }
+}
+
+/// Each row's series key, read from the dimension columns (a missing column reads as null).
+pub fn row_series_keys(batch: &RecordBatch, dims: &[Dimension]) -> Vec<SeriesKey> {
+    let cols: Vec<_> = dims
+        .iter()
+        .map(|d| {
+            batch
+                .column_by_name(&d.column())
+                .and_then(|c| c.as_string_opt::<i32>())
+        })
+        .collect();
+    (0..batch.num_rows())
+        .map(|row| {
+            let values: Vec<Option<&str>> = cols
+                .iter()
+                .map(|c| c.and_then(|c| (!c.is_null(row)).then(|| c.value(row))))
+                .collect();
+            SeriesKey::new(&values)
+        })
+        .collect()
+}
+
+/// The table's schema for a set of series dimensions.
+pub fn metrics_schema(dims: &[Dimension]) -> SchemaRef {
+    let mut f = window_key_fields(dims);
     f.push(Field::new("events", DataType::Int64, false));
     f.push(Field::new("errors", DataType::Int64, false));
     f.push(Field::new("error_rate", DataType::Float64, false));
@@ -78,13 +169,7 @@ struct MeasureCols {
 /// Builds `metrics` rows.
 pub struct MetricsBatchBuilder {
     schema: SchemaRef,
-    resolution: StringBuilder,
-    start: TimestampMillisecondBuilder,
-    end: TimestampMillisecondBuilder,
-    stream: StringBuilder,
-    series: StringBuilder,
-    dims: Vec<StringBuilder>,
-    dim_names: Vec<Dimension>,
+    keys: WindowKeys,
     events: Int64Builder,
     errors: Int64Builder,
     error_rate: Float64Builder,
@@ -120,13 +205,7 @@ impl MetricsBatchBuilder {
     pub fn new(dims: &[Dimension]) -> Self {
         MetricsBatchBuilder {
             schema: metrics_schema(dims),
-            resolution: StringBuilder::new(),
-            start: TimestampMillisecondBuilder::new().with_timezone("UTC"),
-            end: TimestampMillisecondBuilder::new().with_timezone("UTC"),
-            stream: StringBuilder::new(),
-            series: StringBuilder::new(),
-            dims: dims.iter().map(|_| StringBuilder::new()).collect(),
-            dim_names: dims.to_vec(),
+            keys: WindowKeys::new(dims),
             events: Int64Builder::new(),
             errors: Int64Builder::new(),
             error_rate: Float64Builder::new(),
@@ -170,14 +249,8 @@ impl MetricsBatchBuilder {
         hists: &[&Histogram<T>; 5],
         encoded: &[Vec<u8>; 5],
     ) {
-        self.resolution.append_value(resolution);
-        self.start.append_value(start_ms);
-        self.end.append_value(end_ms);
-        self.stream.append_value(stream);
-        self.series.append_value(key.display(&self.dim_names));
-        for (b, v) in self.dims.iter_mut().zip(key.values()) {
-            b.append_option(v.as_deref());
-        }
+        self.keys
+            .append_n(resolution, start_ms, end_ms, stream, key, 1);
         let c = counters;
         self.events.append_value(c.events as i64);
         self.errors.append_value(c.errors as i64);
@@ -248,16 +321,7 @@ impl MetricsBatchBuilder {
     }
 
     pub fn finish(&mut self) -> RecordBatch {
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(self.resolution.finish()),
-            Arc::new(self.start.finish()),
-            Arc::new(self.end.finish()),
-            Arc::new(self.stream.finish()),
-            Arc::new(self.series.finish()),
-        ];
-        for b in &mut self.dims {
-            cols.push(Arc::new(b.finish()));
-        }
+        let mut cols = self.keys.finish();
         cols.push(Arc::new(self.events.finish()));
         cols.push(Arc::new(self.errors.finish()));
         cols.push(Arc::new(self.error_rate.finish()));
@@ -311,14 +375,7 @@ pub fn sealed_rows(
             .column_by_name(name)
             .and_then(|c| c.as_primitive_opt::<Int64Type>())
     };
-    let dim_cols: Vec<_> = dims
-        .iter()
-        .map(|d| {
-            batch
-                .column_by_name(&d.column())
-                .and_then(|c| c.as_string_opt::<i32>())
-        })
-        .collect();
+    let keys = row_series_keys(batch, dims);
     let hist_cols: Vec<_> = Measure::ALL
         .iter()
         .map(|m| {
@@ -332,11 +389,7 @@ pub fn sealed_rows(
         .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Float64Type>());
     let mut out = Vec::with_capacity(batch.num_rows());
     let mut bad = 0;
-    'rows: for row in 0..batch.num_rows() {
-        let values: Vec<Option<&str>> = dim_cols
-            .iter()
-            .map(|c| c.and_then(|c| (!c.is_null(row)).then(|| c.value(row))))
-            .collect();
+    'rows: for (row, key) in keys.into_iter().enumerate() {
         let get = |name: &str| int(name).map_or(0, |c| c.value(row).max(0) as u64);
         let mut hists: [Vec<u8>; 5] = Default::default();
         for (slot, col) in hists.iter_mut().zip(&hist_cols) {
@@ -364,7 +417,7 @@ pub fn sealed_rows(
             cost_computed: get("cost_computed"),
             cost_unknown: get("cost_unknown"),
         };
-        out.push((SeriesKey::new(&values), SealedMetrics { counters, hists }));
+        out.push((key, SealedMetrics { counters, hists }));
     }
     (out, bad)
 }

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch,
-    StringBuilder, TimestampMillisecondBuilder,
+    ArrayRef, AsArray, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit};
 
 use super::{QualityCounts, SampleReason, Scored, ScorerCounts, ScorerDef, wilson};
 use crate::event::LlmEvent;
+use crate::metrics::table::{WindowKeys, row_series_keys, window_key_fields};
 use crate::window::{Dimension, SeriesKey};
 
 fn ts_type() -> DataType {
@@ -228,16 +229,7 @@ impl ScoreBatchBuilder {
 
 /// The `quality` table's schema for a set of series dimensions.
 pub fn quality_schema(dims: &[Dimension]) -> SchemaRef {
-    let mut f = vec![
-        Field::new("resolution", DataType::Utf8, false),
-        Field::new("window_start", ts_type(), false),
-        Field::new("window_end", ts_type(), false),
-        Field::new("stream", DataType::Utf8, false),
-        Field::new("series", DataType::Utf8, false),
-    ];
-    for d in dims {
-        f.push(Field::new(d.column(), DataType::Utf8, true));
-    }
+    let mut f = window_key_fields(dims);
     f.extend([
         Field::new("evaluation_name", DataType::Utf8, false),
         Field::new("scorer_version", DataType::Utf8, false),
@@ -273,13 +265,7 @@ pub struct QualityBatchBuilder {
     /// ones only.
     deferred: bool,
     schema: SchemaRef,
-    dim_names: Vec<Dimension>,
-    resolution: StringBuilder,
-    start: TimestampMillisecondBuilder,
-    end: TimestampMillisecondBuilder,
-    stream: StringBuilder,
-    series: StringBuilder,
-    dims: Vec<StringBuilder>,
+    keys: WindowKeys,
     name: StringBuilder,
     version: StringBuilder,
     category: StringBuilder,
@@ -301,13 +287,7 @@ impl QualityBatchBuilder {
         QualityBatchBuilder {
             deferred: false,
             schema: quality_schema(dims),
-            dim_names: dims.to_vec(),
-            resolution: StringBuilder::new(),
-            start: TimestampMillisecondBuilder::new().with_timezone("UTC"),
-            end: TimestampMillisecondBuilder::new().with_timezone("UTC"),
-            stream: StringBuilder::new(),
-            series: StringBuilder::new(),
-            dims: dims.iter().map(|_| StringBuilder::new()).collect(),
+            keys: WindowKeys::new(dims),
             name: StringBuilder::new(),
             version: StringBuilder::new(),
             category: StringBuilder::new(),
@@ -334,20 +314,18 @@ impl QualityBatchBuilder {
         counts: &QualityCounts,
         scorers: &[ScorerDef],
     ) {
-        let series = key.display(&self.dim_names);
+        // The other stage's windows hold the other scorers.
+        let rows = scorers
+            .iter()
+            .filter(|d| d.check.is_deferred() == self.deferred)
+            .count();
+        self.keys
+            .append_n(resolution, start_ms, end_ms, stream, key, rows);
         for (i, def) in scorers.iter().enumerate() {
             if def.check.is_deferred() != self.deferred {
-                continue; // the other stage's windows hold these
+                continue;
             }
             let c = counts.scorers.get(i).copied().unwrap_or_default();
-            self.resolution.append_value(resolution);
-            self.start.append_value(start_ms);
-            self.end.append_value(end_ms);
-            self.stream.append_value(stream);
-            self.series.append_value(&series);
-            for (b, v) in self.dims.iter_mut().zip(key.values()) {
-                b.append_option(v.as_deref());
-            }
             self.name.append_value(&def.name);
             self.version.append_value(&def.version);
             self.category.append_value(def.category.name());
@@ -374,16 +352,7 @@ impl QualityBatchBuilder {
     }
 
     pub fn finish(&mut self) -> RecordBatch {
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(self.resolution.finish()),
-            Arc::new(self.start.finish()),
-            Arc::new(self.end.finish()),
-            Arc::new(self.stream.finish()),
-            Arc::new(self.series.finish()),
-        ];
-        for d in &mut self.dims {
-            cols.push(Arc::new(d.finish()));
-        }
+        let mut cols = self.keys.finish();
         cols.push(Arc::new(self.name.finish()));
         cols.push(Arc::new(self.version.finish()));
         cols.push(Arc::new(self.category.finish()));
@@ -405,14 +374,7 @@ pub fn quality_rows(
     dims: &[Dimension],
     scorers: &[ScorerDef],
 ) -> Vec<(SeriesKey, QualityCounts)> {
-    let dim_cols: Vec<_> = dims
-        .iter()
-        .map(|d| {
-            batch
-                .column_by_name(&d.column())
-                .and_then(|c| c.as_string_opt::<i32>())
-        })
-        .collect();
+    let keys = row_series_keys(batch, dims);
     let int = |name: &str| {
         batch
             .column_by_name(name)
@@ -436,12 +398,7 @@ pub fn quality_rows(
         return Vec::new();
     };
     let mut out: Vec<(SeriesKey, QualityCounts)> = Vec::new();
-    for row in 0..batch.num_rows() {
-        let values: Vec<Option<&str>> = dim_cols
-            .iter()
-            .map(|c| c.and_then(|c| (!c.is_null(row)).then(|| c.value(row))))
-            .collect();
-        let key = SeriesKey::new(&values);
+    for (row, key) in keys.into_iter().enumerate() {
         let Some(i) = scorers.iter().position(|s| s.name == names.value(row)) else {
             continue;
         };
