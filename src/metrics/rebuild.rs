@@ -141,9 +141,9 @@ fn hour_of(date: &str, hour: &str) -> Option<i64> {
     Some(d.and_hms_opt(h, 0, 0)?.and_utc().timestamp_millis())
 }
 
-/// The `events` hour directories with the epoch ms of their hour.
-fn event_hours(root: &Path) -> Result<Vec<(i64, PathBuf)>, SinkError> {
-    let events = root.join("events");
+/// A Hive-partitioned table's hour directories with the epoch ms of their hour.
+pub(crate) fn table_hours(root: &Path, table: &str) -> Result<Vec<(i64, PathBuf)>, SinkError> {
+    let events = root.join(table);
     let mut out = Vec::new();
     let Ok(dates) = fs::read_dir(&events) else {
         return Ok(out);
@@ -215,7 +215,7 @@ fn partition_files(
     let prefix = format!("part-{topic}-{partition}-");
     let from_hour = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
     let mut out = Vec::new();
-    for (t, hour) in event_hours(root)? {
+    for (t, hour) in table_hours(root, "events")? {
         if t < from_hour {
             continue;
         }
@@ -496,7 +496,7 @@ pub(crate) fn events_between(
     mut visit: impl FnMut(&LlmEvent<'_>),
 ) -> Result<u64, SinkError> {
     let mut files = Vec::new();
-    for (t, hour) in event_hours(root)? {
+    for (t, hour) in table_hours(root, "events")? {
         if t + HOUR_MS <= from_ms || t >= to_ms {
             continue;
         }

@@ -296,8 +296,9 @@ struct Worker {
     http: reqwest::Client,
     prices: Option<crate::metrics::cost::PriceTable>,
     queued: Arc<AtomicUsize>,
-    /// (clock hour, judge tokens spent in it).
-    budget: (u64, u64),
+    /// The clock hour the budget counts, and the judge tokens spent (and reserved) in it.
+    budget_hour: u64,
+    spent: AtomicU64,
     /// Tokens of the last verdict bought: what a new call reserves from the budget.
     last_tokens: AtomicU64,
 }
@@ -420,7 +421,8 @@ impl DeferredStage {
             http: reqwest::Client::new(),
             prices,
             queued,
-            budget: (0, 0),
+            budget_hour: 0,
+            spent: AtomicU64::new(0),
             last_tokens: AtomicU64::new(500),
         };
         let stop = stop_now.clone();
@@ -569,6 +571,7 @@ impl Worker {
     /// picked them already. Their scores go to
     /// `scores/…/outliers-<stream>-<window start>.parquet` and stay out of the rates.
     async fn score_outliers(&mut self) -> Result<(), SinkError> {
+        self.roll_budget_hour();
         let windows = drift_windows(&self.root, &self.stream, self.st.outliers_through)?;
         for (start, path) in windows {
             let mut ids: Vec<String> = Vec::new();
@@ -598,12 +601,7 @@ impl Worker {
                         if e.output.is_none() {
                             continue;
                         }
-                        let spent = AtomicU64::new(self.budget.1);
-                        let budget = self.quality.config().budget_tokens_per_hour;
-                        let r = self
-                            .score_one(def, i, &e.event_id, &case, budget, &spent)
-                            .await;
-                        self.budget.1 = spent.load(Ordering::Relaxed);
+                        let r = self.score_one(def, i, &e.event_id, &case).await;
                         match r {
                             Ok((score, usage)) => Some((score, usage)),
                             Err(_) => None,
@@ -806,10 +804,7 @@ impl Worker {
     /// its own concurrency and rate).
     async fn score(&mut self, job: &DeferredJob) -> Vec<Row> {
         let mut calls = Vec::new();
-        let hour = (chrono::Utc::now().timestamp() / 3600) as u64;
-        if self.budget.0 != hour {
-            self.budget = (hour, 0);
-        }
+        self.roll_budget_hour();
         for (i, item) in job.items.iter().enumerate() {
             for &s in &item.scorers {
                 calls.push((i, s));
@@ -818,25 +813,19 @@ impl Worker {
         // When the budget runs short, events sampled for a reason (errors, negative feedback,
         // rules) are judged before those the base rate picked.
         calls.sort_by_key(|&(i, _)| job.items[i].reason == SampleReason::Rate);
-        let budget = self.quality.config().budget_tokens_per_hour;
-        let spent = AtomicU64::new(self.budget.1);
         let this = &*self;
         let futures = calls.into_iter().map(|(i, s)| {
             let item = &job.items[i];
             let def = &this.quality.scorers()[s];
-            let spent = &spent;
             async move {
                 let started = Instant::now();
                 let e = &item.event;
                 let case = Case::of(e);
-                let r = this
-                    .score_one(def, s, &e.event_id, &case, budget, spent)
-                    .await;
+                let r = this.score_one(def, s, &e.event_id, &case).await;
                 (i, s, r, started.elapsed())
             }
         });
         let results = futures::future::join_all(futures).await;
-        self.budget.1 = spent.load(Ordering::Relaxed);
         let mut rows = Vec::new();
         for (i, s, r, took) in results {
             match r {
@@ -866,16 +855,25 @@ impl Worker {
         rows
     }
 
-    /// One scorer on one case: its score and, for a judge, (cost in USD, 0 when unknown).
+    /// Starts the budget afresh when the clock hour has changed.
+    fn roll_budget_hour(&mut self) {
+        let hour = (chrono::Utc::now().timestamp() / 3600) as u64;
+        if self.budget_hour != hour {
+            self.budget_hour = hour;
+            self.spent.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// One scorer on one case: its score and, for a judge, what the call cost.
     async fn score_one(
         &self,
         def: &ScorerDef,
         index: usize,
         event_id: &str,
         case: &Case<'_>,
-        budget: u64,
-        spent: &AtomicU64,
     ) -> Result<(Score, Option<JudgeUsage>), Skip> {
+        let budget = self.quality.config().budget_tokens_per_hour;
+        let spent = &self.spent;
         match &def.check {
             Check::Judge(rubric) => {
                 let client = self
@@ -1005,35 +1003,23 @@ fn save_state(path: &Path, st: &State) -> Result<(), SinkError> {
 fn drift_windows(root: &Path, stream: &str, after: i64) -> Result<Vec<(i64, PathBuf)>, SinkError> {
     let prefix = format!("drift-{stream}-");
     let mut out = Vec::new();
-    let dir = root.join("drift");
-    let Ok(dates) = std::fs::read_dir(&dir) else {
-        return Ok(out);
-    };
-    let from_hour = if after == i64::MIN {
-        i64::MIN
-    } else {
-        after.div_euclid(3_600_000)
-    };
-    for date in dates.flatten() {
-        let Ok(hours) = std::fs::read_dir(date.path()) else {
+    // Hours before the last scored window's are not listed.
+    let from_hour = after.div_euclid(3_600_000).saturating_mul(3_600_000);
+    for (t, hour) in crate::metrics::rebuild::table_hours(root, "drift")? {
+        if after != i64::MIN && t < from_hour {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(&hour) else {
             continue;
         };
-        for hour in hours.flatten() {
-            let Ok(files) = std::fs::read_dir(hour.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                let Some(start) = name
-                    .strip_prefix(&prefix)
-                    .and_then(|r| r.strip_suffix(".parquet"))
-                    .and_then(|r| r.parse::<i64>().ok())
-                else {
-                    continue;
-                };
-                if start > after && start.div_euclid(3_600_000) >= from_hour {
-                    out.push((start, f.path()));
-                }
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let start = name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".parquet"))
+                .and_then(|r| r.parse::<i64>().ok());
+            if let Some(start) = start.filter(|s| *s > after) {
+                out.push((start, f.path()));
             }
         }
     }
