@@ -186,6 +186,23 @@ fn decode(c: &mut Criterion) {
 
 /// The numbers of `n` decoded generated events (latency, TTFT, tokens, cost), with their
 /// costs computed, and one event to carry them.
+/// The first `n` records of `traffic`, decoded (malformed ones left out).
+fn decoded(traffic: TrafficGenerator, n: usize) -> Vec<LlmEvent<'static>> {
+    let decoder = Decoder::new(DecoderConfig::default());
+    traffic
+        .take(n)
+        .filter_map(|r| {
+            Some(
+                decoder
+                    .decode(Some(&r.payload), None)
+                    .ok()?
+                    .event
+                    .into_owned(),
+            )
+        })
+        .collect()
+}
+
 fn measures(n: usize) -> (LlmEvent<'static>, Vec<LlmEvent<'static>>) {
     let decoder = Decoder::new(DecoderConfig::default());
     let prices = telltale::metrics::load_prices(&MetricsConfig::default()).unwrap();
@@ -676,20 +693,15 @@ fn drift(c: &mut Criterion) {
 
     // The hot path: the metrics stage with and without drift sampling, on events with texts
     // (100 series). The ratio is what sampling adds to every event.
-    let events: Vec<LlmEvent<'static>> = TrafficGenerator::new(4, T0, HOUR, 20_000)
-        .take(20_000)
-        .filter_map(|r| {
-            let d = Decoder::new(DecoderConfig::default())
-                .decode(Some(&r.payload), None)
-                .ok()?;
-            Some(d.event.into_owned())
-        })
-        .enumerate()
-        .map(|(i, mut e)| {
-            e.app = Some(format!("app-{}", i % 100).into());
-            e
-        })
-        .collect();
+    let events: Vec<LlmEvent<'static>> =
+        decoded(TrafficGenerator::new(4, T0, HOUR, 20_000), 20_000)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                e.app = Some(format!("app-{}", i % 100).into());
+                e
+            })
+            .collect();
     let stats = Arc::new(Stats::default());
     g.throughput(Throughput::Elements(events.len() as u64));
     for sampling in [false, true] {
@@ -764,16 +776,10 @@ fn drift(c: &mut Criterion) {
 /// sampled; against the sampling decision alone (an xxh3 of the event id) in the same run.
 fn quality(c: &mut Criterion) {
     use telltale::quality::{Quality, QualityConfig};
-    let events: Vec<LlmEvent<'static>> = TrafficGenerator::new(9, T0, HOUR, 20_000)
-        .malformed_every(None)
-        .take(20_000)
-        .filter_map(|r| {
-            let d = Decoder::new(DecoderConfig::default())
-                .decode(Some(&r.payload), None)
-                .ok()?;
-            Some(d.event.into_owned())
-        })
-        .collect();
+    let events = decoded(
+        TrafficGenerator::new(9, T0, HOUR, 20_000).malformed_every(None),
+        20_000,
+    );
     let demo = telltale::config::PipelineConfig::from_str_with_env(
         include_str!("../pipelines/demo.toml"),
         "pipelines/demo.toml",

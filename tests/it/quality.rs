@@ -98,30 +98,45 @@ fn sampler() -> std::sync::Arc<Quality> {
     Quality::new(cfg.quality)
 }
 
-/// Event ids the sampler picks, from the `events` table (status, error, feedback matter).
-pub fn expected_sampled(root: &Path) -> HashSet<String> {
-    let q = sampler();
+/// The ids of the `events` rows (`filter`: a SQL condition) that `pick` keeps, each seen as
+/// an event with what the sampler reads: id, status, error type, feedback, and whether it has
+/// an output.
+fn events_where(
+    root: &Path,
+    filter: &str,
+    pick: impl Fn(&LlmEvent<'_>) -> bool,
+) -> HashSet<String> {
     let mut out = HashSet::new();
     for b in sql(
         root,
-        "SELECT event_id, status, error_type, feedback FROM events",
+        &format!(
+            "SELECT event_id, status, error_type, feedback, output IS NOT NULL FROM events WHERE {filter}"
+        ),
     ) {
         let (ids, status, err) = (utf8(&b, 0), utf8(&b, 1), utf8(&b, 2));
         let fb = b.column(3).as_primitive::<arrow::datatypes::Float64Type>();
+        let has_output = b.column(4).as_boolean();
         for i in 0..b.num_rows() {
             let e = LlmEvent {
                 event_id: ids.value(i).into(),
                 status: status.value(i).into(),
                 error_type: (!err.is_null(i)).then(|| err.value(i).into()),
                 feedback: (!fb.is_null(i)).then(|| fb.value(i)),
+                output: has_output.value(i).then(|| "x".into()),
                 ..Default::default()
             };
-            if q.sample(&e).is_some() {
+            if pick(&e) {
                 out.insert(ids.value(i).to_owned());
             }
         }
     }
     out
+}
+
+/// Event ids the sampler picks, from the `events` table (status, error, feedback matter).
+pub fn expected_sampled(root: &Path) -> HashSet<String> {
+    let q = sampler();
+    events_where(root, "true", |e| q.sample(e).is_some())
 }
 
 /// Every sampled event has its scores once (no scorer twice for an event), and no unsampled
@@ -160,29 +175,10 @@ pub fn assert_scores_exactly_once(root: &Path) {
 /// events were committed.
 pub fn assert_deferred_exactly_once(root: &Path) {
     let q = sampler();
-    let mut want = HashSet::new();
-    for b in sql(
-        root,
-        "SELECT event_id, status, error_type, feedback FROM events WHERE output IS NOT NULL",
-    ) {
-        let (ids, status, err) = (utf8(&b, 0), utf8(&b, 1), utf8(&b, 2));
-        let fb = b.column(3).as_primitive::<arrow::datatypes::Float64Type>();
-        for i in 0..b.num_rows() {
-            let e = LlmEvent {
-                event_id: ids.value(i).into(),
-                status: status.value(i).into(),
-                error_type: (!err.is_null(i)).then(|| err.value(i).into()),
-                feedback: (!fb.is_null(i)).then(|| fb.value(i)),
-                output: Some("x".into()),
-                ..Default::default()
-            };
-            if let Some((reason, _)) = q.sample(&e)
-                && q.deferred(&e, reason).is_some()
-            {
-                want.insert(ids.value(i).to_owned());
-            }
-        }
-    }
+    let want = events_where(root, "output IS NOT NULL", |e| {
+        q.sample(e)
+            .is_some_and(|(reason, _)| q.deferred(e, reason).is_some())
+    });
     let got = strings(&sql(
         root,
         "SELECT event_id FROM scores WHERE evaluation_name = 'words_answered' AND sample_reason <> 'drift_outlier'",
