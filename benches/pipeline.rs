@@ -28,6 +28,8 @@
 //!   window's MMD and centroid tests.
 //! - `quality`: the demo's objective scorers per event (JSON Schema, PII, refusal), every event
 //!   sampled, against the sampling decision alone.
+//! - `harvest`: folding 1 000 failing events into a dataset of 5 000 examples (exact, retyped
+//!   and new inputs), against opening the dataset alone.
 //! - `alert`: judging one closed window of 10 000 series (the metrics stage's real rows) with
 //!   1 000 rules that all apply to every series, so 10 M rule × series judgements per window,
 //!   counted as elements: 980 quiet thresholds over six columns, 10 busy ones (≈ 1 % of the
@@ -834,6 +836,166 @@ fn quality(c: &mut Criterion) {
     );
 }
 
+/// A support-style question from a seeded generator (distinct ones differ in several words).
+fn question(rng: &mut rand::rngs::SmallRng) -> String {
+    use rand::Rng;
+    const W: &[&str] = &[
+        "account",
+        "billing",
+        "invoice",
+        "refund",
+        "password",
+        "export",
+        "report",
+        "dashboard",
+        "team",
+        "project",
+        "calendar",
+        "meeting",
+        "upload",
+        "folder",
+        "permission",
+        "webhook",
+        "subscription",
+        "plan",
+        "trial",
+        "order",
+        "shipping",
+        "address",
+        "payment",
+        "card",
+        "receipt",
+        "language",
+        "timezone",
+        "notification",
+        "email",
+        "mobile",
+        "browser",
+        "sync",
+        "backup",
+        "restore",
+        "archive",
+        "share",
+        "link",
+        "comment",
+        "label",
+        "filter",
+        "search",
+    ];
+    const G: &[&str] = &[
+        "the", "my", "a", "for", "with", "when", "after", "in", "to", "and",
+    ];
+    let n = rng.random_range(10..=20);
+    let mut s = String::from("How do I");
+    for i in 0..n {
+        s.push(' ');
+        s.push_str(if i % 2 == 0 {
+            G[rng.random_range(0..G.len())]
+        } else {
+            W[rng.random_range(0..W.len())]
+        });
+    }
+    s.push('?');
+    s
+}
+
+/// Harvest: opening a dataset of 5 000 examples and folding 1 000 failing events into it.
+/// Baseline in the same run: opening it alone. `exact`: every event repeats an example's input
+/// (the normalized-input hash settles it); `retyped`: each has a typo (embedding, then a cosine
+/// against every example); `new`: none is in the dataset (the same scan, then a new example).
+fn harvest(c: &mut Criterion) {
+    use rand::{Rng, SeedableRng};
+    use telltale::harvest::collect::Candidate;
+    use telltale::harvest::dataset::Dataset;
+    use telltale::harvest::{HarvestConfig, Reason};
+    let hc = HarvestConfig::default();
+    let e = hc.embedder.build();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let root = dir.path();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let mut bases = std::collections::BTreeSet::new();
+    while bases.len() < 6_000 {
+        bases.insert(question(&mut rng));
+    }
+    let bases: Vec<String> = bases.into_iter().collect();
+    let cand = |i: usize, input: String| Candidate {
+        event_id: format!("e{i}"),
+        timestamp_ms: i as i64,
+        input: Some(input),
+        output: Some("a failing answer".into()),
+        prompt_version: Some("v1".into()),
+        reasons: [Reason::ScorerFail].into(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    {
+        let exact_only = HarvestConfig {
+            near_duplicate: 2.0,
+            ..hc.clone()
+        };
+        let mut ds = Dataset::open(root, root, "bench").expect("opens");
+        let cands = bases[..5_000]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| cand(i, b.clone()))
+            .collect();
+        let mut r = ds.absorb(cands, e.as_ref(), &exact_only).expect("absorbs");
+        ds.commit(root, &exact_only, e.id(), (0, 1), 1, &mut r)
+            .expect("commits");
+    }
+    eprintln!(
+        "harvest bench: built a 5 000-example dataset in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let typo = |s: &str, rng: &mut rand::rngs::SmallRng| {
+        let mut c: Vec<char> = s.chars().collect();
+        let j = rng.random_range(9..c.len() - 3);
+        c.swap(j, j + 1);
+        c.into_iter().collect::<String>()
+    };
+    let sets: Vec<(&str, Vec<Candidate>)> = vec![
+        (
+            "exact",
+            (0..1_000)
+                .map(|i| cand(10_000 + i, bases[i * 5].to_uppercase()))
+                .collect(),
+        ),
+        (
+            "retyped",
+            (0..1_000)
+                .map(|i| cand(10_000 + i, typo(&bases[i * 5], &mut rng)))
+                .collect(),
+        ),
+        (
+            "new",
+            (0..1_000)
+                .map(|i| cand(10_000 + i, bases[5_000 + i].clone()))
+                .collect(),
+        ),
+    ];
+    let mut g = c.benchmark_group("harvest");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1_000));
+    g.bench_function("baseline_open_5000", |b| {
+        b.iter(|| {
+            Dataset::open(root, root, "bench")
+                .expect("opens")
+                .examples()
+                .len()
+        })
+    });
+    for (name, cands) in &sets {
+        g.bench_function(format!("open_and_fold_1000_{name}_into_5000"), |b| {
+            b.iter(|| {
+                let mut ds = Dataset::open(root, root, "bench").expect("opens");
+                ds.absorb(cands.clone(), e.as_ref(), &hc)
+                    .expect("absorbs")
+                    .new_examples
+            })
+        });
+    }
+}
+
 /// A judge with the same references (cloning the stage's state for each iteration).
 fn judge_clone(
     j: &telltale::drift::Judge,
@@ -850,6 +1012,7 @@ criterion_group!(
     alert,
     alert_latency,
     drift,
-    quality
+    quality,
+    harvest
 );
 criterion_main!(benches);

@@ -126,6 +126,14 @@ enum Command {
         #[command(flatten)]
         root: RootArgs,
     },
+    /// Failing production cases → versioned, deduplicated, redacted eval datasets.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  telltale harvest run --pipeline pipelines/default.toml\n  \
+        telltale harvest export --pipeline pipelines/default.toml --since 24h --reason judge_fail --prompt-version v7 --format promptfoo --out evals/\n  \
+        telltale harvest stats --pipeline pipelines/default.toml"
+    )]
+    Harvest(HarvestCommand),
     /// Run the whole pipeline on generated traffic with an in-process broker; no setup needed.
     #[command(
         after_help = "Example:\n  telltale demo\n  telltale sql \"SELECT app, count(*) FROM events GROUP BY app\""
@@ -197,6 +205,197 @@ enum SilenceCommand {
         #[command(flatten)]
         root: RootArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum HarvestCommand {
+    /// Harvest now: failures of the lookback window become a new dataset version.
+    Run {
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// How far back to look (default: harvest.lookback, 24h).
+        #[arg(long)]
+        lookback: Option<String>,
+    },
+    /// Write a dataset version as files an eval tool reads.
+    Export {
+        /// jsonl (telltale's own), promptfoo (YAML tests), openai (evals JSONL), langfuse
+        /// (dataset items JSON).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// The directory to write into.
+        #[arg(long, default_value = "evals")]
+        out: PathBuf,
+        /// Only examples seen within this long (e.g. 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only examples with this reason (repeatable): judge_fail, low_score, scorer_fail,
+        /// negative_feedback, error, guardrail, drift_outlier, alert.
+        #[arg(long)]
+        reason: Vec<String>,
+        #[arg(long)]
+        prompt_version: Option<String>,
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long = "env")]
+        environment: Option<String>,
+        /// The version (default: the latest), e.g. v0003.
+        #[arg(long)]
+        version: Option<String>,
+        #[command(flatten)]
+        harvest: HarvestArgs,
+    },
+    /// What was harvested, by reason and series, and how many duplicates folded.
+    Stats {
+        /// Only events harvested from this long ago (e.g. 24h).
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        harvest: HarvestArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct HarvestArgs {
+    /// The dataset (default: harvest.dataset, production-failures).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Where datasets live (default: harvest.dir, else <data root>/datasets).
+    #[arg(long)]
+    datasets_dir: Option<PathBuf>,
+    #[command(flatten)]
+    root: RootArgs,
+}
+
+impl HarvestArgs {
+    fn resolve(&self) -> Result<(PathBuf, PipelineConfig)> {
+        let (root, cfg) = self.root.resolve()?;
+        let mut cfg = cfg.unwrap_or_else(|| {
+            PipelineConfig::kafka("", "", "telltale", &root, Default::default())
+        });
+        if let Some(d) = &self.dataset {
+            cfg.harvest.dataset = d.clone();
+        }
+        if let Some(d) = &self.datasets_dir {
+            cfg.harvest.dir = Some(d.clone());
+        }
+        Ok((root, cfg))
+    }
+}
+
+fn since_ms(s: Option<&str>) -> Result<Option<i64>> {
+    s.map(|s| {
+        let d = telltale::config::reader::parse_duration(s)
+            .map_err(|e| anyhow::anyhow!("--since {s:?}: {e}"))?;
+        Ok(chrono::Utc::now().timestamp_millis() - d.as_millis() as i64)
+    })
+    .transpose()
+}
+
+fn harvest(command: HarvestCommand) -> Result<()> {
+    use telltale::harvest::{self, Reason, dataset, export};
+    match command {
+        HarvestCommand::Run { pipeline, lookback } => {
+            let mut cfg = PipelineConfig::load(&pipeline)?;
+            if let Some(l) = lookback {
+                cfg.harvest.lookback = telltale::config::reader::parse_duration(&l)
+                    .map_err(|e| anyhow::anyhow!("--lookback {l:?}: {e}"))?;
+            }
+            let r = harvest::run(&cfg, chrono::Utc::now().timestamp_millis())?;
+            println!("{}", harvest::describe(&r));
+        }
+        HarvestCommand::Export {
+            format,
+            out,
+            since,
+            reason,
+            prompt_version,
+            app,
+            environment,
+            version,
+            harvest: args,
+        } => {
+            let (root, cfg) = args.resolve()?;
+            let format = export::Format::parse(&format).with_context(|| {
+                format!(
+                    "--format {format:?}: expected one of {}",
+                    export::Format::NAMES
+                )
+            })?;
+            let mut reasons = Vec::new();
+            for r in &reason {
+                reasons.push(Reason::parse(r).with_context(|| {
+                    format!("--reason {r:?}: expected one of {}", Reason::names())
+                })?);
+            }
+            let dir = cfg.harvest.datasets_dir(&root).join(&cfg.harvest.dataset);
+            let v = match version {
+                Some(v) => v,
+                None => match dataset::versions(&dir).last() {
+                    Some(v) => dataset::version_name(*v),
+                    None => bail!(
+                        "dataset {} has no versions in {} (run `telltale harvest run --pipeline …` first)",
+                        cfg.harvest.dataset,
+                        dir.display()
+                    ),
+                },
+            };
+            let vdir = dir.join(&v);
+            if !vdir.join("manifest.json").is_file() {
+                bail!(
+                    "{} is not a dataset version (no manifest.json)",
+                    vdir.display()
+                );
+            }
+            let examples = dataset::read_examples(&vdir)?;
+            let filter = export::Filter {
+                since_ms: since_ms(since.as_deref())?,
+                reasons,
+                prompt_version,
+                app,
+                environment,
+            };
+            let chosen: Vec<&dataset::Example> =
+                examples.iter().filter(|e| filter.accepts(e)).collect();
+            let path = export::export(
+                &chosen,
+                format,
+                &cfg.harvest.dataset,
+                &v,
+                &cfg.quality,
+                &out,
+            )?;
+            println!(
+                "wrote {} of {} examples of {} {v} to {}",
+                chosen.len(),
+                examples.len(),
+                cfg.harvest.dataset,
+                path.display()
+            );
+        }
+        HarvestCommand::Stats {
+            since,
+            harvest: args,
+        } => {
+            let (root, cfg) = args.resolve()?;
+            print!(
+                "{}",
+                harvest::stats(&root, &cfg.harvest, since_ms(since.as_deref())?)?
+            );
+        }
+    }
+    Ok(())
+}
+
+/// 3600 s → "1h", 90 s → "90s".
+fn humantime(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -375,6 +574,7 @@ async fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Harvest(c) => tokio::task::spawn_blocking(move || harvest(c)).await?,
         Command::Demo {
             data_dir,
             records,
@@ -602,6 +802,28 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
                 }
             );
         }
+    }
+    let h = &config.harvest;
+    if h.enabled {
+        h.embedder.try_build().context("harvest.embedder")?;
+        println!(
+            "ok   harvest: dataset {} in {} every {}, looking back {}; reasons {}; near duplicates at cosine {} ({:?}); redaction {}{}",
+            h.dataset,
+            h.datasets_dir(&config.data_root).display(),
+            humantime(h.interval),
+            humantime(h.lookback),
+            h.reasons
+                .iter()
+                .map(|r| r.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            h.near_duplicate,
+            h.embedder,
+            if h.redact { "on" } else { "off" },
+            h.kafka_topic
+                .as_ref()
+                .map_or(String::new(), |t| format!("; published to {t}")),
+        );
     }
     if config.alerting.enabled {
         let mut ctx = alert::rule_context(&config.metrics);

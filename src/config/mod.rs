@@ -77,6 +77,7 @@ pub struct PipelineConfig {
     pub alerting: AlertingConfig,
     pub drift: DriftConfig,
     pub quality: crate::quality::QualityConfig,
+    pub harvest: crate::harvest::HarvestConfig,
 }
 
 /// telltale's own HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -309,6 +310,7 @@ impl PipelineConfig {
         let alerting = read_alerting(&mut root, e);
         let drift = read_drift(&mut root, e, &metrics);
         let quality = crate::quality::config::read_quality(&mut root, base, e);
+        let harvest = crate::harvest::read_harvest(&mut root, e);
         root.finish(e);
 
         Some(PipelineConfig {
@@ -327,6 +329,7 @@ impl PipelineConfig {
             alerting,
             drift,
             quality,
+            harvest,
         })
     }
 
@@ -359,6 +362,7 @@ impl PipelineConfig {
             alerting: AlertingConfig::default(),
             drift: DriftConfig::default(),
             quality: crate::quality::QualityConfig::default(),
+            harvest: crate::harvest::HarvestConfig::default(),
         }
     }
 

@@ -51,6 +51,8 @@ pub enum DemoError {
     Replay(#[from] replay::ReplayError),
     #[error(transparent)]
     Query(#[from] query::QueryError),
+    #[error(transparent)]
+    Harvest(#[from] crate::harvest::HarvestError),
     #[error("the pipeline did not catch up within {0:?} ({1} of {2} records committed)")]
     Timeout(Duration, u64, u64),
 }
@@ -250,6 +252,61 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
             snapshot.scores_written,
         ),
     );
+    // Harvest the run's failures into an eval dataset, and export the degraded version's.
+    let harvested = crate::harvest::run(&config, chrono::Utc::now().timestamp_millis())?;
+    let evals = opts.data_dir.join("evals");
+    let version = crate::harvest::dataset::versions(&harvested.dir)
+        .last()
+        .map_or_else(
+            || "v0000".to_owned(),
+            |v| crate::harvest::dataset::version_name(*v),
+        );
+    let dir = harvested.dir.join(&version);
+    let examples = crate::harvest::dataset::read_examples(&dir).unwrap_or_default();
+    let filter = crate::harvest::export::Filter {
+        app: Some("doc-summarizer".into()),
+        prompt_version: Some("v3".into()),
+        ..Default::default()
+    };
+    let degraded: Vec<&crate::harvest::dataset::Example> =
+        examples.iter().filter(|e| filter.accepts(e)).collect();
+    let tests = crate::harvest::export::export(
+        &degraded,
+        crate::harvest::export::Format::Promptfoo,
+        &harvested.dataset,
+        &version,
+        &config.quality,
+        &evals,
+    )?;
+    w(
+        out,
+        format!(
+            "harvest    {} failing events → {} eval examples in {} ({} folded as exact and {} as near duplicates; PII redacted); doc-summarizer v3's {} as promptfoo tests: {}",
+            harvested.candidates,
+            harvested.examples,
+            dir.display(),
+            harvested.folded_exact,
+            harvested.folded_near,
+            degraded.len(),
+            tests.display(),
+        ),
+    );
+    let mut first = degraded.clone();
+    first.sort_by(|a, b| b.count.cmp(&a.count).then(a.id.cmp(&b.id)));
+    for e in first.iter().take(3) {
+        let reasons: Vec<&str> = e.reasons.iter().map(|r| r.name()).collect();
+        w(
+            out,
+            format!(
+                "           {} ×{} [{}] {:?} → {:?}",
+                e.id,
+                e.count,
+                reasons.join(","),
+                crate::harvest::collect::clip(&e.input, 60),
+                crate::harvest::collect::clip(e.output.as_deref().unwrap_or(""), 90),
+            ),
+        );
+    }
     w(
         out,
         format!(

@@ -96,6 +96,71 @@ impl Embedder for HashEmbedder {
     }
 }
 
+/// Hashed character trigrams of the lower-cased words (each word padded with spaces, so
+/// "password" gives " pa", "pas", …, "rd "): a retyped text — a typo, a dropped or added word,
+/// other case or punctuation — keeps most of its trigrams, while a text that differs in a few
+/// content words loses many. The lexical near-duplicate detector (`harvest`'s default); MinHash
+/// over shingles asks the same question, with a cosine instead of a Jaccard estimate.
+#[derive(Debug, Clone)]
+pub struct CharGramEmbedder {
+    dim: usize,
+    id: String,
+}
+
+impl CharGramEmbedder {
+    pub fn new(dim: usize) -> CharGramEmbedder {
+        let dim = dim.max(8);
+        CharGramEmbedder {
+            dim,
+            id: format!("chargram-{dim}"),
+        }
+    }
+
+    fn one(&self, text: &str) -> Vec<f32> {
+        let mut counts = vec![0f32; self.dim];
+        let mut buf: Vec<char> = Vec::with_capacity(32);
+        for word in text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
+            buf.clear();
+            buf.push(' ');
+            buf.extend(word.chars().flat_map(char::to_lowercase));
+            buf.push(' ');
+            let mut gram = [0u8; 12];
+            for w in buf.windows(3) {
+                let mut n = 0;
+                for c in w {
+                    n += c.encode_utf8(&mut gram[n..]).len();
+                }
+                let h = xxh3_64_with_seed(&gram[..n], 3);
+                counts[(h % self.dim as u64) as usize] += if h >> 63 == 0 { 1.0 } else { -1.0 };
+            }
+        }
+        let norm = counts.iter().map(|c| c * c).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            for c in &mut counts {
+                *c /= norm;
+            }
+        }
+        counts
+    }
+}
+
+impl Embedder for CharGramEmbedder {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Ok(texts.iter().map(|t| self.one(t)).collect())
+    }
+}
+
 /// Cosine similarity of two unit vectors.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()

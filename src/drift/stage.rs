@@ -36,6 +36,9 @@ use crate::window::{Dimension, SeriesKey};
 pub enum EmbedderKind {
     /// Hashed bag of words ([`HashEmbedder`]), always available.
     Hash { dim: usize },
+    /// Hashed character trigrams ([`super::embed::CharGramEmbedder`]): lexical near-duplicates
+    /// (harvest's default).
+    CharGram { dim: usize },
     /// all-MiniLM-L6-v2 through fastembed and ONNX Runtime, from `dir`
     /// ([`super::sentence`]).
     Sentence { dir: PathBuf, threads: usize },
@@ -56,6 +59,7 @@ impl EmbedderKind {
     pub fn try_build(&self) -> Result<Arc<dyn Embedder>, super::embed::EmbedError> {
         Ok(match self {
             EmbedderKind::Hash { dim } => Arc::new(HashEmbedder::new(*dim)),
+            EmbedderKind::CharGram { dim } => Arc::new(super::embed::CharGramEmbedder::new(*dim)),
             EmbedderKind::Sentence { dir, threads } => {
                 Arc::new(super::sentence::SentenceEmbedder::load(dir, *threads)?)
             }
@@ -74,7 +78,7 @@ impl EmbedderKind {
     /// embedder runs at ≈ 600 k texts/s, MiniLM at ≈ 100–200).
     pub fn default_budget(&self) -> f64 {
         match self {
-            EmbedderKind::Hash { .. } => 50_000.0,
+            EmbedderKind::Hash { .. } | EmbedderKind::CharGram { .. } => 50_000.0,
             EmbedderKind::Sentence { .. } => 15.0,
         }
     }

@@ -78,8 +78,24 @@ pub fn run(
     shutdown: Shutdown,
 ) -> Result<StatsSnapshot, IngestError> {
     match &config.source {
-        SourceConfig::Kafka(k) => kafka::run(config, k, stats.clone(), shutdown)?,
-        SourceConfig::File(f) => file::run(config, &f.path, stats.clone(), shutdown)?,
+        SourceConfig::Kafka(k) => {
+            let harvest = config
+                .harvest
+                .enabled
+                .then(|| crate::harvest::Periodic::start(config.clone(), stats.clone()));
+            let done = kafka::run(config, k, stats.clone(), shutdown);
+            if let Some(h) = harvest {
+                h.stop();
+            }
+            done?
+        }
+        SourceConfig::File(f) => {
+            file::run(config, &f.path, stats.clone(), shutdown)?;
+            // A backfill's failures are harvested once everything it wrote is committed.
+            if config.harvest.enabled {
+                crate::harvest::once(config, &stats);
+            }
+        }
     }
     Ok(stats.snapshot())
 }

@@ -375,6 +375,7 @@ pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &Ll
     );
     let (expected, system, feedback) =
         (str_col("expected"), str_col("system"), f64_col("feedback"));
+    let feedback_for = str_col("feedback_for");
     fn text(c: Option<&arrow::array::StringArray>, row: usize) -> Option<Cow<'_, str>> {
         let c = c?;
         (!c.is_null(row)).then(|| Cow::Borrowed(c.value(row)))
@@ -434,6 +435,7 @@ pub(crate) fn for_each_event(batch: &RecordBatch, mut visit: impl FnMut(i64, &Ll
             expected: text(expected, row),
             system: text(system, row),
             feedback: f(feedback, row),
+            feedback_for: text(feedback_for, row),
             ..Default::default()
         };
         visit(offsets.value(row), &e);

@@ -1029,7 +1029,7 @@ fn drift_windows(root: &Path, stream: &str, after: i64) -> Result<Vec<(i64, Path
 
 /// Event ids in the explanations of a drift file's drifted embedding verdicts (MMD witness
 /// texts), and the window end.
-fn outlier_ids(b: &arrow::array::RecordBatch, ids: &mut Vec<String>, end: &mut i64) {
+pub(crate) fn outlier_ids(b: &arrow::array::RecordBatch, ids: &mut Vec<String>, end: &mut i64) {
     use arrow::array::{Array, AsArray};
     let s = |n: &str| {
         b.column_by_name(n)

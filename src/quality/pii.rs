@@ -262,27 +262,59 @@ pub fn iban_ok(s: &str) -> bool {
 /// `text` with every span replaced by a numbered placeholder per kind and distinct value
 /// (`<EMAIL_1>`, `<EMAIL_2>`; the same address twice gets the same number).
 pub fn redact(text: &str, kinds: &[PiiKind]) -> String {
-    let spans = find(text, kinds);
-    let mut out = String::with_capacity(text.len());
-    let mut seen: Vec<(PiiKind, &str, usize)> = Vec::new();
-    let mut at = 0;
-    for m in spans {
-        if m.start < at {
-            continue; // overlaps a span already replaced
+    Redactor::new(kinds).redact(text)
+}
+
+/// [`redact`] over several texts of one record (input, output, explanation…): a value keeps
+/// its placeholder across them, so the redacted record still reads consistently.
+#[derive(Debug, Clone)]
+pub struct Redactor<'k> {
+    kinds: &'k [PiiKind],
+    seen: Vec<(PiiKind, String, usize)>,
+}
+
+impl<'k> Redactor<'k> {
+    pub fn new(kinds: &'k [PiiKind]) -> Redactor<'k> {
+        Redactor {
+            kinds,
+            seen: Vec::new(),
         }
-        out.push_str(&text[at..m.start]);
-        let value = &text[m.start..m.end];
-        let n = match seen.iter().find(|(k, v, _)| *k == m.kind && *v == value) {
-            Some((_, _, n)) => *n,
-            None => {
-                let n = seen.iter().filter(|(k, _, _)| *k == m.kind).count() + 1;
-                seen.push((m.kind, value, n));
-                n
-            }
-        };
-        out.push_str(&format!("<{}_{n}>", m.kind.name().to_ascii_uppercase()));
-        at = m.end;
     }
-    out.push_str(&text[at..]);
-    out
+
+    /// How many distinct values were replaced so far.
+    pub fn replaced(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn redact(&mut self, text: &str) -> String {
+        let spans = find(text, self.kinds);
+        if spans.is_empty() {
+            return text.to_owned();
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for m in spans {
+            if m.start < at {
+                continue; // overlaps a span already replaced
+            }
+            out.push_str(&text[at..m.start]);
+            let value = &text[m.start..m.end];
+            let n = match self
+                .seen
+                .iter()
+                .find(|(k, v, _)| *k == m.kind && v == value)
+            {
+                Some((_, _, n)) => *n,
+                None => {
+                    let n = self.seen.iter().filter(|(k, _, _)| *k == m.kind).count() + 1;
+                    self.seen.push((m.kind, value.to_owned(), n));
+                    n
+                }
+            };
+            out.push_str(&format!("<{}_{n}>", m.kind.name().to_ascii_uppercase()));
+            at = m.end;
+        }
+        out.push_str(&text[at..]);
+        out
+    }
 }

@@ -54,6 +54,7 @@ pub enum Table {
     Drift,
     Scores,
     Quality,
+    Harvest,
 }
 
 impl Table {
@@ -66,6 +67,7 @@ impl Table {
             Table::Drift => "drift",
             Table::Scores => "scores",
             Table::Quality => "quality",
+            Table::Harvest => "harvest",
         }
     }
 }

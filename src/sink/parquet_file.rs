@@ -39,7 +39,7 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
         ],
         Table::Alerts => &["error"],
         Table::Drift | Table::Scores => &["explanation"],
-        Table::Quality => &[],
+        Table::Quality | Table::Harvest => &[],
     };
     for col in long_text {
         // Mostly-unique long text: dictionaries and page statistics cost time and buy nothing.

@@ -33,6 +33,11 @@ pub struct Stats {
     pub quality_budget_skipped: AtomicU64,
     pub quality_deferred_dropped: AtomicU64,
     pub quality_judge_tokens: AtomicU64,
+    /// Harvest runs by outcome, events harvested, examples in the dataset's latest version.
+    pub harvest_runs_ok: AtomicU64,
+    pub harvest_runs_failed: AtomicU64,
+    pub harvest_events: AtomicU64,
+    pub harvest_examples: AtomicU64,
     pub files_written: AtomicU64,
     pub bytes_written: AtomicU64,
     /// Records whose offsets were committed after their data was durable.

@@ -210,6 +210,33 @@ pub fn render(stats: &Stats) -> String {
         g(&stats.quality_judge_tokens),
     );
     o.family(
+        "telltale_harvest_runs_total",
+        "counter",
+        "Harvest runs (failing events → eval dataset versions) by outcome.",
+    );
+    for (outcome, v) in [
+        ("ok", g(&stats.harvest_runs_ok)),
+        ("failed", g(&stats.harvest_runs_failed)),
+    ] {
+        o.sample("telltale_harvest_runs_total", &[("outcome", outcome)], v);
+    }
+    o.family(
+        "telltale_harvest_events_total",
+        "counter",
+        "Failing production events harvested into the eval dataset (new examples and folded duplicates).",
+    );
+    o.sample(
+        "telltale_harvest_events_total",
+        &[],
+        g(&stats.harvest_events),
+    );
+    o.family(
+        "telltale_harvest_examples",
+        "gauge",
+        "Examples in the eval dataset's latest version.",
+    );
+    o.sample("telltale_harvest_examples", &[], g(&stats.harvest_examples));
+    o.family(
         "telltale_sink_rows_total",
         "counter",
         "Rows made durable in Parquet, per table.",

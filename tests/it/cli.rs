@@ -380,6 +380,56 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
         2 * emails.len() as i64,
         "each notification went to the terminal and to email"
     );
+
+    // The demo harvests its failures; doc-summarizer v3's broken JSON is among them, as
+    // promptfoo tests, with the PII its broken answers leaked redacted.
+    assert!(stdout.contains("eval examples in"), "{stdout}");
+    let tests =
+        std::fs::read_to_string(data.join("evals/production-failures-v0001.promptfoo.yaml"))
+            .unwrap();
+    let tests: serde_yaml::Value = serde_yaml::from_str(&tests).unwrap();
+    let tests = tests.as_sequence().unwrap();
+    assert!(tests.len() >= 5, "{}", tests.len());
+    assert!(tests.iter().all(|t| {
+        t["metadata"]["prompt_versions"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v.as_str() == Some("v3"))
+    }));
+    assert!(tests.iter().any(|t| {
+        t["assert"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a["type"].as_str() == Some("is-json"))
+    }));
+    let text =
+        std::fs::read_to_string(data.join("datasets/production-failures/v0001/examples.jsonl"))
+            .unwrap();
+    assert!(!text.contains("@acme-corp.com") && text.contains("<EMAIL_1>"));
+    let reasons: std::collections::BTreeSet<String> = text
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["reasons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for r in [
+        "scorer_fail",
+        "guardrail",
+        "error",
+        "negative_feedback",
+        "alert",
+        "drift_outlier",
+    ] {
+        assert!(reasons.contains(r), "{r} not in {reasons:?}");
+    }
 }
 
 /// `telltale replay` sends every non-blank line, keyed by the chosen field, and the pipeline

@@ -3,6 +3,7 @@
 mod alerts;
 mod cli;
 mod drift;
+mod harvest;
 mod kafka;
 mod quality;
 mod shared_data;
