@@ -63,6 +63,14 @@ impl Frame {
         Some(f)
     }
 
+    /// A `drift` file's rows as the frame the drift stage sent when it judged the window (see
+    /// [`crate::drift::table::frame_from_table`]); `None` when empty.
+    pub fn from_drift(batch: &RecordBatch) -> Option<Frame> {
+        let mut f = Frame::from_metrics(&crate::drift::table::frame_from_table(batch)?)?;
+        f.source = "drift".into();
+        Some(f)
+    }
+
     /// The table a frame comes from: its source up to a `:` (the quality stage's deferred
     /// scores are `quality:deferred`, judged by `source = "quality"` rules but tracked apart,
     /// since they close later than the inline scores' windows).

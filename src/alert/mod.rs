@@ -183,7 +183,9 @@ pub fn state_file(root: &Path, stream: &str) -> PathBuf {
     state_dir(root).join(format!("{stream}.json"))
 }
 
-/// Every stream's state file under `root`, sorted (none when there is no state yet).
+/// Every live stream's state file under `root`, sorted (none when there is no state yet).
+/// File backfills (`backfill-…` streams) judge history: their alerts are not current, so
+/// `telltale alerts` and `telltale gate` leave them out.
 pub fn state_files(root: &Path) -> Result<Vec<PathBuf>, AlertError> {
     let dir = state_dir(root);
     let entries = match std::fs::read_dir(&dir) {
@@ -195,6 +197,10 @@ pub fn state_files(root: &Path) -> Result<Vec<PathBuf>, AlertError> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json") && *p != silences)
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("backfill-"))
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -204,8 +210,8 @@ pub fn silences_file(root: &Path) -> PathBuf {
     state_dir(root).join("silences.json")
 }
 
-/// The metrics windows of `stream` that start in [from_ms, to_ms), oldest first (unreadable
-/// files are skipped with a warning).
+/// The per-window outputs (metrics, quality, drift) of `stream` that start in
+/// [from_ms, to_ms), oldest first (unreadable files are skipped with a warning).
 pub fn metrics_frames(root: &Path, stream: &str, from_ms: i64, to_ms: i64) -> Vec<Frame> {
     let mut out = table_frames(root, "metrics", stream, from_ms, to_ms, Frame::from_metrics);
     out.extend(table_frames(
@@ -215,6 +221,14 @@ pub fn metrics_frames(root: &Path, stream: &str, from_ms: i64, to_ms: i64) -> Ve
         from_ms,
         to_ms,
         Frame::from_quality,
+    ));
+    out.extend(table_frames(
+        root,
+        "drift",
+        stream,
+        from_ms,
+        to_ms,
+        Frame::from_drift,
     ));
     out.sort_by_key(|f| (f.end_ms, f.resolution_ms));
     out
@@ -239,11 +253,12 @@ fn table_frames(
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            // `<table>-<stream>-<resolution>-<start>` (`drift-<stream>-<start>` for drift).
             let start = name
                 .strip_prefix(&prefix)
                 .and_then(|r| r.strip_suffix(".parquet"))
-                .and_then(|r| r.rsplit_once('-'))
-                .and_then(|(_, s)| s.parse::<i64>().ok());
+                .and_then(|r| r.rsplit('-').next())
+                .and_then(|s| s.parse::<i64>().ok());
             let Some(start) = start.filter(|s| (from_ms..to_ms).contains(s)) else {
                 continue;
             };

@@ -120,6 +120,9 @@ pub struct DriftConfig {
     pub sigma: f64,
     /// Fewer events than this in a window: its scalars are not judged (default 30).
     pub scalar_min_events: u64,
+    /// How long a stopping stage keeps judging minutes already handed over (default
+    /// [`STOP_GRACE`]; the demo waits for all of them).
+    pub stop_grace: std::time::Duration,
 }
 
 impl Default for DriftConfig {
@@ -138,6 +141,7 @@ impl Default for DriftConfig {
             min_reference: 50,
             false_alarm_rate: 0.001,
             pca_dims: 16,
+            stop_grace: STOP_GRACE,
             null_draws: 200,
             calibration_windows: 12,
             sigma: 3.0,
@@ -612,7 +616,7 @@ pub fn write_judged(
     j: &Judged,
     sink: &SinkConfig,
 ) -> Result<(), SinkError> {
-    let batch = drift_batch(dims, stream, j.start_ms, j.end_ms, &j.rows);
+    let batch = drift_batch(dims, stream, j.start_ms, j.end_ms, &j.series, &j.rows);
     let path = root.join(drift_file(stream, j.start_ms));
     write_into_place(&path, &batch, Table::Drift, sink)?;
     fsync_dir(path.parent().expect("has a directory"))
@@ -643,6 +647,7 @@ pub struct DriftStage {
     handle: JoinHandle<()>,
     /// Set by [`DriftStage::stop`]: minutes still queued after it are left to the next start.
     stop_by: Arc<std::sync::OnceLock<Instant>>,
+    grace: std::time::Duration,
 }
 
 /// How long a stopping stage keeps judging the minutes already handed over.
@@ -666,6 +671,7 @@ impl DriftStage {
             Some((c, id)) => (c, id == embedder.id()),
             None => (i64::MIN, true),
         };
+        let grace = cfg.stop_grace;
         let mut judge = Judge::new(cfg, embedder, closed);
         if same_embedder {
             judge.refs = super::state::load(root, stream);
@@ -725,6 +731,7 @@ impl DriftStage {
             tx,
             handle,
             stop_by,
+            grace,
         })
     }
 
@@ -732,11 +739,11 @@ impl DriftStage {
         DriftSender(self.tx.clone())
     }
 
-    /// Judges the minutes already handed over (for at most [`STOP_GRACE`]) and stops.
+    /// Judges the minutes already handed over (for at most `stop_grace`) and stops.
     /// Windows not judged by then are judged after the next start (their minutes are read
     /// back from `events`).
     pub fn stop(self) {
-        let _ = self.stop_by.set(Instant::now() + STOP_GRACE);
+        let _ = self.stop_by.set(Instant::now() + self.grace);
         let _ = self.tx.send(Msg::Stop);
         let _ = self.handle.join();
     }

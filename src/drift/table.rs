@@ -83,6 +83,9 @@ pub fn drift_schema(dims: &[String]) -> SchemaRef {
         Field::new("reference", DataType::Utf8, false),
         Field::new("explanation", DataType::Utf8, true),
         Field::new("embedder", DataType::Utf8, true),
+        // The series' events in the window (what `source = "drift"` rules' min_samples
+        // counts); absent from files written before it was added.
+        Field::new("events", DataType::Int64, true),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -97,9 +100,13 @@ pub fn drift_batch(
     stream: &str,
     start_ms: i64,
     end_ms: i64,
+    series: &[(SeriesKey, u64)],
     rows: &[DriftRow],
 ) -> RecordBatch {
     let n = rows.len();
+    let events_of: std::collections::HashMap<&SeriesKey, u64> =
+        series.iter().map(|(k, n)| (k, *n)).collect();
+    let mut events = Int64Builder::new();
     let mut start = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut end = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut streams = StringBuilder::new();
@@ -138,6 +145,7 @@ pub fn drift_batch(
         reference.append_value(&r.reference);
         explanation.append_option((!r.explanation.is_empty()).then_some(&r.explanation));
         embedder.append_option(r.embedder.as_deref());
+        events.append_option(events_of.get(&r.series).map(|n| *n as i64));
     }
     let mut cols: Vec<ArrayRef> = vec![
         Arc::new(start.finish()),
@@ -162,8 +170,100 @@ pub fn drift_batch(
         Arc::new(reference.finish()),
         Arc::new(explanation.finish()),
         Arc::new(embedder.finish()),
+        Arc::new(events.finish()),
     ]);
     RecordBatch::try_new(drift_schema(dims), cols).expect("columns match the drift schema")
+}
+
+/// A drift file read back as the frame the stage sent when it judged the window (for the
+/// alert stage's catch-up after a restart); `None` when the file has no rows.
+pub fn frame_from_table(batch: &RecordBatch) -> Option<RecordBatch> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType};
+    if batch.num_rows() == 0 {
+        return None;
+    }
+    let schema = batch.schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let (a, b) = (
+        names.iter().position(|n| *n == "stream")?,
+        names.iter().position(|n| *n == "field")?,
+    );
+    let dims: Vec<String> = names[a + 1..b].iter().map(|s| s.to_string()).collect();
+    let ts = |n: &str| {
+        batch
+            .column_by_name(n)?
+            .as_primitive_opt::<TimestampMillisecondType>()
+            .map(|c| c.value(0))
+    };
+    let (start_ms, end_ms) = (ts("window_start")?, ts("window_end")?);
+    let s = |n: &str| {
+        batch
+            .column_by_name(n)
+            .and_then(|c| c.as_string_opt::<i32>())
+    };
+    let (field, method, status) = (s("field")?, s("method")?, s("status")?);
+    let drifted = batch.column_by_name("drifted")?.as_boolean_opt()?;
+    let p = batch
+        .column_by_name("p_value")
+        .and_then(|c| c.as_primitive_opt::<Float64Type>());
+    let i64s = |n: &str| {
+        batch
+            .column_by_name(n)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+    };
+    let (events, current) = (i64s("events"), i64s("current_n"));
+    let dim_cols: Vec<_> = dims.iter().map(|d| s(d)).collect();
+    // The names frame_batch knows, as the stage's own &'static strs.
+    let known = |v: &str, list: &[&'static str]| list.iter().copied().find(|x| *x == v);
+    let fields: Vec<&'static str> = FIELDS
+        .iter()
+        .chain(&NUMERIC)
+        .chain(&CATEGORICAL)
+        .copied()
+        .collect();
+    let mut series: Vec<(SeriesKey, u64)> = Vec::new();
+    let mut index: std::collections::HashMap<SeriesKey, usize> = Default::default();
+    let mut rows = Vec::new();
+    for i in 0..batch.num_rows() {
+        let values: Vec<Option<&str>> = dim_cols
+            .iter()
+            .map(|c| c.filter(|c| !c.is_null(i)).map(|c| c.value(i)))
+            .collect();
+        let key = SeriesKey::new(&values);
+        let n = events
+            .filter(|c| !c.is_null(i))
+            .or(current)
+            .map_or(0, |c| c.value(i).max(0) as u64);
+        let at = *index.entry(key.clone()).or_insert_with(|| {
+            series.push((key.clone(), 0));
+            series.len() - 1
+        });
+        series[at].1 = series[at].1.max(n);
+        let Some(f) = known(field.value(i), &fields) else {
+            continue;
+        };
+        rows.push(DriftRow {
+            series: key,
+            field: f,
+            method: known(method.value(i), &EMBEDDING_METHODS).unwrap_or("scalar"),
+            statistic: None,
+            threshold: None,
+            p_value: p.filter(|c| !c.is_null(i)).map(|c| c.value(i)),
+            drifted: drifted.value(i),
+            status: if status.value(i) == "judged" {
+                "judged"
+            } else {
+                "not_judged"
+            },
+            current_n: 0,
+            reference_n: 0,
+            reference: String::new(),
+            explanation: String::new(),
+            embedder: None,
+        });
+    }
+    Some(frame_batch(&dims, start_ms, end_ms, &series, &rows))
 }
 
 /// The alert frame of one window: one row per series with its event count and, per verdict,

@@ -126,6 +126,29 @@ pub fn run(
         .quality
         .enabled()
         .then(|| crate::quality::Quality::new(config.quality.clone()));
+    // Alert rules judge the backfill's windows on event time. What they find lands in the
+    // `alerts` table (what would have fired, and when); nothing is notified, and the stream's
+    // alerts stay out of `telltale alerts` and `telltale gate`, which are about now.
+    let alerts = if config.alerting.enabled && config.metrics.enabled {
+        let mut a = config.alerting.clone();
+        a.clock = crate::alert::Clock::Event;
+        a.receivers.clear();
+        a.routes.clear();
+        a.default_route.receivers.clear();
+        let mut ctx = crate::alert::rule_context(&config.metrics);
+        ctx.drift_window_ms = config.drift.window_ms;
+        ctx.quality_metrics = crate::quality::table::frame_metrics(&config.quality.scorers);
+        Some(crate::alert::AlertStage::start(
+            &a,
+            &ctx,
+            &config.data_root,
+            &stream,
+            stats.clone(),
+        )?)
+    } else {
+        None
+    };
+    let frames = alerts.as_ref().map(crate::alert::AlertStage::sender);
     // Deferred scorers (judge, command, http): a backfill waits for them at the end.
     let deferred = match &quality {
         Some(q) if q.has_deferred() => Some(
@@ -134,7 +157,7 @@ pub fn run(
                 &config.data_root,
                 &stream,
                 config.metrics.window.clone(),
-                None,
+                frames.clone(),
                 true,
                 false,
                 config.sink.clone(),
@@ -155,7 +178,11 @@ pub fn run(
                 Arc::new(NoCommit),
                 writer_stats,
                 &|| true,
-                &|_| {},
+                &|out| {
+                    if let Some(f) = &frames {
+                        f.send_metrics(&out);
+                    }
+                },
                 &|job| {
                     if let Some(d) = &deferred_tx {
                         d.submit(crate::quality::deferred::DeferredJob::of(job));
@@ -293,6 +320,9 @@ pub fn run(
         // leaves undone is scored by the next run over the same files).
         info!("waiting for the deferred scorers to finish");
         d.stop(Duration::from_secs(24 * 3600));
+    }
+    if let Some(a) = alerts {
+        a.stop();
     }
     result?;
     writer_result?;

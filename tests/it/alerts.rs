@@ -853,3 +853,207 @@ fn alert_stage_judges_durable_windows_it_missed_with_history_from_the_table() {
     // 60 × 14.4 % / 50 % = 17.3 bad minutes: the 18th (minute 78) crosses.
     assert_eq!(fired_at, [((base + 78) * 60_000).to_string()]);
 }
+
+/// A drift window of one series, as the drift stage writes it to the `drift` table.
+fn drift_file_at(root: &std::path::Path, start_ms: i64, drifted: bool) {
+    use telltale::drift::table::{DriftRow, drift_batch, drift_file};
+    let window = telltale::drift::DriftConfig::default().window_ms;
+    let dims: Vec<String> = ["app", "environment", "model", "prompt_version"]
+        .map(String::from)
+        .to_vec();
+    let key = telltale::window::SeriesKey::new(&[
+        Some("code-assistant"),
+        Some("prod"),
+        Some("gpt-4o"),
+        Some("v7"),
+    ]);
+    let row = DriftRow {
+        series: key.clone(),
+        field: "input",
+        method: "mmd",
+        statistic: Some(0.3),
+        threshold: Some(0.1),
+        p_value: Some(if drifted { 0.0001 } else { 0.4 }),
+        drifted,
+        status: "judged",
+        current_n: 64,
+        reference_n: 256,
+        reference: "trailing 24h".into(),
+        explanation: String::new(),
+        embedder: Some("hash-256".into()),
+    };
+    let batch = drift_batch(
+        &dims,
+        "g",
+        start_ms,
+        start_ms + window,
+        &[(key, 500)],
+        &[row],
+    );
+    let path = root.join(drift_file("g", start_ms));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    telltale::sink::write_parquet(
+        &path,
+        &batch,
+        telltale::sink::Table::Drift,
+        &telltale::config::SinkConfig::default(),
+    )
+    .unwrap();
+}
+
+/// Drift verdicts made durable but never judged by the alert rules (a crash in between) are
+/// judged at the next start: InputDrift (`for = "5m"`) fires on the second drifted window.
+#[test]
+fn alert_stage_catches_up_on_drift_windows_it_missed() {
+    let http = HttpReceiver::start(|_| 200);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = stage_config(http.url("/hook"), Clock::Event);
+    let window = telltale::drift::DriftConfig::default().window_ms;
+    let base = (chrono::Utc::now().timestamp_millis() - 3_600_000) / window * window;
+    // Judged before the "crash": three quiet windows.
+    for k in 0..3 {
+        drift_file_at(dir.path(), base + k * window, false);
+    }
+    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g", Default::default()).unwrap();
+    let quiet: Vec<Frame> =
+        telltale::alert::metrics_frames(dir.path(), "g", base, base + 3 * window);
+    assert_eq!(quiet.len(), 3);
+    assert!(
+        quiet
+            .iter()
+            .all(|f| f.source == "drift" && f.resolution_ms == window)
+    );
+    stage.sender().send(quiet);
+    stage.stop();
+    assert!(http.bodies("/hook").is_empty());
+    // Then three drifted windows reach the table, and the process dies before judging them.
+    for k in 3..6 {
+        drift_file_at(dir.path(), base + k * window, true);
+    }
+    let stage = AlertStage::start(&cfg, &rule_ctx(), dir.path(), "g", Default::default()).unwrap();
+    wait_for("the caught-up drift alert", || {
+        http.bodies("/hook").iter().any(|b| {
+            b["status"] == "firing"
+                && b["alerts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a["rule"] == "InputDrift")
+        })
+    });
+    stage.stop();
+    let fired_at = crate::support::strings(&crate::support::sql(
+        dir.path(),
+        "SELECT CAST(CAST(window_end AS BIGINT) AS VARCHAR) FROM alerts
+         WHERE kind = 'transition' AND status = 'firing' AND rule = 'InputDrift'",
+    ));
+    // Pending at the first drifted window's end, firing 5 minutes later.
+    assert_eq!(fired_at, [(base + 5 * window).to_string()]);
+}
+
+/// A file backfill judges the alert rules on its own windows: the demo traffic's latency
+/// regression fires and resolves in the alerts table, nothing is notified, the stream's
+/// alerts stay out of `telltale gate`, and a rerun adds no transition.
+#[test]
+fn backfills_judge_the_rules_without_notifying() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let mails = dir.path().join("mails");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"[pipeline]
+data_root = "{root}"
+[source]
+type = "file"
+path = "unused"
+[telemetry]
+listen = "off"
+[harvest]
+enabled = false
+[alerting]
+rules = "{rules}"
+notify = ["email"]
+group_wait = "0s"
+[alerting.receivers.email]
+type = "email"
+dir = "{mails}"
+from = "telltale@localhost"
+to = ["oncall@localhost"]
+"#,
+            root = root.display(),
+            rules = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts"),
+            mails = mails.display(),
+        ),
+    )
+    .unwrap();
+    let records: Vec<_> =
+        telltale::demo::TrafficGenerator::new(7, crate::support::T_START, 7_200_000, 20_000)
+            .malformed_every(None)
+            .take(20_000)
+            .collect();
+    let file = dir.path().join("export.jsonl.gz");
+    crate::cli::write_jsonl_gz(&file, &records);
+    let import = || {
+        succeed(
+            telltale()
+                .args(["run", "--pipeline"])
+                .arg(&pipeline)
+                .arg("--source")
+                .arg(format!("file:{}", file.display())),
+        )
+    };
+    import();
+    let latency = || {
+        crate::support::strings(&crate::support::sql(
+            &root,
+            "SELECT rule || ' ' || labels['prompt_version'] || ' ' || status FROM alerts
+             WHERE kind = 'transition' AND rule = 'LatencyRegression' AND status IN ('firing', 'resolved')
+             ORDER BY window_end",
+        ))
+    };
+    assert_eq!(
+        latency(),
+        [
+            "LatencyRegression v4 firing",
+            "LatencyRegression v4 resolved"
+        ]
+    );
+    assert_eq!(
+        crate::support::scalar(
+            &root,
+            "SELECT count(*) FROM alerts WHERE kind = 'notification'"
+        ),
+        0
+    );
+    assert!(!mails.exists() || std::fs::read_dir(&mails).unwrap().next().is_none());
+    // Still firing at the end of the backfill or not, history does not gate a deployment.
+    let transitions = crate::support::scalar(&root, "SELECT count(*) FROM alerts");
+    let gate = telltale()
+        .args([
+            "gate",
+            "--app",
+            "support-bot",
+            "--env",
+            "prod",
+            "--prompt-version",
+            "v4",
+            "--data-dir",
+        ])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(
+        gate.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&gate.stdout)
+    );
+    import();
+    assert_eq!(
+        crate::support::scalar(&root, "SELECT count(*) FROM alerts"),
+        transitions,
+        "a rerun judges nothing twice"
+    );
+}
