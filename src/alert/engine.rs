@@ -253,6 +253,18 @@ impl Ewm {
     }
 }
 
+/// A series' labels without its prompt version: the same series on another version.
+fn versus_key(labels: &Labels) -> String {
+    let mut k = String::new();
+    for (name, v) in labels.iter().filter(|(n, _)| *n != "prompt_version") {
+        k.push_str(name);
+        k.push('=');
+        k.push_str(v);
+        k.push('\u{1f}');
+    }
+    k
+}
+
 #[derive(Debug, Clone)]
 enum History {
     None,
@@ -275,6 +287,11 @@ struct RuleRt {
     selected: Vec<u8>,
     history: Vec<History>,
     active: HashMap<u32, Alert>,
+    /// `baseline = { prompt_version }`: per series without its version, (Σ value × events,
+    /// Σ events) of the baseline version's windows, and the window start from which live
+    /// windows add to it (the hourly roll-ups read at start cover what is before).
+    versus: HashMap<String, (f64, f64)>,
+    versus_from: i64,
 }
 
 /// The series seen so far, by the values of their dimension columns.
@@ -336,6 +353,8 @@ impl Engine {
                     selected: Vec::new(),
                     history: Vec::new(),
                     active: HashMap::new(),
+                    versus: HashMap::new(),
+                    versus_from: i64::MIN,
                 })
                 .collect(),
             dimensions,
@@ -464,6 +483,62 @@ impl Engine {
         }
     }
 
+    /// How far back the `baseline = { prompt_version }` rules read the hourly roll-ups when
+    /// the stage starts (the longest `within`; 0: no such rule).
+    pub fn versus_within_ms(&self) -> i64 {
+        self.rules
+            .iter()
+            .filter_map(|r| match &r.rule.condition {
+                Condition::Change {
+                    versus: Some((_, within)),
+                    ..
+                } => Some(*within),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Seeds the `baseline = { prompt_version }` rules with the hourly roll-ups of their
+    /// version (`rollup_ms` windows of the rule's table that start at or after `since`); live
+    /// windows add from the end of the last one on.
+    pub fn pin_versus(&mut self, frames: &[Frame], rollup_ms: i64, now_ms: i64) {
+        for f in frames.iter().filter(|f| f.resolution_ms == rollup_ms) {
+            let sids = self.series.intern_rows(&self.dimensions, &f.batch);
+            let events = int_column(&f.batch, "events");
+            for rt in &mut self.rules {
+                let Condition::Change {
+                    versus: Some((x, within)),
+                    ..
+                } = &rt.rule.condition
+                else {
+                    continue;
+                };
+                if rt.rule.source != f.table() || f.start_ms < now_ms - within {
+                    continue;
+                }
+                let Some(m) = numeric_column(&f.batch, &rt.rule.metric) else {
+                    continue;
+                };
+                for (row, &sid) in sids.iter().enumerate() {
+                    let labels = &self.series.labels[sid as usize];
+                    if labels.get("prompt_version") != Some(x)
+                        || !matches_all(&rt.rule.select, |k| labels.get(k).map(String::as_str))
+                    {
+                        continue;
+                    }
+                    let n = events.map_or(0, |c| c.value(row)) as f64;
+                    if let Some(v) = m.get(row).filter(|v| v.is_finite() && n > 0.0) {
+                        let acc = rt.versus.entry(versus_key(labels)).or_insert((0.0, 0.0));
+                        acc.0 += v * n;
+                        acc.1 += n;
+                    }
+                }
+                rt.versus_from = rt.versus_from.max(f.end_ms);
+            }
+        }
+    }
+
     /// The pinned periods the rules need: (from, to) in epoch ms.
     pub fn pinned_periods(&self) -> Vec<(i64, i64)> {
         self.rules
@@ -485,6 +560,10 @@ impl Engine {
                 Condition::Change {
                     pinned: Some(_), ..
                 } => 0,
+                // The hour the roll-ups do not cover yet.
+                Condition::Change {
+                    versus: Some(_), ..
+                } => 3_600_000,
                 Condition::Change { trailing_ms, .. } => trailing_ms,
                 Condition::BurnRate { long_ms, .. } => long_ms,
                 Condition::ZScore { half_life_ms, .. } => half_life_ms.saturating_mul(4),
@@ -560,6 +639,33 @@ impl Engine {
             if threshold.is_none() && rt.history.len() < series_count {
                 rt.history.resize(series_count, History::None);
             }
+            // `baseline = { prompt_version }`: this window's rows of that version join its
+            // baseline before the other versions are judged against it.
+            let versus = match &rule.condition {
+                Condition::Change {
+                    versus: Some((x, _)),
+                    ..
+                } => Some(x.as_str()),
+                _ => None,
+            };
+            if let (Some(x), Some(m)) = (versus, metric.as_ref())
+                && frame.start_ms >= rt.versus_from
+            {
+                for (row, &sid) in sids.iter().enumerate() {
+                    let labels = &self.series.labels[sid as usize];
+                    if labels.get("prompt_version").map(String::as_str) != Some(x)
+                        || !matches_all(&rule.select, |k| labels.get(k).map(String::as_str))
+                    {
+                        continue;
+                    }
+                    let n = events.map_or(0, |c| c.value(row)) as f64;
+                    if let Some(v) = m.get(row).filter(|v| v.is_finite() && n > 0.0) {
+                        let acc = rt.versus.entry(versus_key(labels)).or_insert((0.0, 0.0));
+                        acc.0 += v * n;
+                        acc.1 += n;
+                    }
+                }
+            }
             let min = rule.min_samples as i64;
             let has_active = !rt.active.is_empty();
             let mut judged_now: Vec<(u32, Judgement)> = Vec::new();
@@ -596,6 +702,17 @@ impl Engine {
                     judge_burn(rule, &mut rt.history[s], frame, bad, n as f64)
                 } else {
                     let v = metric.as_ref().and_then(|m| m.get(row));
+                    if let Some(x) = versus {
+                        let labels = &self.series.labels[s];
+                        // The baseline version is not judged against itself.
+                        rt.history[s] = match labels.get("prompt_version").map(String::as_str) {
+                            Some(pv) if pv != x => rt
+                                .versus
+                                .get(&versus_key(labels))
+                                .map_or(History::None, |(ws, w)| History::Pinned(*ws, *w)),
+                            _ => History::None,
+                        };
+                    }
                     judge_value(rule, &mut rt.history[s], frame, v, n as f64)
                 };
                 if !judge {
@@ -858,12 +975,14 @@ fn judge_value(
             value,
             trailing_ms,
             pinned,
+            versus,
         } => {
-            let (ws, w) = match (pinned, &mut *hist) {
-                (Some(_), History::Pinned(ws, w)) => (*ws, *w),
+            let fixed = pinned.is_some() || versus.is_some();
+            let (ws, w) = match (fixed, &mut *hist) {
+                (true, History::Pinned(ws, w)) => (*ws, *w),
                 // A series the pinned period did not see has no baseline.
-                (Some(_), _) => return Judgement::Unjudged,
-                (None, hist) => {
+                (true, _) => return Judgement::Unjudged,
+                (false, hist) => {
                     if matches!(hist, History::None) {
                         *hist = History::Ring(Ring::new(*trailing_ms, rule.resolution_ms, 60));
                     }

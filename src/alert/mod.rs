@@ -243,8 +243,53 @@ fn table_frames(
     to_ms: i64,
     to_frame: fn(&arrow::array::RecordBatch) -> Option<Frame>,
 ) -> Vec<Frame> {
+    table_frames_named(
+        root,
+        &format!("{table}-{stream}-"),
+        table,
+        from_ms,
+        to_ms,
+        to_frame,
+    )
+}
+
+/// The hourly roll-ups (`<table>-<stream>-<rollup>-<start>`) of `metrics` and `quality`.
+pub fn rollup_frames(
+    root: &Path,
+    stream: &str,
+    rollup: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> Vec<Frame> {
+    let mut out = table_frames_named(
+        root,
+        &format!("metrics-{stream}-{rollup}-"),
+        "metrics",
+        from_ms,
+        to_ms,
+        Frame::from_metrics,
+    );
+    out.extend(table_frames_named(
+        root,
+        &format!("quality-{stream}-{rollup}-"),
+        "quality",
+        from_ms,
+        to_ms,
+        Frame::from_quality,
+    ));
+    out.sort_by_key(|f| f.end_ms);
+    out
+}
+
+fn table_frames_named(
+    root: &Path,
+    prefix: &str,
+    table: &str,
+    from_ms: i64,
+    to_ms: i64,
+    to_frame: fn(&arrow::array::RecordBatch) -> Option<Frame>,
+) -> Vec<Frame> {
     const HOUR: i64 = 3_600_000;
-    let prefix = format!("{table}-{stream}-");
     let mut out = Vec::new();
     for hour in from_ms.div_euclid(HOUR)..=to_ms.div_euclid(HOUR) {
         let dir = root.join(table).join(crate::sink::hour_dir(hour));
@@ -255,7 +300,7 @@ fn table_frames(
             let name = e.file_name().to_string_lossy().into_owned();
             // `<table>-<stream>-<resolution>-<start>` (`drift-<stream>-<start>` for drift).
             let start = name
-                .strip_prefix(&prefix)
+                .strip_prefix(prefix)
                 .and_then(|r| r.strip_suffix(".parquet"))
                 .and_then(|r| r.rsplit('-').next())
                 .and_then(|s| s.parse::<i64>().ok());
@@ -478,6 +523,18 @@ impl AlertStage {
         // made durable but never judged (a crash between the two).
         let had_state = state_path.exists();
         let now = wall_ms();
+        // `baseline = { prompt_version }` rules: that version's hourly roll-ups, before the
+        // recent windows below add to them.
+        let within = engine.versus_within_ms();
+        if within > 0 {
+            let rollup = crate::metrics::resolution_name(ctx.rollup_ms);
+            let frames = rollup_frames(root, stream, &rollup, now - within, now);
+            info!(
+                windows = frames.len(),
+                "prompt-version baselines read from the hourly roll-ups"
+            );
+            engine.pin_versus(&frames, ctx.rollup_ms, now);
+        }
         let span = engine.history_ms();
         let mut catch_up = Vec::new();
         let mut warmed = 0;

@@ -183,6 +183,10 @@ pub enum Condition {
         /// `baseline = { from, to }`: a fixed period (epoch ms, to exclusive) instead of the
         /// trailing one, read from the `metrics` table when the stage starts.
         pinned: Option<(i64, i64)>,
+        /// `baseline = { prompt_version = "v3", within = "7d" }`: against all the traffic of
+        /// that version (the same series otherwise) — its hourly roll-ups within the period
+        /// when the stage starts, then every window of it as it arrives.
+        versus: Option<(String, i64)>,
     },
     /// (value − mean) / sd of the series' own window values, exponentially weighted with the
     /// given half-life; no decision before `min_history` windows.
@@ -473,7 +477,7 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
     }
     let metric = r.string(e, "metric");
     let min_samples = r.integer(e, "min_samples", 0, i64::MAX).unwrap_or(20) as u64;
-    let condition = read_condition(r, e, res);
+    let condition = read_condition(r, e, res, &ctx.dimensions);
     if let (Some(m), Some(c)) = (&metric, &condition)
         && matches!(c, Condition::BurnRate { .. })
     {
@@ -605,7 +609,7 @@ pub fn is_numeric_metric(m: &str) -> bool {
 
 const CONDITIONS: &[&str] = &["threshold", "change", "zscore", "burn_rate"];
 
-fn read_condition(r: &mut Obj, e: &mut Errors, res: i64) -> Option<Condition> {
+fn read_condition(r: &mut Obj, e: &mut Errors, res: i64, dims: &[String]) -> Option<Condition> {
     let present: Vec<&str> = CONDITIONS.iter().copied().filter(|k| r.has(k)).collect();
     if present.len() != 1 {
         let msg = if present.is_empty() {
@@ -640,7 +644,21 @@ fn read_condition(r: &mut Obj, e: &mut Errors, res: i64) -> Option<Condition> {
             let has_trailing = t.has("trailing");
             let has_baseline = t.has("baseline");
             let trailing_ms = ms(t.duration(e, "trailing", dur(3_600_000)));
+            let mut versus = None;
             let pinned = t.table(e, "baseline").and_then(|mut b| {
+                if b.has("prompt_version") {
+                    let v = b.required_string(e, "prompt_version", "the version whose traffic is the baseline")?;
+                    if !dims.iter().any(|d| d == "prompt_version") {
+                        e.push(
+                            &b.path_of("prompt_version"),
+                            "needs prompt_version among the series dimensions ([metrics] dimensions)",
+                        );
+                    }
+                    let within = ms(b.duration(e, "within", dur(7 * 24 * 3_600_000)));
+                    b.finish(e);
+                    versus = Some((v, within));
+                    return None;
+                }
                 let mut time = |key: &'static str| {
                     let raw = b.required_string(e, key, "an RFC 3339 time, e.g. \"2026-11-20T00:00:00Z\"")?;
                     match chrono::DateTime::parse_from_rfc3339(&raw) {
@@ -703,6 +721,7 @@ fn read_condition(r: &mut Obj, e: &mut Errors, res: i64) -> Option<Condition> {
                     },
                     trailing_ms,
                     pinned,
+                    versus,
                 })
             };
             if trailing_ms < 2 * res {

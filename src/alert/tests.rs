@@ -771,3 +771,76 @@ min_samples = 10
     .join("\n");
     assert!(bad.contains("no_pii_pass_rate"), "{bad}");
 }
+
+/// `baseline = { prompt_version = "v3" }`: every other version of the series is judged
+/// against all of v3's traffic — while both run (a canary), and after v3 stopped, from its
+/// hourly roll-ups when the engine starts; v3 is never judged against itself.
+#[test]
+fn version_baseline_compares_against_all_traffic_of_that_version() {
+    let text = r#"
+[[rule]]
+name = "SlowerThanV3"
+metric = "latency_ms_p50"
+change = { ratio_above = 1.5, baseline = { prompt_version = "v3" } }
+min_samples = 10
+for = "2m"
+"#;
+    let mut e = engine(text);
+    // A canary: v3 at 1 000 ms and v4 at 1 200 ms for an hour, then v4 at 1 800 ms.
+    for m in 1..=60 {
+        e.evaluate(&frame(
+            m,
+            &[row("bot", "v3", 50, 1000.0), row("bot", "v4", 20, 1200.0)],
+        ));
+    }
+    assert!(states(&e).is_empty(), "1.2× is within the rule");
+    for m in 61..=63 {
+        e.evaluate(&frame(
+            m,
+            &[row("bot", "v3", 50, 1000.0), row("bot", "v4", 20, 1800.0)],
+        ));
+    }
+    let fired: Vec<_> = e
+        .alerts()
+        .map(|a| (a.state, a.labels["prompt_version"].clone()))
+        .collect();
+    assert_eq!(fired, [(super::engine::State::Firing, "v4".to_owned())]);
+
+    // A fresh engine after v3 is gone: its hourly roll-ups within `within` are the baseline;
+    // one older than that is not.
+    let mut e = engine(text);
+    let hour = |start_h: i64, p50: f64| {
+        let mut f = frame(0, &[row("bot", "v3", 3000, p50)]);
+        f.resolution_ms = 60 * MIN;
+        f.start_ms = start_h * 60 * MIN;
+        f.end_ms = f.start_ms + 60 * MIN;
+        f
+    };
+    let now = 24 * 8 * 60 * MIN;
+    e.pin_versus(
+        &[hour(1, 10_000.0), hour(24 * 7 + 1, 1000.0)],
+        60 * MIN,
+        now,
+    );
+    let base = 24 * 8 * 60;
+    for m in 1..=3 {
+        e.evaluate(&frame(base + m, &[row("bot", "v5", 20, 1400.0)]));
+    }
+    assert!(states(&e).is_empty(), "1.4× the week's v3 traffic");
+    for m in 4..=6 {
+        e.evaluate(&frame(base + m, &[row("bot", "v5", 20, 1600.0)]));
+    }
+    let fired: Vec<_> = e
+        .alerts()
+        .map(|a| (a.state, a.labels["prompt_version"].clone()))
+        .collect();
+    assert_eq!(fired, [(super::engine::State::Firing, "v5".to_owned())]);
+
+    let mut ctx = ctx();
+    ctx.dimensions.retain(|d| d != "prompt_version");
+    let err = parse_rules(text, "x.toml", &ctx).expect_err("no prompt_version dimension");
+    assert!(
+        err[0].contains("needs prompt_version among the series dimensions"),
+        "{err:?}"
+    );
+}
