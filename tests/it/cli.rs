@@ -276,6 +276,13 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
             .any(|c| c == "InputDrift v3 firing" || c == "OutputDrift v3 firing"),
         "{changes:?}"
     );
+    // The jailbreak burst ends and its drift alert resolves; v7's topic shift lasts.
+    assert!(
+        changes
+            .iter()
+            .any(|c| c == "InputDrift v3 resolved" || c == "OutputDrift v3 resolved"),
+        "{changes:?}"
+    );
     assert!(
         changes
             .iter()
