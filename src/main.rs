@@ -805,9 +805,9 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
     }
     let h = &config.harvest;
     if h.enabled {
-        h.embedder.try_build().context("harvest.embedder")?;
+        let embedder = h.embedder.try_build().context("harvest.embedder")?;
         println!(
-            "ok   harvest: dataset {} in {} every {}, looking back {}; reasons {}; near duplicates at cosine {} ({:?}); redaction {}{}",
+            "ok   harvest: dataset {} in {} every {}, looking back {}; reasons {}; near duplicates at cosine {} ({}); redaction {}{}",
             h.dataset,
             h.datasets_dir(&config.data_root).display(),
             humantime(h.interval),
@@ -818,7 +818,7 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", "),
             h.near_duplicate,
-            h.embedder,
+            embedder.id(),
             if h.redact { "on" } else { "off" },
             h.kafka_topic
                 .as_ref()
