@@ -556,6 +556,13 @@ impl Worker {
             }
             self.queued.fetch_sub(n, Ordering::Relaxed);
         }
+        // A graceful stop comes after the drift stage's: its last windows are in the table.
+        if self.outliers
+            && !stop.load(Ordering::SeqCst)
+            && let Err(e) = rt.block_on(self.score_outliers())
+        {
+            warn!(error = %e, "cannot score the last drift outliers; they are scored after the next start");
+        }
         if self.finish && !stop.load(Ordering::SeqCst) {
             let mut next = self.st.clone();
             let files = self.close(&mut next, true);
