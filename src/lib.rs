@@ -31,6 +31,7 @@ pub mod decode;
 pub mod demo;
 pub mod drift;
 pub mod event;
+pub mod experiment;
 pub mod harvest;
 pub mod ingest;
 pub mod metrics;
