@@ -253,6 +253,34 @@ impl Ewm {
     }
 }
 
+/// Adds the rows of prompt version `version` (of series `rule` selects) to a
+/// `baseline = { prompt_version }` accumulator: per series without its version, Σ value ×
+/// events and Σ events.
+fn add_versus(
+    acc: &mut HashMap<String, (f64, f64)>,
+    rule: &Rule,
+    series: &SeriesIndex,
+    sids: &[u32],
+    metric: &Column<'_>,
+    events: Option<&arrow::array::Int64Array>,
+    version: &str,
+) {
+    for (row, &sid) in sids.iter().enumerate() {
+        let labels = &series.labels[sid as usize];
+        if labels.get("prompt_version").map(String::as_str) != Some(version)
+            || !matches_all(&rule.select, |k| labels.get(k).map(String::as_str))
+        {
+            continue;
+        }
+        let n = events.map_or(0, |c| c.value(row)) as f64;
+        if let Some(v) = metric.get(row).filter(|v| v.is_finite() && n > 0.0) {
+            let a = acc.entry(versus_key(labels)).or_insert((0.0, 0.0));
+            a.0 += v * n;
+            a.1 += n;
+        }
+    }
+}
+
 /// A series' labels without its prompt version: the same series on another version.
 fn versus_key(labels: &Labels) -> String {
     let mut k = String::new();
@@ -520,20 +548,7 @@ impl Engine {
                 let Some(m) = numeric_column(&f.batch, &rt.rule.metric) else {
                     continue;
                 };
-                for (row, &sid) in sids.iter().enumerate() {
-                    let labels = &self.series.labels[sid as usize];
-                    if labels.get("prompt_version") != Some(x)
-                        || !matches_all(&rt.rule.select, |k| labels.get(k).map(String::as_str))
-                    {
-                        continue;
-                    }
-                    let n = events.map_or(0, |c| c.value(row)) as f64;
-                    if let Some(v) = m.get(row).filter(|v| v.is_finite() && n > 0.0) {
-                        let acc = rt.versus.entry(versus_key(labels)).or_insert((0.0, 0.0));
-                        acc.0 += v * n;
-                        acc.1 += n;
-                    }
-                }
+                add_versus(&mut rt.versus, &rt.rule, &self.series, &sids, &m, events, x);
                 rt.versus_from = rt.versus_from.max(f.end_ms);
             }
         }
@@ -651,20 +666,7 @@ impl Engine {
             if let (Some(x), Some(m)) = (versus, metric.as_ref())
                 && frame.start_ms >= rt.versus_from
             {
-                for (row, &sid) in sids.iter().enumerate() {
-                    let labels = &self.series.labels[sid as usize];
-                    if labels.get("prompt_version").map(String::as_str) != Some(x)
-                        || !matches_all(&rule.select, |k| labels.get(k).map(String::as_str))
-                    {
-                        continue;
-                    }
-                    let n = events.map_or(0, |c| c.value(row)) as f64;
-                    if let Some(v) = m.get(row).filter(|v| v.is_finite() && n > 0.0) {
-                        let acc = rt.versus.entry(versus_key(labels)).or_insert((0.0, 0.0));
-                        acc.0 += v * n;
-                        acc.1 += n;
-                    }
-                }
+                add_versus(&mut rt.versus, rule, &self.series, &sids, m, events, x);
             }
             let min = rule.min_samples as i64;
             let has_active = !rt.active.is_empty();
