@@ -826,9 +826,7 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
         );
     }
     if config.alerting.enabled {
-        let mut ctx = alert::rule_context(&config.metrics);
-        ctx.drift_window_ms = config.drift.window_ms;
-        ctx.quality_metrics = telltale::quality::table::frame_metrics(&config.quality.scorers);
+        let ctx = alert::pipeline_rule_context(&config);
         let rules = alert::load_rules(&config.alerting, &ctx)?;
         println!(
             "ok   alert rules: {} rules, {} inhibit rules; receivers: {}",

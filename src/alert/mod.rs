@@ -150,6 +150,14 @@ pub fn rule_context(m: &crate::metrics::MetricsConfig) -> RuleContext {
     }
 }
 
+/// The rule context of a whole pipeline: its series, windows, drift window and scorers.
+pub fn pipeline_rule_context(config: &crate::config::PipelineConfig) -> RuleContext {
+    let mut ctx = rule_context(&config.metrics);
+    ctx.drift_window_ms = config.drift.window_ms;
+    ctx.quality_metrics = crate::quality::table::frame_metrics(&config.quality.scorers);
+    ctx
+}
+
 /// Loads the configured rules.
 pub fn load_rules(cfg: &AlertingConfig, ctx: &RuleContext) -> Result<RuleSet, RuleError> {
     match &cfg.rules {

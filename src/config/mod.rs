@@ -379,6 +379,22 @@ fn ms(d: std::time::Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
+/// The sentence-model embedder, with an error at `path` when its files are not installed
+/// (`alternative`: what else the key can say).
+pub(crate) fn sentence_embedder(e: &mut Errors, path: &str, alternative: &str) -> EmbedderKind {
+    let dir = crate::drift::sentence::models_dir();
+    if !crate::drift::sentence::available(&dir) {
+        e.push(
+            path,
+            format!(
+                "the fastembed model files are not in {} (run `bash scripts/models.sh`, {alternative})",
+                dir.display()
+            ),
+        );
+    }
+    EmbedderKind::Sentence { dir, threads: 1 }
+}
+
 fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftConfig {
     let d = DriftConfig::default();
     let mut cfg = d.clone();
@@ -413,14 +429,11 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
         "auto" => cfg.embedder = EmbedderKind::auto(),
         "hash" => cfg.embedder = EmbedderKind::Hash { dim: 256 },
         "fastembed" => {
-            let dir = crate::drift::sentence::models_dir();
-            if !crate::drift::sentence::available(&dir) {
-                e.push(
-                    &t.path_of("embedder"),
-                    format!("the fastembed model files are not in {} (run `bash scripts/models.sh`, or use \"auto\" to fall back to \"hash\")", dir.display()),
-                );
-            }
-            cfg.embedder = EmbedderKind::Sentence { dir, threads: 1 };
+            cfg.embedder = sentence_embedder(
+                e,
+                &t.path_of("embedder"),
+                "or use \"auto\" to fall back to \"hash\"",
+            )
         }
         other => e.push(
             &t.path_of("embedder"),

@@ -296,14 +296,11 @@ pub(crate) fn read_harvest(
         Some("chargram") => cfg.embedder = EmbedderKind::CharGram { dim: 1024 },
         Some("hash") => cfg.embedder = EmbedderKind::Hash { dim: 256 },
         Some("fastembed") => {
-            let dir = crate::drift::sentence::models_dir();
-            if !crate::drift::sentence::available(&dir) {
-                e.push(
-                    &t.path_of("embedder"),
-                    format!("the fastembed model files are not in {} (run `bash scripts/models.sh`, or use \"hash\")", dir.display()),
-                );
-            }
-            cfg.embedder = EmbedderKind::Sentence { dir, threads: 1 };
+            cfg.embedder = crate::config::sentence_embedder(
+                e,
+                &t.path_of("embedder"),
+                "or use \"hash\"",
+            )
         }
         Some(other) => e.push(
             &t.path_of("embedder"),

@@ -135,9 +135,7 @@ pub fn run(
         a.receivers.clear();
         a.routes.clear();
         a.default_route.receivers.clear();
-        let mut ctx = crate::alert::rule_context(&config.metrics);
-        ctx.drift_window_ms = config.drift.window_ms;
-        ctx.quality_metrics = crate::quality::table::frame_metrics(&config.quality.scorers);
+        let ctx = crate::alert::pipeline_rule_context(config);
         Some(crate::alert::AlertStage::start(
             &a,
             &ctx,

@@ -314,9 +314,7 @@ pub fn run(
 
     // Alerts judge the windows the writer makes durable.
     let alerts = if config.alerting.enabled && config.metrics.enabled {
-        let mut ctx = crate::alert::rule_context(&config.metrics);
-        ctx.drift_window_ms = config.drift.window_ms;
-        ctx.quality_metrics = crate::quality::table::frame_metrics(&config.quality.scorers);
+        let ctx = crate::alert::pipeline_rule_context(config);
         Some(AlertStage::start(
             &config.alerting,
             &ctx,
