@@ -9,7 +9,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{HarvestConfig, HarvestError, Reason};
 use crate::event::LlmEvent;
-use crate::metrics::rebuild::{events_between, read_parquet, table_hours};
+use crate::metrics::rebuild::{events_between, read_parquet, table_files};
 use crate::window::{DIMENSION_FIELDS, Dimension};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -130,14 +130,10 @@ pub fn collect(
         "source_offset",
     ];
     cols.extend(DIMENSION_FIELDS);
-    let mut seen: HashSet<String> = HashSet::new();
     let mut late: HashSet<String> = HashSet::new();
     // Per alert: the `alert_events` lowest event-id hashes.
     let mut picked: Vec<Vec<(u64, String)>> = vec![Vec::new(); alerts.len()];
     events_between(root, from_ms, to_ms, &cols, |e| {
-        if e.feedback_for.is_none() {
-            seen.insert(e.event_id.to_string());
-        }
         let negative = e
             .feedback
             .is_some_and(|f| f <= hc.negative_feedback_at_most)
@@ -191,7 +187,7 @@ pub fn collect(
         "error_type",
     ]);
     let mut found: HashMap<String, Candidate> = HashMap::new();
-    let mut take = |e: &LlmEvent<'_>| {
+    let mut take = |e: &LlmEvent<'_>, found: &mut HashMap<String, Candidate>| {
         if e.feedback_for.is_some() || found.contains_key(&*e.event_id) {
             return;
         }
@@ -203,11 +199,13 @@ pub fn collect(
             found.insert(c.event_id.clone(), c);
         }
     };
-    events_between(root, from_ms, to_ms, &text_cols, &mut take)?;
-    let missing = late.iter().any(|id| !seen.contains(id));
-    if missing {
+    events_between(root, from_ms, to_ms, &text_cols, |e| take(e, &mut found))?;
+    // Late feedback naming an event the lookback does not hold: look further back for it.
+    if late.iter().any(|id| !found.contains_key(id)) {
         let back = hc.feedback_lookback.as_millis() as i64;
-        events_between(root, from_ms - back, from_ms, &text_cols, &mut take)?;
+        events_between(root, from_ms - back, from_ms, &text_cols, |e| {
+            take(e, &mut found)
+        })?;
     }
     let mut out: Vec<Candidate> = found.into_values().collect();
     out.sort_by(|a, b| (a.timestamp_ms, &a.event_id).cmp(&(b.timestamp_ms, &b.event_id)));
@@ -238,24 +236,8 @@ pub(crate) fn batches(
     to_ms: i64,
     columns: Option<&[&str]>,
 ) -> Result<Vec<RecordBatch>, HarvestError> {
-    let mut files = Vec::new();
-    for (t, hour) in table_hours(root, table)? {
-        if t + HOUR_MS <= from_ms || t >= to_ms {
-            continue;
-        }
-        let Ok(dir) = std::fs::read_dir(&hour) else {
-            continue;
-        };
-        for f in dir.flatten() {
-            let p = f.path();
-            if p.extension().is_some_and(|x| x == "parquet") {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
     let mut out = Vec::new();
-    for f in files {
+    for f in table_files(root, table, from_ms, to_ms)? {
         out.extend(read_parquet(&f, columns)?);
     }
     Ok(out)

@@ -289,39 +289,34 @@ impl Dataset {
     /// version that never landed.
     fn load_harvested(&mut self, root: &Path) -> Result<(), HarvestError> {
         let prefix = self.file_prefix();
-        for (_, hour) in crate::metrics::rebuild::table_hours(root, "harvest")? {
-            let Ok(files) = fs::read_dir(&hour) else {
+        for path in crate::metrics::rebuild::table_files(root, "harvest", i64::MIN, i64::MAX)? {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let Some(v) = name
+                .as_deref()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|r| r.strip_suffix(".parquet"))
+                .and_then(parse_version)
+            else {
                 continue;
             };
-            for f in files.flatten() {
-                let path = f.path();
-                let name = f.file_name().to_string_lossy().into_owned();
-                let Some(v) = name
-                    .strip_prefix(&prefix)
-                    .and_then(|r| r.strip_suffix(".parquet"))
-                    .and_then(parse_version)
-                else {
+            if v > self.latest {
+                fs::remove_file(&path).map_err(|e| dataset_err(&path, e))?;
+                continue;
+            }
+            let cols = ["event_id", "reasons"];
+            for b in crate::metrics::rebuild::read_parquet(&path, Some(&cols))? {
+                use arrow::array::AsArray;
+                let (Some(id), Some(rs)) = (
+                    b.column_by_name("event_id")
+                        .and_then(|c| c.as_string_opt::<i32>()),
+                    b.column_by_name("reasons")
+                        .and_then(|c| c.as_string_opt::<i32>()),
+                ) else {
                     continue;
                 };
-                if v > self.latest {
-                    fs::remove_file(&path).map_err(|e| dataset_err(&path, e))?;
-                    continue;
-                }
-                let cols = ["event_id", "reasons"];
-                for b in crate::metrics::rebuild::read_parquet(&path, Some(&cols))? {
-                    use arrow::array::AsArray;
-                    let (Some(id), Some(rs)) = (
-                        b.column_by_name("event_id")
-                            .and_then(|c| c.as_string_opt::<i32>()),
-                        b.column_by_name("reasons")
-                            .and_then(|c| c.as_string_opt::<i32>()),
-                    ) else {
-                        continue;
-                    };
-                    for i in 0..b.num_rows() {
-                        let set = self.harvested.entry(id.value(i).to_owned()).or_default();
-                        set.extend(rs.value(i).split(',').filter_map(Reason::parse));
-                    }
+                for i in 0..b.num_rows() {
+                    let set = self.harvested.entry(id.value(i).to_owned()).or_default();
+                    set.extend(rs.value(i).split(',').filter_map(Reason::parse));
                 }
             }
         }

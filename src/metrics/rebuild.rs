@@ -487,18 +487,15 @@ pub(crate) fn event_columns(dims: &[Dimension], texts: bool, quality: bool) -> V
     columns
 }
 
-/// Every event of every partition with a time in `from_ms..to_ms`, read from the `events`
-/// files of those hours (all of them: a file whose manifest is still pending holds records
-/// that were counted before a crash and come back as late). Returns the number visited.
-pub(crate) fn events_between(
+/// The Parquet files of `table` in the hour partitions that overlap `from_ms..to_ms`, sorted.
+pub(crate) fn table_files(
     root: &Path,
+    table: &str,
     from_ms: i64,
     to_ms: i64,
-    columns: &[&str],
-    mut visit: impl FnMut(&LlmEvent<'_>),
-) -> Result<u64, SinkError> {
+) -> Result<Vec<PathBuf>, SinkError> {
     let mut files = Vec::new();
-    for (t, hour) in table_hours(root, "events")? {
+    for (t, hour) in table_hours(root, table)? {
         if t + HOUR_MS <= from_ms || t >= to_ms {
             continue;
         }
@@ -510,6 +507,20 @@ pub(crate) fn events_between(
         }
     }
     files.sort();
+    Ok(files)
+}
+
+/// Every event of every partition with a time in `from_ms..to_ms`, read from the `events`
+/// files of those hours (all of them: a file whose manifest is still pending holds records
+/// that were counted before a crash and come back as late). Returns the number visited.
+pub(crate) fn events_between(
+    root: &Path,
+    from_ms: i64,
+    to_ms: i64,
+    columns: &[&str],
+    mut visit: impl FnMut(&LlmEvent<'_>),
+) -> Result<u64, SinkError> {
+    let files = table_files(root, "events", from_ms, to_ms)?;
     let mut n = 0;
     for path in &files {
         for batch in read_parquet(path, Some(columns))? {
