@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Float64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder};
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -733,46 +733,32 @@ pub fn harvest_schema() -> SchemaRef {
 }
 
 fn harvest_batch(rows: &[Row], dataset: &str, version: &str, now_ms: i64) -> RecordBatch {
-    let mut run = TimestampMillisecondBuilder::new().with_timezone("UTC");
-    let mut ts = TimestampMillisecondBuilder::new().with_timezone("UTC");
-    let mut strs: Vec<StringBuilder> = (0..10).map(|_| StringBuilder::new()).collect();
-    let mut sim = Float64Builder::new();
-    for r in rows {
-        run.append_value(now_ms);
-        ts.append_value(r.timestamp_ms);
-        strs[0].append_value(dataset);
-        strs[1].append_value(version);
-        strs[2].append_value(&r.event_id);
-        for (k, d) in r.dims.iter().enumerate() {
-            strs[3 + k].append_option(d.as_deref());
-        }
-        strs[8].append_value(&r.reasons);
-        strs[9].append_value(&r.example_id);
-        sim.append_option(r.similarity);
-    }
-    let mut fold = StringBuilder::new();
-    for r in rows {
-        fold.append_value(r.fold.name());
-    }
-    let mut s = strs
-        .into_iter()
-        .map(|mut b| Arc::new(b.finish()) as arrow::array::ArrayRef);
-    let mut next = || s.next().expect("ten string columns");
-    let columns: Vec<arrow::array::ArrayRef> = vec![
-        Arc::new(run.finish()),
-        next(),
-        next(),
-        next(),
-        Arc::new(ts.finish()),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        Arc::new(fold.finish()),
-        Arc::new(sim.finish()),
+    use arrow::array::{ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
+    let time = |f: &dyn Fn(&Row) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(rows.iter().map(f)).with_timezone("UTC"),
+        )
+    };
+    let text = |f: &dyn Fn(&Row) -> Option<&str>| -> ArrayRef {
+        Arc::new(rows.iter().map(f).collect::<StringArray>())
+    };
+    let constant = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v; rows.len()])) };
+    let dim = |k: usize| text(&move |r: &Row| r.dims[k].as_deref());
+    let columns = vec![
+        time(&|_| now_ms),
+        constant(dataset),
+        constant(version),
+        text(&|r| Some(&r.event_id)),
+        time(&|r| r.timestamp_ms),
+        dim(0),
+        dim(1),
+        dim(2),
+        dim(3),
+        dim(4),
+        text(&|r| Some(&r.reasons)),
+        text(&|r| Some(&r.example_id)),
+        text(&|r| Some(r.fold.name())),
+        Arc::new(rows.iter().map(|r| r.similarity).collect::<Float64Array>()),
     ];
     RecordBatch::try_new(harvest_schema(), columns).expect("columns match the harvest schema")
 }
