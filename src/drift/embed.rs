@@ -66,12 +66,7 @@ impl HashEmbedder {
                 *c = c.signum() * (1.0 + c.abs().ln());
             }
         }
-        let norm = counts.iter().map(|c| c * c).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            for c in &mut counts {
-                *c /= norm;
-            }
-        }
+        unit_length(&mut counts);
         counts
     }
 }
@@ -137,12 +132,7 @@ impl CharGramEmbedder {
                 counts[(h % self.dim as u64) as usize] += if h >> 63 == 0 { 1.0 } else { -1.0 };
             }
         }
-        let norm = counts.iter().map(|c| c * c).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            for c in &mut counts {
-                *c /= norm;
-            }
-        }
+        unit_length(&mut counts);
         counts
     }
 }
@@ -158,6 +148,16 @@ impl Embedder for CharGramEmbedder {
 
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         Ok(texts.iter().map(|t| self.one(t)).collect())
+    }
+}
+
+/// Scales `v` to length 1 (a zero vector stays zero).
+fn unit_length(v: &mut [f32]) {
+    let norm = v.iter().map(|c| c * c).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        for c in v {
+            *c /= norm;
+        }
     }
 }
 
