@@ -93,9 +93,7 @@ pub fn export(
     std::fs::create_dir_all(out).map_err(|e| dataset_err(out, e))?;
     let path = out.join(format!("{dataset}-{version}.{}", format.suffix()));
     let body = render(examples, format, dataset, version, quality)?;
-    let tmp = out.join(format!(".{dataset}-{version}.tmp"));
-    std::fs::write(&tmp, body).map_err(|e| dataset_err(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| dataset_err(&path, e))?;
+    crate::sink::write_durably(&path, body.as_bytes())?;
     Ok(path)
 }
 
