@@ -995,15 +995,7 @@ to = ["oncall@localhost"]
             .collect();
     let file = dir.path().join("export.jsonl.gz");
     crate::cli::write_jsonl_gz(&file, &records);
-    let import = || {
-        succeed(
-            telltale()
-                .args(["run", "--pipeline"])
-                .arg(&pipeline)
-                .arg("--source")
-                .arg(format!("file:{}", file.display())),
-        )
-    };
+    let import = || crate::support::run_files(&pipeline, &file);
     import();
     let latency = || {
         crate::support::strings(&crate::support::sql(

@@ -35,13 +35,7 @@ fn file_pipeline(dir: &Path) -> std::path::PathBuf {
 fn import(dir: &Path, records: &[telltale::demo::GeneratedRecord]) -> std::path::PathBuf {
     write_jsonl_gz(&dir.join("export.jsonl.gz"), records);
     let pipeline = file_pipeline(dir);
-    succeed(
-        telltale()
-            .args(["run", "--pipeline"])
-            .arg(&pipeline)
-            .arg("--source")
-            .arg(format!("file:{}/export.jsonl.gz", dir.display())),
-    );
+    run_files(&pipeline, &dir.join("export.jsonl.gz"));
     dir.join("data")
 }
 
@@ -62,18 +56,10 @@ fn file_import_is_idempotent() {
     write_jsonl_gz(&dir.path().join("export-1.jsonl.gz"), &records[..600]);
     write_jsonl_gz(&dir.path().join("export-2.jsonl.gz"), &records[600..]);
     let pipeline = file_pipeline(dir.path());
-    let source = format!("file:{}/export-*.jsonl.gz", dir.path().display());
+    let source = dir.path().join("export-*.jsonl.gz");
     let root = dir.path().join("data");
 
-    let run = || {
-        let out = succeed(
-            telltale()
-                .args(["run", "--pipeline"])
-                .arg(&pipeline)
-                .args(["--source", &source]),
-        );
-        String::from_utf8(out.stderr).unwrap()
-    };
+    let run = || String::from_utf8(run_files(&pipeline, &source).stderr).unwrap();
     let first = run();
     let non_blank = records.iter().filter(|r| !r.payload.is_empty()).count();
     assert!(

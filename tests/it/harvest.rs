@@ -35,14 +35,7 @@ dataset = "prod-failures"
 "#;
 
 fn import(pipeline: &Path, file: &Path) -> String {
-    let out = succeed(
-        telltale()
-            .args(["run", "--pipeline"])
-            .arg(pipeline)
-            .arg("--source")
-            .arg(format!("file:{}", file.display())),
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    String::from_utf8_lossy(&run_files(pipeline, file).stderr).into_owned()
 }
 
 fn ids(root: &Path, q: &str) -> BTreeSet<String> {

@@ -48,13 +48,7 @@ fn utf8(b: &arrow::array::RecordBatch, i: usize) -> arrow::array::StringArray {
 /// `telltale run --pipeline <pipeline> --source file:<dir>/export.jsonl.gz`, which must
 /// succeed.
 fn import(pipeline: &Path, dir: &Path) -> std::process::Output {
-    succeed(
-        telltale()
-            .args(["run", "--pipeline"])
-            .arg(pipeline)
-            .arg("--source")
-            .arg(format!("file:{}/export.jsonl.gz", dir.display())),
-    )
+    run_files(pipeline, &dir.join("export.jsonl.gz"))
 }
 
 /// Imports `records` with a file pipeline whose tables after `[telemetry]` are `extra`;

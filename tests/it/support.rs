@@ -155,6 +155,18 @@ pub fn succeed(cmd: &mut Command) -> Output {
     out
 }
 
+/// `telltale run --pipeline <pipeline> --source file:<files>` (a path or a glob), which must
+/// succeed.
+pub fn run_files(pipeline: &Path, files: &Path) -> Output {
+    succeed(
+        telltale()
+            .args(["run", "--pipeline"])
+            .arg(pipeline)
+            .arg("--source")
+            .arg(format!("file:{}", files.display())),
+    )
+}
+
 /// Starts `telltale run`, appending its logs (at `RUST_LOG=info`) to `log`.
 pub fn spawn_run(pipeline: &Path, log: &Path) -> Child {
     spawn_run_logging(pipeline, log, "info")
