@@ -763,6 +763,24 @@ fn silence_commands_add_list_and_expire() {
     );
 }
 
+/// `telltale gate --app support-bot --env prod --prompt-version <version> --data-dir <root>`.
+fn gate_support_bot_prod(root: &std::path::Path, version: &str) -> std::process::Output {
+    telltale()
+        .args([
+            "gate",
+            "--app",
+            "support-bot",
+            "--env",
+            "prod",
+            "--prompt-version",
+            version,
+        ])
+        .arg("--data-dir")
+        .arg(root)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn gate_fails_while_a_critical_alert_fires_for_the_version() {
     let http = HttpReceiver::start(|_| 200);
@@ -775,22 +793,7 @@ fn gate_fails_while_a_critical_alert_fires_for_the_version() {
     tx.send((1..=60).map(|m| errors_frame(m, 0)).collect());
     tx.send((61..=80).map(|m| errors_frame(m, 50)).collect());
     stage.stop();
-    let gate = |v: &str| {
-        telltale()
-            .args([
-                "gate",
-                "--app",
-                "support-bot",
-                "--env",
-                "prod",
-                "--prompt-version",
-                v,
-                "--data-dir",
-                root,
-            ])
-            .output()
-            .unwrap()
-    };
+    let gate = |v: &str| gate_support_bot_prod(std::path::Path::new(root), v);
     let out = gate("v4");
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8(out.stdout).unwrap();
@@ -1022,20 +1025,7 @@ to = ["oncall@localhost"]
     assert!(!mails.exists() || std::fs::read_dir(&mails).unwrap().next().is_none());
     // Still firing at the end of the backfill or not, history does not gate a deployment.
     let transitions = crate::support::scalar(&root, "SELECT count(*) FROM alerts");
-    let gate = telltale()
-        .args([
-            "gate",
-            "--app",
-            "support-bot",
-            "--env",
-            "prod",
-            "--prompt-version",
-            "v4",
-            "--data-dir",
-        ])
-        .arg(&root)
-        .output()
-        .unwrap();
+    let gate = gate_support_bot_prod(&root, "v4");
     assert_eq!(
         gate.status.code(),
         Some(0),
