@@ -20,7 +20,9 @@
 //! Modules, in data-flow order: [`ingest`] (Kafka and file sources), [`decode`] (wire formats
 //! → [`event::LlmEvent`]), [`event`] and [`rejects`] (the tables' rows), [`metrics`] (cost, and
 //! per-series histograms per event-time window, on [`window`]'s series and windows), [`alert`]
-//! (rules over closed windows, notifications), [`sink`] (Parquet and the commit protocol),
+//! (rules over closed windows, notifications), [`drift`], [`quality`] (scorers and the judge),
+//! [`experiment`] (A/B tests on the committed tables, sequential statistics), [`harvest`]
+//! (failures → eval datasets), [`sink`] (Parquet and the commit protocol),
 //! [`query`] (SQL). [`config`] turns pipeline files into
 //! typed config; [`demo`] is the self-contained `telltale demo`; [`telemetry`] is telltale's own
 //! logs, counters and `/metrics` endpoint.

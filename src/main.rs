@@ -108,19 +108,30 @@ enum Command {
     /// Exit non-zero when critical alerts fire for a prompt version: a CI/CD deployment gate.
     #[command(
         after_help = "Example:\n  telltale gate --app support-bot --env prod --prompt-version v4 || ./rollback.sh\n\n\
-        Exit status: 0 no critical alert fires for that version; 1 some do (listed, with the last\n\
-        known-good version to roll back to); 2 the state could not be read."
+        telltale gate --experiment summary-style || ./rollback.sh\n\n\
+        Exit status: 0 no critical alert fires for that version (or the experiment keeps running or\n\
+        may be promoted); 1 some do (listed, with the last known-good version to roll back to), or\n\
+        the experiment says rollback or invalid; 2 the state could not be read."
     )]
     Gate {
-        #[arg(long)]
-        app: String,
-        #[arg(long = "env")]
-        environment: String,
-        #[arg(long)]
-        prompt_version: String,
+        #[arg(long, required_unless_present = "experiment")]
+        app: Option<String>,
+        #[arg(long = "env", required_unless_present = "experiment")]
+        environment: Option<String>,
+        #[arg(long, required_unless_present = "experiment")]
+        prompt_version: Option<String>,
+        /// Gate on an experiment's latest decision instead: exit 1 on rollback or invalid.
+        #[arg(long, conflicts_with_all = ["app", "environment", "prompt_version"])]
+        experiment: Option<String>,
         #[command(flatten)]
         root: RootArgs,
     },
+    /// A/B experiments on prompt variants: their scorecards.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  telltale experiment status summary-style\n  telltale experiment list --pipeline pipelines/demo.toml"
+    )]
+    Experiment(ExperimentCommand),
     /// List pending and firing alerts (from the running pipelines' state).
     Alerts {
         #[command(flatten)]
@@ -202,6 +213,22 @@ enum SilenceCommand {
     /// End a silence now.
     Expire {
         id: String,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentCommand {
+    /// The latest look at an experiment: decision, reason, and per metric and arm the
+    /// estimate, lift, always-valid interval, p-values and verdict.
+    Status {
+        name: String,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+    /// Every experiment with a look in the data root, with its latest decision.
+    List {
         #[command(flatten)]
         root: RootArgs,
     },
@@ -497,11 +524,26 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Check { pipeline, offline } => check(&pipeline, offline).await,
         Command::Silence(cmd) => silence(cmd),
         Command::Gate {
+            experiment: Some(name),
+            root,
+            ..
+        } => {
+            let (root, _) = root.resolve()?;
+            experiment_gate(&root, &name)
+        }
+        Command::Experiment(c) => experiment(c),
+        Command::Gate {
             app,
             environment,
             prompt_version,
             root,
+            ..
         } => {
+            let (app, environment, prompt_version) = (
+                app.unwrap_or_default(),
+                environment.unwrap_or_default(),
+                prompt_version.unwrap_or_default(),
+            );
             let (root, cfg) = root.resolve()?;
             let after = cfg.map_or(alert::AlertingConfig::default().known_good_after_ms, |c| {
                 c.alerting.known_good_after_ms
@@ -825,6 +867,65 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
                 .map_or(String::new(), |t| format!("; published to {t}")),
         );
     }
+    let xc = &config.experiments;
+    for x in &xc.experiments {
+        let arms: Vec<String> = x
+            .arms
+            .iter()
+            .zip(&x.split)
+            .enumerate()
+            .map(|(i, (a, s))| {
+                format!(
+                    "{a}{} {:.0} %",
+                    if i == 0 { " (control)" } else { "" },
+                    s * 100.0
+                )
+            })
+            .collect();
+        let metrics: Vec<String> = x
+            .metrics
+            .iter()
+            .map(|m| {
+                let tol = if m.tolerance > 0.0 {
+                    format!(", {:.0} % tolerated", m.tolerance * 100.0)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} {} ({}{tol})",
+                    m.role.name(),
+                    m.name,
+                    if m.higher_is_better {
+                        "higher is better"
+                    } else {
+                        "lower is better"
+                    }
+                )
+            })
+            .collect();
+        println!(
+            "ok   experiment {}: arms by {} [{}]{}; {}; a look every {} once settled {}, alpha {}",
+            x.name,
+            x.arm.name(),
+            arms.join(", "),
+            if x.filter.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " where {}",
+                    x.filter
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+            metrics.join(", "),
+            humantime(xc.window),
+            humantime(xc.settle),
+            xc.alpha
+        );
+    }
     if config.alerting.enabled {
         let ctx = alert::pipeline_rule_context(&config);
         let rules = alert::load_rules(&config.alerting, &ctx)?;
@@ -905,4 +1006,77 @@ async fn check(pipeline: &Path, offline: bool) -> Result<()> {
         bail!("{failures} check(s) failed");
     }
     Ok(())
+}
+
+fn latest_look(root: &std::path::Path, name: &str) -> Option<arrow::array::RecordBatch> {
+    match telltale::experiment::table::latest(root, name) {
+        Ok(Some(b)) => Some(b),
+        Ok(None) => {
+            eprintln!(
+                "error: no look at experiment {name:?} under {} (is a pipeline with [[experiment]] name = {name:?} running or backfilled there? `telltale experiment list` shows the ones that are)",
+                root.display()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            None
+        }
+    }
+}
+
+fn experiment_gate(root: &std::path::Path, name: &str) -> Result<()> {
+    let Some(batch) = latest_look(root, name) else {
+        std::process::exit(2);
+    };
+    let (decision, reason) = telltale::experiment::report::decision(&batch).unwrap_or_default();
+    match decision.as_str() {
+        "rollback" | "invalid" => {
+            println!("blocked: experiment {name} says {decision}: {reason}");
+            std::process::exit(1);
+        }
+        _ => {
+            println!("ok: experiment {name} says {decision}: {reason}");
+            Ok(())
+        }
+    }
+}
+
+fn experiment(c: ExperimentCommand) -> Result<()> {
+    match c {
+        ExperimentCommand::Status { name, root } => {
+            let (root, _) = root.resolve()?;
+            let Some(batch) = latest_look(&root, &name) else {
+                std::process::exit(2);
+            };
+            print!("{}", telltale::experiment::report::scorecard(&batch));
+            Ok(())
+        }
+        ExperimentCommand::List { root } => {
+            let (root, cfg) = root.resolve()?;
+            let mut names: std::collections::BTreeSet<String> = cfg
+                .map(|c| {
+                    c.experiments
+                        .experiments
+                        .iter()
+                        .map(|x| x.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.extend(telltale::experiment::table::names(&root)?);
+            if names.is_empty() {
+                println!("no experiments under {}", root.display());
+            }
+            for n in names {
+                match telltale::experiment::table::latest(&root, &n)? {
+                    Some(b) => {
+                        let (d, r) = telltale::experiment::report::decision(&b).unwrap_or_default();
+                        println!("{n:<24} {d:<13} {r}");
+                    }
+                    None => println!("{n:<24} {:<13} no look yet", "-"),
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -18,6 +18,15 @@ use serde::{Deserialize, Serialize};
 
 use super::rule::{ChangeKind, Condition, Rule, Scope, Severity, Var, human, matches_all};
 
+/// The labels of an `experiments` frame's rows.
+pub fn experiment_dimensions() -> Vec<String> {
+    ["app", "environment"]
+        .iter()
+        .chain(crate::experiment::table::FRAME_LABELS)
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// Windows without a judgement after which a firing alert resolves ("no data").
 pub const STALE_WINDOWS: i64 = 10;
 
@@ -68,6 +77,14 @@ impl Frame {
     pub fn from_drift(batch: &RecordBatch) -> Option<Frame> {
         let mut f = Frame::from_metrics(&crate::drift::table::frame_from_table(batch)?)?;
         f.source = "drift".into();
+        Some(f)
+    }
+
+    /// An `experiments` file's rows as one row per experiment and treatment arm (see
+    /// [`crate::experiment::table::frame_batch`]); `None` when empty.
+    pub fn from_experiments(batch: &RecordBatch) -> Option<Frame> {
+        let mut f = Frame::from_metrics(&crate::experiment::table::frame_batch(batch)?)?;
+        f.source = "experiments".into();
         Some(f)
     }
 
@@ -612,7 +629,13 @@ impl Engine {
 
     fn run(&mut self, frame: &Frame, judge: bool) -> Evaluation {
         let batch = &frame.batch;
-        let sids = self.series.intern_rows(&self.dimensions, batch);
+        // Experiment frames are labelled by experiment and arm, not by series dimensions.
+        let sids = if frame.table() == "experiments" {
+            let dims = experiment_dimensions();
+            self.series.intern_rows(&dims, batch)
+        } else {
+            self.series.intern_rows(&self.dimensions, batch)
+        };
         let events = int_column(batch, "events");
         let errors = int_column(batch, "errors");
         if judge {
@@ -870,6 +893,11 @@ impl SeriesIndex {
 
     fn intern(&mut self, dims: &[String], values: &[Option<&str>]) -> u32 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
+        // The label names too: frames of different tables carry different labels.
+        for d in dims {
+            h.update(d.as_bytes());
+            h.update(&[0xfd]);
+        }
         for v in values {
             match v {
                 Some(s) => {

@@ -69,6 +69,10 @@ pub const BUILTIN_RULES: &[(&str, &str)] = &[
     ("alerts/cost.toml", include_str!("../../alerts/cost.toml")),
     ("alerts/drift.toml", include_str!("../../alerts/drift.toml")),
     (
+        "alerts/experiments.toml",
+        include_str!("../../alerts/experiments.toml"),
+    ),
+    (
         "alerts/quality.toml",
         include_str!("../../alerts/quality.toml"),
     ),
@@ -147,6 +151,7 @@ pub fn rule_context(m: &crate::metrics::MetricsConfig) -> RuleContext {
         rollup_ms: m.window.rollup_ms,
         drift_window_ms: crate::drift::DriftConfig::default().window_ms,
         quality_metrics: Vec::new(),
+        experiments_window_ms: crate::experiment::ExperimentsConfig::default().window_ms(),
     }
 }
 
@@ -155,6 +160,7 @@ pub fn pipeline_rule_context(config: &crate::config::PipelineConfig) -> RuleCont
     let mut ctx = rule_context(&config.metrics);
     ctx.drift_window_ms = config.drift.window_ms;
     ctx.quality_metrics = crate::quality::table::frame_metrics(&config.quality.scorers);
+    ctx.experiments_window_ms = config.experiments.window_ms();
     ctx
 }
 
@@ -218,7 +224,7 @@ pub fn silences_file(root: &Path) -> PathBuf {
     state_dir(root).join("silences.json")
 }
 
-/// The per-window outputs (metrics, quality, drift) of `stream` that start in
+/// The per-window outputs (metrics, quality, drift, experiments) of `stream` that start in
 /// [from_ms, to_ms), oldest first (unreadable files are skipped with a warning).
 pub fn metrics_frames(root: &Path, stream: &str, from_ms: i64, to_ms: i64) -> Vec<Frame> {
     let mut out = table_frames(root, "metrics", stream, from_ms, to_ms, Frame::from_metrics);
@@ -237,6 +243,14 @@ pub fn metrics_frames(root: &Path, stream: &str, from_ms: i64, to_ms: i64) -> Ve
         from_ms,
         to_ms,
         Frame::from_drift,
+    ));
+    out.extend(table_frames(
+        root,
+        "experiments",
+        stream,
+        from_ms,
+        to_ms,
+        Frame::from_experiments,
     ));
     out.sort_by_key(|f| (f.end_ms, f.resolution_ms));
     out

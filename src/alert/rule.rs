@@ -14,7 +14,7 @@ use crate::config::reader::parse_duration;
 use crate::config::reader::{Errors, Obj};
 
 /// The metric sources a rule can read (per-window outputs of the stages).
-pub const SOURCES: &[&str] = &["metrics", "drift", "quality"];
+pub const SOURCES: &[&str] = &["metrics", "drift", "quality", "experiments"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MatchOp {
@@ -256,6 +256,8 @@ pub struct RuleContext {
     pub drift_window_ms: i64,
     /// What `source = "quality"` rules can read (from the configured scorers).
     pub quality_metrics: Vec<String>,
+    /// The experiments window (`source = "experiments"` rules judge one look per window).
+    pub experiments_window_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -433,8 +435,11 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
         );
     }
     let drift = source == "drift";
+    let experiments = source == "experiments";
     let default_res = if drift {
         ctx.drift_window_ms
+    } else if experiments {
+        ctx.experiments_window_ms
     } else {
         ctx.window_ms
     };
@@ -451,7 +456,15 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
                 crate::metrics::resolution_name(ctx.drift_window_ms)
             ),
         );
-    } else if !drift && res != ctx.window_ms && res != ctx.rollup_ms {
+    } else if experiments && res != ctx.experiments_window_ms {
+        e.push(
+            &r.path_of("resolution"),
+            format!(
+                "the experiments table has windows of {} only (experiments.window)",
+                crate::metrics::resolution_name(ctx.experiments_window_ms)
+            ),
+        );
+    } else if !drift && !experiments && res != ctx.window_ms && res != ctx.rollup_ms {
         e.push(
             &r.path_of("resolution"),
             format!(
@@ -463,14 +476,24 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
     }
     let select = r.string_list(e, "select").unwrap_or_default();
     let select = parse_matchers(&select, &r.path_of("select"), e);
+    let labels_of_source = if experiments {
+        crate::alert::engine::experiment_dimensions()
+    } else {
+        ctx.dimensions.clone()
+    };
     for m in &select {
-        if !ctx.dimensions.contains(&m.name) {
+        if !labels_of_source.contains(&m.name) {
             e.push(
                 &r.path_of("select"),
                 format!(
-                    "{:?} is not a series dimension (the pipeline's are: {})",
+                    "{:?} is not a {} (the pipeline's are: {})",
                     m.name,
-                    ctx.dimensions.join(", ")
+                    if experiments {
+                        "label of experiment rows"
+                    } else {
+                        "series dimension"
+                    },
+                    labels_of_source.join(", ")
                 ),
             );
         }
@@ -505,6 +528,17 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
             ),
         );
     } else if let Some(m) = &metric
+        && experiments
+        && !crate::experiment::table::FRAME_METRICS.contains(&m.as_str())
+    {
+        e.push(
+            &r.path_of("metric"),
+            format!(
+                "{m:?} is not an experiment verdict (expected one of: {})",
+                crate::experiment::table::FRAME_METRICS.join(", ")
+            ),
+        );
+    } else if let Some(m) = &metric
         && source == "quality"
     {
         // Category rates may be named without a scorer of that category (shipped rules):
@@ -527,6 +561,7 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
         }
     } else if let Some(m) = &metric
         && !drift
+        && !experiments
         && !is_numeric_metric(m)
     {
         e.push(
@@ -550,7 +585,7 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
     };
     let labels = r.string_map(e, "labels");
     for k in labels.keys() {
-        if k == "alertname" || k == "severity" || ctx.dimensions.contains(k) {
+        if k == "alertname" || k == "severity" || labels_of_source.contains(k) {
             e.push(
                 &format!("{}.{k}", r.path_of("labels")),
                 "is set by telltale (alertname, severity and the series dimensions): choose another name",
@@ -559,7 +594,7 @@ fn read_rule(r: &mut Obj, e: &mut Errors, ctx: &RuleContext, origin: String) -> 
     }
     let mut annotations = Vec::new();
     for (k, text) in r.string_map(e, "annotations") {
-        match Template::parse(&text, &ctx.dimensions) {
+        match Template::parse(&text, &labels_of_source) {
             Ok(t) => annotations.push((k, t)),
             Err(msg) => e.push(&format!("{}.{k}", r.path_of("annotations")), msg),
         }

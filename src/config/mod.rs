@@ -78,6 +78,7 @@ pub struct PipelineConfig {
     pub drift: DriftConfig,
     pub quality: crate::quality::QualityConfig,
     pub harvest: crate::harvest::HarvestConfig,
+    pub experiments: crate::experiment::ExperimentsConfig,
 }
 
 /// telltale's own HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -311,6 +312,19 @@ impl PipelineConfig {
         let drift = read_drift(&mut root, e, &metrics);
         let quality = crate::quality::config::read_quality(&mut root, base, e);
         let harvest = crate::harvest::read_harvest(&mut root, e);
+        let experiments = crate::experiment::config::read_experiments(&mut root, e);
+        for (i, x) in experiments.experiments.iter().enumerate() {
+            for (j, m) in x.metrics.iter().enumerate() {
+                if let Some(s) = m.value.scorer()
+                    && !quality.scorers.iter().any(|d| d.name == s)
+                {
+                    e.push(
+                        &format!("experiment[{i}].metric[{j}].value"),
+                        format!("{s:?} is not a configured scorer (add a [[quality.scorer]] named {s:?})"),
+                    );
+                }
+            }
+        }
         root.finish(e);
 
         Some(PipelineConfig {
@@ -330,6 +344,7 @@ impl PipelineConfig {
             drift,
             quality,
             harvest,
+            experiments,
         })
     }
 
@@ -363,6 +378,7 @@ impl PipelineConfig {
             drift: DriftConfig::default(),
             quality: crate::quality::QualityConfig::default(),
             harvest: crate::harvest::HarvestConfig::default(),
+            experiments: crate::experiment::ExperimentsConfig::default(),
         }
     }
 

@@ -348,3 +348,113 @@ to = []
         assert!(err.contains(want), "missing {want:?} in\n{err}");
     }
 }
+
+#[test]
+fn experiments_are_read_and_every_mistake_is_reported_with_its_path() {
+    let good = format!(
+        "{MINIMAL}{}",
+        r#"
+[[quality.scorer]]
+name = "json"
+type = "refusal"
+
+[experiments]
+window = "10m"
+correction = "benjamini-hochberg"
+
+[[experiment]]
+name = "style"
+arm = "prompt_version"
+arms = ["v2", "v3"]
+control = "v3"
+split = { v2 = 1, v3 = 3 }
+where = { app = "bot" }
+
+[[experiment.metric]]
+name = "ok"
+value = "pass:json"
+
+[[experiment.metric]]
+name = "latency"
+value = "latency_ms"
+role = "guardrail"
+tolerance = 0.1
+"#
+    );
+    let c = load(&good).unwrap();
+    let x = &c.experiments;
+    assert_eq!(x.window_ms(), 600_000);
+    assert_eq!(
+        x.correction,
+        crate::experiment::config::Correction::BenjaminiHochberg
+    );
+    let e = &x.experiments[0];
+    assert_eq!(e.arms, ["v3", "v2"], "the control comes first");
+    assert_eq!(e.split, [0.75, 0.25]);
+    assert_eq!(e.filter, [("app".to_owned(), "bot".to_owned())]);
+    assert!(e.metrics[0].higher_is_better && !e.metrics[1].higher_is_better);
+    assert_eq!(e.metrics[1].tolerance, 0.1);
+    let unscored = good.replace("name = \"json\"", "name = \"other\"");
+    let err = load(&unscored).unwrap_err().to_string();
+    assert!(
+        err.contains("experiment[0].metric[0].value: \"json\" is not a configured scorer"),
+        "{err}"
+    );
+
+    let bad = format!(
+        "{MINIMAL}{}",
+        r#"
+[experiments]
+corection = "holm"
+
+[[experiment]]
+name = "a b"
+arm = "model"
+arms = ["A"]
+split = { B = 1 }
+where = { region = "eu" }
+
+[[experiment.metric]]
+name = "x"
+value = "latency"
+role = "primary"
+tolerance = 0.1
+"#
+    );
+    let err = load(&bad).unwrap_err();
+    let ConfigLoadError::Invalid { errors, .. } = &err else {
+        panic!("{err}")
+    };
+    let got: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let want = [
+        "experiments.corection: unknown key (did you mean `correction`?)",
+        "experiment[0].name: \"a b\" is not an experiment name",
+        "experiment[0].arm: \"model\" is not an arm field",
+        "experiment[0].arms: is required: at least two arms",
+        "experiment[0].split: has no share for the arm \"A\"",
+        "experiment[0].split.B: \"B\" is not one of the arms",
+        "experiment[0].where.region: \"region\" is not a field an experiment can select on",
+        "experiment[0].metric[0].value: \"latency\" is not a metric value",
+        "experiment[0].metric[0].role: \"primary\" is not a role",
+        "experiment[0].metric[0].tolerance: applies to guardrails only",
+    ];
+    for w in want {
+        assert!(
+            got.iter().any(|g| g.starts_with(w)),
+            "{w:?} not in {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+
+    let no_goal = format!(
+        "{MINIMAL}{}",
+        "[[experiment]]\nname = \"s\"\narms = [\"A\", \"B\"]\n[[experiment.metric]]\nname = \"l\"\nvalue = \"latency_ms\"\nrole = \"guardrail\"\n"
+    );
+    let err = load(&no_goal).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "experiment[0].metric: has no goal metric (role = \"goal\"): nothing could be promoted"
+        ),
+        "{err}"
+    );
+}

@@ -4,7 +4,8 @@
 //! log-normal distributions shaped like real chat traffic (prompt p50 ≈ 14 words, response
 //! p50 ≈ 140 words; records average ≈ 1.5 KB); latency = per-model overhead + per-token cost with log-normal noise;
 //! about 1.5 % errors; a share of records in the OpenAI request/response shape; one series
-//! (support-bot v4) whose latency triples for a fifth of the run and then recovers; and, at a configurable rate,
+//! (support-bot v4) whose latency triples for a fifth of the run and then recovers; an A/B
+//! experiment on doc-summarizer v2 ([`EXPERIMENT`]); and, at a configurable rate,
 //! malformed records of every reject reason. The texts are written for
 //! this project. Same seed, same traffic.
 
@@ -251,7 +252,17 @@ pub struct TrafficGenerator {
     drift_rng: SmallRng,
     /// The same for doc-summarizer v3's broken answers ([`quality_breakage`]).
     quality_rng: SmallRng,
+    /// And for the A/B experiment on doc-summarizer v2 ([`EXPERIMENT`]).
+    experiment_rng: SmallRng,
 }
+
+/// The demo's experiment: doc-summarizer v2 in prod splits its traffic 50/50 between a
+/// "concise" prompt (the control) and a "detailed" one, which resolves more requests
+/// ([`RESOLVED_RATE`]) but answers [`DETAILED_SLOWDOWN`] times slower.
+pub const EXPERIMENT: (&str, [&str; 2]) = ("summary-style", ["concise", "detailed"]);
+/// Share of requests resolved (the `resolved` attribute), per arm.
+pub const RESOLVED_RATE: [f64; 2] = [0.60, 0.70];
+pub const DETAILED_SLOWDOWN: f64 = 1.3;
 
 impl TrafficGenerator {
     /// `total` records spread evenly over `span_ms` of event time from `start_ms`.
@@ -274,6 +285,7 @@ impl TrafficGenerator {
             drift: true,
             drift_rng: SmallRng::seed_from_u64(seed ^ 0xd71f),
             quality_rng: SmallRng::seed_from_u64(seed ^ 0x9a17),
+            experiment_rng: SmallRng::seed_from_u64(seed ^ 0xab7e),
         }
     }
 
@@ -431,6 +443,15 @@ impl TrafficGenerator {
             ttft *= f;
         }
 
+        // The experiment: its arm, whether the request was resolved, and the slower arm.
+        let arm = (app.name == "doc-summarizer" && version == "v2" && environment == "prod")
+            .then(|| usize::from(self.experiment_rng.random_bool(0.5)));
+        let resolved = arm.map(|a| self.experiment_rng.random_bool(RESOLVED_RATE[a]));
+        if arm == Some(1) {
+            latency *= DETAILED_SLOWDOWN;
+            ttft *= DETAILED_SLOWDOWN;
+        }
+
         let err_roll: f64 = self.rng.random();
         let error_type = if err_roll < 0.009 {
             Some("rate_limit_error")
@@ -469,6 +490,11 @@ impl TrafficGenerator {
             });
             if let Some(f) = feedback {
                 metadata["feedback"] = json!(f);
+            }
+            if let (Some(a), Some(r)) = (arm, resolved) {
+                metadata["experiment"] = json!(EXPERIMENT.0);
+                metadata["variant"] = json!(EXPERIMENT.1[a]);
+                metadata["resolved"] = json!(r);
             }
             let request = json!({
                 "model": model, "temperature": 0.2,
@@ -527,6 +553,11 @@ impl TrafficGenerator {
             }
             if let Some(f) = feedback {
                 v["feedback"] = json!(f);
+            }
+            if let (Some(a), Some(r)) = (arm, resolved) {
+                v["experiment"] = json!(EXPERIMENT.0);
+                v["variant"] = json!(EXPERIMENT.1[a]);
+                v["attributes"]["resolved"] = json!(r);
             }
             v
         };

@@ -53,6 +53,8 @@ pub enum DemoError {
     Query(#[from] query::QueryError),
     #[error(transparent)]
     Harvest(#[from] crate::harvest::HarvestError),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
     #[error("the pipeline did not catch up within {0:?} ({1} of {2} records committed)")]
     Timeout(Duration, u64, u64),
 }
@@ -310,6 +312,21 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<Demo
             ),
         );
     }
+    // The experiment's latest look: its scorecard and decision.
+    let (name, _) = generator::EXPERIMENT;
+    if let Some(batch) = crate::experiment::table::latest(&opts.data_dir, name)? {
+        let card = crate::experiment::report::scorecard(&batch);
+        let mut lines = card.lines();
+        if let Some(first) = lines.next() {
+            w(
+                out,
+                format!("experiment {}", first.trim_start_matches("experiment ")),
+            );
+        }
+        for l in lines {
+            w(out, format!("         {l}"));
+        }
+    }
     w(
         out,
         format!(
@@ -436,6 +453,12 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
         "SELECT to_char(window_end, '%H:%M') AS window_end, rule, labels['app'] AS app, labels['prompt_version'] AS version,
                 previous_status || ' -> ' || status AS change, round(value, 2) AS value, round(baseline, 2) AS baseline
          FROM alerts WHERE kind = 'transition' AND status IN ('firing', 'resolved') ORDER BY window_end, rule",
+    ),
+    (
+        "The experiment's decision over time, from the experiments table (one look per 5-minute window):",
+        "SELECT decision, to_char(min(window_end), '%H:%M') AS first_look, to_char(max(window_end), '%H:%M') AS last_look,
+                count(DISTINCT window_end) AS looks
+         FROM experiments WHERE experiment = 'summary-style' GROUP BY decision ORDER BY first_look",
     ),
     (
         "Rejected records by reason (every one kept with its topic/partition/offset):",

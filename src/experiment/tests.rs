@@ -167,3 +167,245 @@ fn holm_and_benjamini_hochberg_adjust_as_published() {
         "{bh:?}"
     );
 }
+
+// ---- The scorecard: decisions over many seeded experiments, looked at every window ----
+
+use super::collect::Tally;
+use super::config::{ArmField, ExperimentConfig, ExperimentsConfig, MetricSpec, MetricValue, Role};
+use super::scorecard::{Decision, Running, look};
+
+/// A two-arm experiment: goal `resolved` (a rate), secondary `score` (a mean), guardrail
+/// `latency` (lower is better, 10 % tolerated).
+fn two_arms() -> ExperimentConfig {
+    let metric = |name: &str, value, role, higher_is_better, tolerance| MetricSpec {
+        name: name.into(),
+        value,
+        role,
+        higher_is_better,
+        tolerance,
+    };
+    ExperimentConfig {
+        name: "x".into(),
+        arm: ArmField::Variant,
+        arms: vec!["A".into(), "B".into()],
+        split: vec![0.5, 0.5],
+        filter: Vec::new(),
+        start_ms: None,
+        metrics: vec![
+            metric(
+                "resolved",
+                MetricValue::Attribute("resolved".into()),
+                Role::Goal,
+                true,
+                0.0,
+            ),
+            metric(
+                "score",
+                MetricValue::Score("s".into()),
+                Role::Secondary,
+                true,
+                0.0,
+            ),
+            metric(
+                "latency",
+                MetricValue::LatencyMs,
+                Role::Guardrail,
+                false,
+                0.1,
+            ),
+        ],
+    }
+}
+
+/// What the treatment does differently.
+#[derive(Clone, Copy, Default)]
+struct Effect {
+    /// Added to the control's 0.6 resolution rate.
+    resolved: f64,
+    /// Added to the score (standard deviations).
+    score: f64,
+    /// Relative latency change (0.3 = 30 % slower).
+    latency: f64,
+    /// The treatment's actual share of traffic (the config says 0.5).
+    share: f64,
+}
+
+/// One experiment looked at after every one of `looks` windows of `per_window` events.
+/// Returns each look's decision.
+fn decisions(seed: u64, e: Effect, looks: usize, per_window: usize) -> Vec<Decision> {
+    looks_at(seed, e, looks, per_window)
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect()
+}
+
+/// Each look's decision, and whether the goal's fixed-horizon test was significant at it.
+fn looks_at(seed: u64, e: Effect, looks: usize, per_window: usize) -> Vec<(Decision, bool)> {
+    let cfg = ExperimentsConfig::default();
+    let x = two_arms();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut run = Running::default();
+    let share = if e.share > 0.0 { e.share } else { 0.5 };
+    (0..looks)
+        .map(|w| {
+            let mut t = Tally::new(&x);
+            for _ in 0..per_window {
+                let arm = usize::from(rng.random_bool(share));
+                let treated = arm == 1;
+                t.events[arm] += 1;
+                let p = 0.6 + if treated { e.resolved } else { 0.0 };
+                t.moments[0][arm].add(if rng.random_bool(p) { 1.0 } else { 0.0 });
+                t.moments[1][arm].add(normal(&mut rng, if treated { e.score } else { 0.0 }));
+                let slow = if treated { 1.0 + e.latency } else { 1.0 };
+                // Latency: log-normal around 1 s, heavy-tailed as real latencies are.
+                let z: f64 = StandardNormal.sample(&mut rng);
+                t.moments[2][arm].add(1000.0 * slow * (0.5 * z).exp());
+            }
+            let start = w as i64 * 300_000;
+            let l = look(&cfg, &x, &mut run, Some(&t), start, start + 300_000);
+            let naive = l.rows.iter().any(|r| {
+                !r.control && r.metric == "resolved" && r.p_value.is_some_and(|p| p <= 0.05)
+            });
+            (l.decision, naive)
+        })
+        .collect()
+}
+
+fn first(ds: &[Decision], d: Decision) -> Option<usize> {
+    ds.iter().position(|x| *x == d).map(|i| i + 1)
+}
+
+#[test]
+fn aa_experiments_peeked_every_window_rarely_decide() {
+    // 1,000 seeded A/A experiments, 20 looks of ~100 events per arm each.
+    let runs = 1_000;
+    let (mut promoted, mut rolled_back, mut invalid, mut naive) = (0, 0, 0, 0);
+    for seed in 0..runs {
+        let ls = looks_at(seed, Effect::default(), 20, 200);
+        naive += ls.iter().any(|(_, n)| *n) as usize;
+        let ds: Vec<Decision> = ls.into_iter().map(|(d, _)| d).collect();
+        promoted += ds.contains(&Decision::Promote) as usize;
+        rolled_back += ds.contains(&Decision::Rollback) as usize;
+        invalid += ds.contains(&Decision::Invalid) as usize;
+    }
+    let any = promoted + rolled_back;
+    eprintln!(
+        "A/A scorecard, {runs} runs × 20 looks: promote {promoted}, rollback {rolled_back}, invalid {invalid}; the goal's fixed-horizon test significant at some look in {naive}"
+    );
+    // The goal's always-valid test holds alpha = 0.05 over every look, both directions
+    // together; guardrails tolerate 10 % and should not fire on identical arms.
+    // Binomial(1000, 0.05): 65 is beyond its 98th percentile.
+    assert!(any <= 65, "{any} wrong decisions in {runs} A/A runs");
+    // Deciding on the fixed-horizon p-value instead, at every look, would have been wrong
+    // several times as often: why the decisions use the sequential test.
+    assert!(naive >= 150, "{naive}");
+    // SRM at p < 0.001, checked at each of 20 looks on fair assignment: at most 0.02 by the
+    // union bound (20 runs in 1,000).
+    assert!(invalid <= 20, "{invalid}");
+}
+
+#[test]
+fn real_goal_effects_are_promoted_and_the_time_to_decision_is_reported() {
+    let runs = 300u64;
+    let mut power = Vec::new();
+    for (name, lift) in [("small", 0.03), ("medium", 0.08)] {
+        let mut at: Vec<usize> = Vec::new();
+        let mut wrong = 0;
+        for seed in 0..runs {
+            let ds = decisions(
+                50_000 + seed,
+                Effect {
+                    resolved: lift,
+                    ..Effect::default()
+                },
+                20,
+                200,
+            );
+            if let Some(i) = first(&ds, Decision::Promote) {
+                at.push(i);
+            }
+            wrong += ds.contains(&Decision::Rollback) as usize;
+        }
+        at.sort();
+        let p = at.len() as f64 / runs as f64;
+        eprintln!(
+            "{name} effect (+{lift} on a 0.6 rate): promoted in {p:.2} of {runs} runs; median look {} of 20; rolled back in {wrong}",
+            at.get(at.len() / 2).map_or("-".into(), |x| x.to_string())
+        );
+        assert!(wrong <= 10, "{wrong}");
+        power.push(p);
+    }
+    assert!(power[1] >= 0.8, "{power:?}");
+    assert!(power[0] > 0.08 && power[0] < power[1], "{power:?}");
+}
+
+#[test]
+fn a_guardrail_beyond_its_tolerance_rolls_back_even_when_the_goal_improves() {
+    let runs = 300u64;
+    let (mut rolled, mut also_better, mut within) = (0, 0, 0);
+    let mut at = Vec::new();
+    for seed in 0..runs {
+        // 30 % slower with 10 % tolerated, and a better goal: the demo's scenario.
+        let ds = decisions(
+            90_000 + seed,
+            Effect {
+                resolved: 0.08,
+                latency: 0.3,
+                ..Effect::default()
+            },
+            20,
+            200,
+        );
+        if let Some(i) = first(&ds, Decision::Rollback) {
+            rolled += 1;
+            at.push(i);
+        }
+        also_better += ds.contains(&Decision::Promote) as usize;
+        // 5 % slower: within the tolerance, no breach.
+        let ds = decisions(
+            95_000 + seed,
+            Effect {
+                latency: 0.05,
+                ..Effect::default()
+            },
+            20,
+            200,
+        );
+        within += ds.contains(&Decision::Rollback) as usize;
+    }
+    at.sort();
+    eprintln!(
+        "latency +30 % (10 % tolerated): rolled back in {rolled} of {runs}, median look {}; promoted first in {also_better}; latency +5 %: rolled back in {within}",
+        at[at.len() / 2]
+    );
+    assert!(rolled as f64 >= 0.95 * runs as f64, "{rolled}");
+    // A run may promote on the goal before the guardrail has enough evidence; rare.
+    assert!(also_better as f64 <= 0.1 * runs as f64, "{also_better}");
+    assert!(within as f64 <= 0.05 * runs as f64, "{within}");
+}
+
+#[test]
+fn a_skewed_split_makes_the_experiment_invalid() {
+    let runs = 200u64;
+    let (mut skewed, mut fair) = (0, 0);
+    for seed in 0..runs {
+        // 55 % of the traffic to B where the config says 50 %.
+        let ds = decisions(
+            70_000 + seed,
+            Effect {
+                share: 0.55,
+                ..Effect::default()
+            },
+            20,
+            200,
+        );
+        skewed += (ds.last() == Some(&Decision::Invalid)) as usize;
+        let ds = decisions(75_000 + seed, Effect::default(), 20, 200);
+        fair += ds.contains(&Decision::Invalid) as usize;
+    }
+    eprintln!(
+        "split 55/45 configured 50/50: invalid at the last look in {skewed} of {runs}; fair split: {fair}"
+    );
+    assert!(skewed as f64 >= 0.95 * runs as f64, "{skewed}");
+    assert!(fair <= 4, "{fair}");
+}

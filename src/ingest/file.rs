@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crossbeam_channel::bounded;
 use flate2::read::MultiGzDecoder;
-use tracing::info;
+use tracing::{info, warn};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Accumulator, IngestError, Shutdown, SourceRecord};
@@ -147,6 +147,7 @@ pub fn run(
         None
     };
     let frames = alerts.as_ref().map(crate::alert::AlertStage::sender);
+    let experiment_frames = frames.clone();
     // Deferred scorers (judge, command, http): a backfill waits for them at the end.
     let deferred = match &quality {
         Some(q) if q.has_deferred() => Some(
@@ -318,6 +319,13 @@ pub fn run(
         // leaves undone is scored by the next run over the same files).
         info!("waiting for the deferred scorers to finish");
         d.stop(Duration::from_secs(24 * 3600));
+    }
+    // Experiments: every window, once everything (deferred scores included) is written.
+    if config.experiments.enabled() && result.is_ok() && !shutdown.is_triggered() {
+        match crate::experiment::stage::once(config, &stream, experiment_frames, stats.clone()) {
+            Ok(looks) => info!(looks = looks.len(), "experiments evaluated"),
+            Err(e) => warn!(error = %e, "experiments: evaluation failed"),
+        }
     }
     if let Some(a) = alerts {
         a.stop();

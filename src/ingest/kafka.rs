@@ -341,6 +341,22 @@ pub fn run(
         None
     };
     let samples = drift.as_ref().map(DriftStage::sender);
+    // Experiments evaluate the windows the metrics stage closed, once they have settled.
+    let experiments = if config.experiments.enabled() && config.metrics.enabled {
+        Some(crate::experiment::ExperimentStage::start(
+            config.experiments.clone(),
+            &config.data_root,
+            &stream_name(&k.group_id),
+            config.sink.clone(),
+            frames.clone(),
+            stats.clone(),
+        )?)
+    } else {
+        None
+    };
+    let closed = experiments
+        .as_ref()
+        .map(crate::experiment::ExperimentStage::sender);
     // Deferred scorers (judge, command, http) score committed jobs' samples off this path;
     // the same stage scores the events drift names as outliers.
     let outliers = drift_on && config.quality.always_drift_outliers;
@@ -387,6 +403,9 @@ pub fn run(
                     if let Some(d) = &samples {
                         d.send(std::mem::take(&mut out.samples));
                     }
+                    if let (Some(x), Some(t)) = (&closed, out.closed_through) {
+                        x.closed_through(t);
+                    }
                 },
                 &|job| {
                     if let Some(d) = &deferred_tx {
@@ -425,6 +444,9 @@ pub fn run(
     }
     if let Some(d) = deferred {
         d.stop(Duration::from_secs(10));
+    }
+    if let Some(x) = experiments {
+        x.stop();
     }
     if let Some(a) = alerts {
         a.stop();

@@ -55,6 +55,7 @@ pub enum Table {
     Scores,
     Quality,
     Harvest,
+    Experiments,
 }
 
 impl Table {
@@ -68,6 +69,7 @@ impl Table {
             Table::Scores => "scores",
             Table::Quality => "quality",
             Table::Harvest => "harvest",
+            Table::Experiments => "experiments",
         }
     }
 }

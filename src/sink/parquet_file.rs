@@ -40,6 +40,7 @@ fn properties(table: Table, config: &SinkConfig) -> WriterProperties {
         Table::Alerts => &["error"],
         Table::Drift | Table::Scores => &["explanation"],
         Table::Quality | Table::Harvest => &[],
+        Table::Experiments => &["reason"],
     };
     for col in long_text {
         // Mostly-unique long text: dictionaries and page statistics cost time and buy nothing.

@@ -84,6 +84,10 @@ pub struct Stats {
     pub drift_texts_embedded: AtomicU64,
     /// Time to judge the last drift window, every series (gauge, microseconds).
     pub drift_judge_us: AtomicU64,
+    /// Experiment looks taken (one per experiment and evaluated window).
+    pub experiment_looks: AtomicU64,
+    /// Each configured experiment's latest decision (bounded by the config).
+    pub experiment_decisions: Mutex<BTreeMap<String, &'static str>>,
 }
 
 /// The last closed window's numbers for the exported series.
@@ -132,6 +136,13 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
+    /// Records an experiment's latest decision (for `/metrics`).
+    pub fn note_experiment(&self, experiment: &str, decision: &'static str) {
+        if let Ok(mut d) = self.experiment_decisions.lock() {
+            d.insert(experiment.to_owned(), decision);
+        }
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {

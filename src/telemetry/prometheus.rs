@@ -237,6 +237,32 @@ pub fn render(stats: &Stats) -> String {
     );
     o.sample("telltale_harvest_examples", &[], g(&stats.harvest_examples));
     o.family(
+        "telltale_experiment_looks_total",
+        "counter",
+        "Experiment looks taken: one per experiment and evaluated window.",
+    );
+    o.sample(
+        "telltale_experiment_looks_total",
+        &[],
+        g(&stats.experiment_looks),
+    );
+    o.family(
+        "telltale_experiment_decision",
+        "gauge",
+        "1 for each experiment's latest decision (keep_running, promote, rollback, invalid).",
+    );
+    if let Ok(d) = stats.experiment_decisions.lock() {
+        for (name, decision) in d.iter() {
+            for option in ["keep_running", "promote", "rollback", "invalid"] {
+                o.sample(
+                    "telltale_experiment_decision",
+                    &[("experiment", name), ("decision", option)],
+                    if option == *decision { 1.0 } else { 0.0 },
+                );
+            }
+        }
+    }
+    o.family(
         "telltale_sink_rows_total",
         "counter",
         "Rows made durable in Parquet, per table.",

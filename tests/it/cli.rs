@@ -337,6 +337,39 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
             "RefusalsHigh support-bot"
         ]
     );
+    // The experiment: "detailed" resolves more but is 30 % slower; the latency guardrail
+    // (10 % tolerated) is breached, the decision is rollback, the guardrail alert fires for
+    // that arm only, and the goal is significantly better at the last look.
+    assert!(
+        stdout.contains("experiment summary-style (control concise)")
+            && stdout.contains(": ROLLBACK")
+            && stdout.contains("detailed: guardrail latency breached"),
+        "{stdout}"
+    );
+    let experiment_alerts = strings(&sql(
+        &data,
+        "SELECT DISTINCT rule || ' ' || labels['experiment'] || ' ' || labels['arm'] FROM alerts
+         WHERE kind = 'transition' AND status = 'firing' AND rule LIKE 'Experiment%'",
+    ));
+    assert_eq!(
+        experiment_alerts,
+        ["ExperimentGuardrailBreached summary-style detailed"]
+    );
+    let last = strings(&sql(
+        &data,
+        "SELECT metric || ' ' || verdict FROM experiments
+         WHERE arm = 'detailed' AND window_end = (SELECT max(window_end) FROM experiments) ORDER BY metric",
+    ));
+    assert_eq!(
+        last,
+        [
+            "cost within_tolerance",
+            "errors within_tolerance",
+            "feedback inconclusive",
+            "latency breached",
+            "resolved better"
+        ]
+    );
     // Every failing JSON score lies inside the span the generator breaks answers in.
     let (q0, q1) = telltale::demo::generator::QUALITY_SPAN;
     let failing = strings(&sql(

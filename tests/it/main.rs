@@ -3,6 +3,7 @@
 mod alerts;
 mod cli;
 mod drift;
+mod experiments;
 mod harvest;
 mod kafka;
 mod quality;
