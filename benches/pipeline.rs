@@ -19,8 +19,9 @@
 //!   of event time: 100 k events over an hour (60 windows close per run, as when a sparse
 //!   backlog is caught up) and over one second (`live_density_*`: a live stream of 100 k
 //!   events/s, where a window closes once per 6 M events).
-//! - `metrics`: the metrics stage alone: one event into its series' window (series lookup,
-//!   five histograms, counters) at 1 and at 10 000 live series — the event hot in cache, as a
+//! - `metrics`: the metrics stage alone: one histogram update at 10 000 live series; one event
+//!   into its series' window (series lookup, five histograms, counters) at 1 and at 10 000
+//!   live series — the event hot in cache, as a
 //!   just-decoded one is; each of 100 k generated events' numbers in turn — and closing a
 //!   window of 10 000 series (rows, serialized histograms, the hourly roll-up). Prints the
 //!   memory per live series.
@@ -30,6 +31,8 @@
 //!   sampled, against the sampling decision alone.
 //! - `harvest`: folding 1 000 failing events into a dataset of 5 000 examples (exact, retyped
 //!   and new inputs), against opening the dataset alone.
+//! - `experiments`: evaluating two hours of demo traffic (100 k events) from the committed
+//!   tables, 24 looks of the demo's experiment, against reading the tables alone; and one look.
 //! - `alert`: judging one closed window of 10 000 series (the metrics stage's real rows) with
 //!   1 000 rules that all apply to every series, so 10 M rule × series judgements per window,
 //!   counted as elements: 980 quiet thresholds over six columns, 10 busy ones (≈ 1 % of the
@@ -271,6 +274,27 @@ fn metrics(c: &mut Criterion) {
             |b| b.iter(|| feed(&mut stage, series)),
         );
     }
+    // The histogram update alone: each event's latency into its series' histogram, 10 000
+    // live series in turn (each histogram cold in cache, as in a busy pipeline).
+    let latencies: Vec<u64> = numbers
+        .iter()
+        .map(|x| x.latency_ms.map_or(1, |v| v.max(1.0) as u64))
+        .collect();
+    let mut hists: Vec<_> = (0..10_000)
+        .map(|_| telltale::metrics::series::new_histogram())
+        .collect();
+    let record = |hists: &mut [hdrhistogram::Histogram<u32>]| {
+        for (i, v) in latencies.iter().enumerate() {
+            let h = &mut hists[i % 10_000];
+            if h.record(*v).is_err() {
+                h.saturating_record(*v);
+            }
+        }
+    };
+    record(&mut hists);
+    g.bench_function("histogram_record/10000_series", |b| {
+        b.iter(|| record(&mut hists))
+    });
     g.throughput(Throughput::Elements(10_000));
     g.sample_size(10);
     g.bench_function("close_window/10000_series", |b| {
@@ -306,6 +330,10 @@ fn end_to_end(c: &mut Criterion) {
     // closes once per 6 M events.
     end_to_end_with(c, "live_density_roll_500ms_no_metrics", half, false, 1_000);
     end_to_end_with(c, "live_density_roll_500ms", half, true, 1_000);
+    // The metrics stage's cost, measured as pairs run back to back (order alternating), so
+    // the VM's drift between variants does not pass for the stage's cost.
+    end_to_end_paired(c, "metrics_stage_paired_roll_500ms", half, HOUR);
+    end_to_end_paired(c, "metrics_stage_paired_live_density", half, 1_000);
     // One file per partition: closer to production, where files hold a minute or 64 MiB.
     end_to_end_with(
         c,
@@ -359,6 +387,10 @@ fn end_to_end_with(
                     sink,
                 );
                 config.metrics.enabled = metrics;
+                // The metrics stage alone: drift (which samples on the same path) and the
+                // hourly harvest have their own benches.
+                config.drift.enabled = false;
+                config.harvest.enabled = false;
                 if let SourceConfig::Kafka(k) = &mut config.source {
                     k.properties.insert("fetch.wait.max.ms".into(), "10".into());
                 }
@@ -419,6 +451,117 @@ fn end_to_end_with(
     eprintln!(
         "end_to_end/{name}: CPU per event by thread: {}",
         split.join(", ")
+    );
+}
+
+/// One pipeline run over the topic with a fresh group: (wall time from the first record,
+/// CPU seconds of telltale's own threads).
+fn one_run(
+    servers: &str,
+    group: &str,
+    n: u64,
+    roll_interval: Duration,
+    metrics: bool,
+) -> (Duration, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SinkConfig {
+        roll_size: 16 << 20,
+        roll_interval,
+        ..SinkConfig::default()
+    };
+    let mut config = PipelineConfig::kafka(servers, "bench", group, dir.path(), sink);
+    config.metrics.enabled = metrics;
+    config.drift.enabled = false;
+    config.harvest.enabled = false;
+    if let SourceConfig::Kafka(k) = &mut config.source {
+        k.properties.insert("fetch.wait.max.ms".into(), "10".into());
+    }
+    let stats = Arc::new(Stats::default());
+    let shutdown = Shutdown::new();
+    let (s2, sh2) = (stats.clone(), shutdown.clone());
+    let h = std::thread::Builder::new()
+        .name("telltale-ingest".into())
+        .spawn(move || ingest::run(&config, s2, sh2))
+        .unwrap();
+    while stats.records_in.load(Ordering::Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let start = Instant::now() - Duration::from_millis(100);
+    while stats.records_committed.load(Ordering::Relaxed) < n {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let wall = start.elapsed();
+    let cpu = telltale_thread_cpu_seconds();
+    shutdown.trigger();
+    h.join().unwrap().unwrap();
+    (wall, cpu)
+}
+
+/// Without and with the metrics stage, as pairs of runs back to back (the order alternating
+/// from pair to pair), over the same topic. Criterion times the runs with the stage; the
+/// bench prints the median of the pairs' ratios, wall and CPU, which is the stage's cost.
+fn end_to_end_paired(c: &mut Criterion, name: &str, roll_interval: Duration, span_ms: i64) {
+    let n: u64 = 100_000;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("bench", 64, 1).unwrap();
+    let servers = cluster.bootstrap_servers();
+    let traffic = TrafficGenerator::new(5, T0, span_ms, n).malformed_every(None);
+    telltale::demo::produce(&servers, "bench", traffic, n).unwrap();
+    let mut g = c.benchmark_group("end_to_end");
+    g.throughput(Throughput::Elements(n));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(60));
+    let mut run = 0u64;
+    // (wall ratio with/without, CPU ratio with/without) per pair.
+    let mut pairs: Vec<(f64, f64)> = Vec::new();
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                run += 1;
+                let go = |metrics: bool| {
+                    one_run(
+                        &servers,
+                        &format!("{name}-{run}-{metrics}"),
+                        n,
+                        roll_interval,
+                        metrics,
+                    )
+                };
+                let (without, with) = if run.is_multiple_of(2) {
+                    let w = go(false);
+                    (w, go(true))
+                } else {
+                    let m = go(true);
+                    (go(false), m)
+                };
+                pairs.push((
+                    with.0.as_secs_f64() / without.0.as_secs_f64(),
+                    with.1 / without.1,
+                ));
+                total += with.0;
+            }
+            total
+        })
+    });
+    g.finish();
+    if pairs.is_empty() {
+        return; // filtered out
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let wall: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    let cpu: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+    eprintln!(
+        "end_to_end/{name}: {} pairs; with/without the metrics stage, median ratio: wall time {:.3}, CPU of telltale's threads {:.3} (wall ratios {:?})",
+        pairs.len(),
+        median(wall.clone()),
+        median(cpu),
+        wall.iter()
+            .map(|r| (r * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
     );
 }
 
@@ -996,6 +1139,114 @@ fn harvest(c: &mut Criterion) {
     }
 }
 
+/// Experiments: evaluating two hours of demo traffic (100 k events, ≈ 12 k of them in the
+/// demo's A/B experiment, with the demo's scores) from the committed tables: 24 looks of five
+/// metrics, each window's `experiments` file written. Baseline in the same run: the same
+/// evaluator with an experiment that selects no event (reading the tables alone). And one
+/// look (merging a window into the running totals, every test, the decision).
+fn experiments(c: &mut Criterion) {
+    use telltale::experiment::Evaluator;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let input = dir.path().join("traffic.jsonl");
+    let n = 100_000u64;
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&input).expect("creates"));
+        for r in TrafficGenerator::new(5, T0, 2 * HOUR, n)
+            .malformed_every(None)
+            .take(n as usize)
+        {
+            f.write_all(&r.payload).expect("writes");
+            f.write_all(b"\n").expect("writes");
+        }
+    }
+    let demo = telltale::config::PipelineConfig::from_str_with_env(
+        include_str!("../pipelines/demo.toml"),
+        "pipelines/demo.toml",
+        &|_| None,
+    )
+    .expect("the demo pipeline parses");
+    let experiments = demo.experiments.clone();
+    let mut cfg = demo.with_file_source(&input.display().to_string());
+    cfg.data_root = dir.path().join("data");
+    cfg.alerting.enabled = false;
+    cfg.harvest.enabled = false;
+    cfg.drift.enabled = false;
+    cfg.experiments.experiments.clear();
+    let started = Instant::now();
+    telltale::ingest::run(
+        &cfg,
+        Arc::new(telltale::telemetry::Stats::default()),
+        telltale::ingest::Shutdown::new(),
+    )
+    .expect("the backfill runs");
+    eprintln!(
+        "experiments bench: wrote {n} events and their scores in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut none = experiments.clone();
+    none.experiments[0].filter = vec![("app".into(), "nobody".into())];
+    let evaluate = |x: &telltale::experiment::ExperimentsConfig| {
+        let mut ev = Evaluator::open(
+            x.clone(),
+            &cfg.data_root,
+            "bench",
+            false,
+            cfg.sink.clone(),
+            None,
+            Arc::new(telltale::telemetry::Stats::default()),
+        )
+        .expect("opens");
+        ev.advance(T0 + 3 * HOUR).expect("evaluates").len()
+    };
+    assert_eq!(evaluate(&none), 0);
+    let looks = evaluate(&experiments);
+    assert!(looks >= 24, "{looks}");
+    let mut g = c.benchmark_group("experiments");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("baseline_read_tables_selecting_none", |b| {
+        b.iter(|| evaluate(&none))
+    });
+    g.bench_function("evaluate_2h_24_looks_5_metrics", |b| {
+        b.iter(|| evaluate(&experiments))
+    });
+    // One look: a window of 100 events per arm into totals of 2 000 per arm.
+    let x = &experiments.experiments[0];
+    let mut tally = telltale::experiment::collect::Tally::new(x);
+    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(1);
+    for arm in 0..2 {
+        for _ in 0..100 {
+            tally.events[arm] += 1;
+            for m in 0..x.metrics.len() {
+                tally.moments[m][arm].add(rand::Rng::random::<f64>(&mut rng));
+            }
+        }
+    }
+    let mut warm = telltale::experiment::scorecard::Running::default();
+    for w in 0..20 {
+        telltale::experiment::scorecard::look(&experiments, x, &mut warm, Some(&tally), w, w + 1);
+    }
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("one_look_5_metrics", |b| {
+        b.iter_batched(
+            || warm.clone(),
+            |mut run| {
+                telltale::experiment::scorecard::look(
+                    &experiments,
+                    x,
+                    &mut run,
+                    Some(&tally),
+                    20,
+                    21,
+                )
+                .decision
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
 /// A judge with the same references (cloning the stage's state for each iteration).
 fn judge_clone(
     j: &telltale::drift::Judge,
@@ -1013,6 +1264,7 @@ criterion_group!(
     alert_latency,
     drift,
     quality,
-    harvest
+    harvest,
+    experiments
 );
 criterion_main!(benches);

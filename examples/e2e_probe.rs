@@ -36,6 +36,9 @@ fn main() {
     let mut config = PipelineConfig::kafka(&servers, "probe", "probe", dir.path(), sink);
     // TELLTALE_PROBE_METRICS=0: the backbone alone.
     config.metrics.enabled = std::env::var("TELLTALE_PROBE_METRICS").as_deref() != Ok("0");
+    // The metrics stage alone (drift samples on the same path; it has its own bench).
+    config.drift.enabled = false;
+    config.harvest.enabled = false;
     let stats = Arc::new(Stats::default());
     let shutdown = Shutdown::new();
     let (s2, sh2) = (stats.clone(), shutdown.clone());

@@ -12,7 +12,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::config::{ArmField, ExperimentConfig, ExperimentsConfig, MetricValue};
 use super::stats::Moments;
 use crate::event::LlmEvent;
-use crate::metrics::rebuild::{events_between, read_parquet, table_files};
+use crate::metrics::rebuild::{events_between, read_parquet_between, table_files};
 use crate::sink::SinkError;
 
 /// One window of one experiment: exposures per arm and each metric's moments per arm.
@@ -292,7 +292,7 @@ pub fn scan(
             "passed",
         ];
         for f in table_files(root, "scores", from_ms, to_ms)? {
-            for b in read_parquet(&f, Some(&cols))? {
+            for b in read_parquet_between(&f, Some(&cols), Some((from_ms, to_ms)))? {
                 let (Some(id), Some(ts), Some(name)) = (
                     b.column_by_name("event_id")
                         .and_then(|c| c.as_string_opt::<i32>()),

@@ -46,12 +46,60 @@ pub(crate) fn read_parquet(
     path: &Path,
     columns: Option<&[&str]>,
 ) -> Result<Vec<RecordBatch>, SinkError> {
+    read_parquet_between(path, columns, None)
+}
+
+/// The row groups of a file whose `timestamp` statistics overlap `from..to` (all of them when
+/// the file has no such column or statistics).
+fn overlapping_row_groups(
+    meta: &parquet::file::metadata::ParquetMetaData,
+    from_ms: i64,
+    to_ms: i64,
+) -> Vec<usize> {
+    use parquet::file::statistics::Statistics;
+    let col = meta
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.name() == "timestamp");
+    (0..meta.num_row_groups())
+        .filter(|&i| {
+            let Some(col) = col else { return true };
+            match meta.row_group(i).column(col).statistics() {
+                Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
+                    (Some(lo), Some(hi)) => *hi >= from_ms && *lo < to_ms,
+                    _ => true,
+                },
+                _ => true,
+            }
+        })
+        .collect()
+}
+
+/// [`read_parquet`], reading only the row groups whose `timestamp` statistics overlap
+/// `range` (event files are written one row group per batch, so a file of other times is
+/// skipped after its footer).
+pub(crate) fn read_parquet_between(
+    path: &Path,
+    columns: Option<&[&str]>,
+    range: Option<(i64, i64)>,
+) -> Result<Vec<RecordBatch>, SinkError> {
     let pq = |source| SinkError::Parquet {
         path: path.to_owned(),
         source,
     };
     let file = fs::File::open(path).map_err(io_err(path))?;
     let mut builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
+    if let Some((from, to)) = range {
+        let keep = overlapping_row_groups(builder.metadata(), from, to);
+        if keep.is_empty() {
+            return Ok(Vec::new());
+        }
+        if keep.len() < builder.metadata().num_row_groups() {
+            builder = builder.with_row_groups(keep);
+        }
+    }
     if let Some(columns) = columns {
         let schema = builder.parquet_schema();
         let indices: Vec<usize> = schema
@@ -523,7 +571,7 @@ pub(crate) fn events_between(
     let files = table_files(root, "events", from_ms, to_ms)?;
     let mut n = 0;
     for path in &files {
-        for batch in read_parquet(path, Some(columns))? {
+        for batch in read_parquet_between(path, Some(columns), Some((from_ms, to_ms)))? {
             for_each_event(&batch, |_, e| {
                 if (from_ms..to_ms).contains(&e.timestamp_ms) {
                     visit(e);
