@@ -64,12 +64,8 @@ fn payloads(n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// CPU seconds used so far by this process's live threads named `telltale-*` (ingest, writer).
-fn telltale_thread_cpu_seconds() -> f64 {
-    telltale_threads_cpu_seconds().iter().map(|(_, s)| s).sum()
-}
-
-/// The same per thread name.
+/// CPU seconds used so far by this process's live threads named `telltale-*` (ingest,
+/// writer), per thread name.
 fn telltale_threads_cpu_seconds() -> Vec<(String, f64)> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut out: Vec<(String, f64)> = Vec::new();
@@ -352,12 +348,7 @@ fn end_to_end_with(
     span_ms: i64,
 ) {
     let n: u64 = 100_000;
-    let partitions = 64;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("bench", partitions, 1).unwrap();
-    let servers = cluster.bootstrap_servers();
-    let traffic = TrafficGenerator::new(5, T0, span_ms, n).malformed_every(None);
-    telltale::demo::produce(&servers, "bench", traffic, n).unwrap();
+    let (_cluster, servers) = bench_topic(n, span_ms);
 
     let mut g = c.benchmark_group("end_to_end");
     g.throughput(Throughput::Elements(n));
@@ -373,61 +364,25 @@ fn end_to_end_with(
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 run += 1;
-                let dir = tempfile::tempdir().unwrap();
-                let sink = SinkConfig {
-                    roll_size: 16 << 20,
-                    roll_interval,
-                    ..SinkConfig::default()
-                };
-                let mut config = PipelineConfig::kafka(
+                let r = one_run(
                     &servers,
-                    "bench",
                     &format!("bench-{name}-{run}"),
-                    dir.path(),
-                    sink,
+                    n,
+                    roll_interval,
+                    metrics,
                 );
-                config.metrics.enabled = metrics;
-                // The metrics stage alone: drift (which samples on the same path) and the
-                // hourly harvest have their own benches.
-                config.drift.enabled = false;
-                config.harvest.enabled = false;
-                if let SourceConfig::Kafka(k) = &mut config.source {
-                    k.properties.insert("fetch.wait.max.ms".into(), "10".into());
-                }
-                let stats = Arc::new(Stats::default());
-                let shutdown = Shutdown::new();
-                let (s2, sh2) = (stats.clone(), shutdown.clone());
-                let cpu0 = cpu_seconds();
-                let joined = Instant::now();
-                let h = std::thread::Builder::new()
-                    .name("telltale-ingest".into())
-                    .spawn(move || ingest::run(&config, s2, sh2))
-                    .unwrap();
-                // The consumer group join (a fixed ~3 s: the broker's initial rebalance delay,
-                // as in Apache Kafka) is not part of throughput: time from the first record.
-                while stats.records_in.load(Ordering::Relaxed) == 0 {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                // Counters are published every 100 ms: start the clock that much earlier, so
-                // the figure can only understate throughput.
-                let start = Instant::now() - Duration::from_millis(100);
-                join_total += start - joined;
-                while stats.records_committed.load(Ordering::Relaxed) < n {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                total += start.elapsed();
-                cpu_total += cpu_seconds() - cpu0;
-                for (name, secs) in telltale_threads_cpu_seconds() {
+                total += r.wall;
+                join_total += r.join;
+                cpu_total += r.process_cpu;
+                own_cpu_total += r.own_cpu;
+                for (name, secs) in r.per_thread {
                     match per_thread.iter_mut().find(|(n, _)| *n == name) {
                         Some((_, s)) => *s += secs,
                         None => per_thread.push((name, secs)),
                     }
                 }
-                own_cpu_total += telltale_thread_cpu_seconds();
                 events_total += n;
-                shutdown.trigger();
-                let snap = h.join().unwrap().unwrap();
-                files.store(snap.files_written, Ordering::Relaxed);
+                files.store(r.files, Ordering::Relaxed);
             }
             total
         })
@@ -454,15 +409,44 @@ fn end_to_end_with(
     );
 }
 
-/// One pipeline run over the topic with a fresh group: (wall time from the first record,
-/// CPU seconds of telltale's own threads).
+/// An in-process broker holding topic `bench` (64 partitions) with `n` generated events over
+/// `span_ms` of event time; keep the cluster alive while its servers are used.
+fn bench_topic(
+    n: u64,
+    span_ms: i64,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("bench", 64, 1).unwrap();
+    let servers = cluster.bootstrap_servers();
+    let traffic = TrafficGenerator::new(5, T0, span_ms, n).malformed_every(None);
+    telltale::demo::produce(&servers, "bench", traffic, n).unwrap();
+    (cluster, servers)
+}
+
+/// What one pipeline run over the bench topic measured.
+struct RunMeasure {
+    /// From the first record to the last committed (the group join excluded).
+    wall: Duration,
+    join: Duration,
+    /// CPU seconds of telltale's own threads, of the whole process, and per thread name.
+    own_cpu: f64,
+    process_cpu: f64,
+    per_thread: Vec<(String, f64)>,
+    files: u64,
+}
+
+/// One pipeline run over the topic with a fresh group and data root; drift and harvest off
+/// (they sample on the same path and have their own benches).
 fn one_run(
     servers: &str,
     group: &str,
     n: u64,
     roll_interval: Duration,
     metrics: bool,
-) -> (Duration, f64) {
+) -> RunMeasure {
     let dir = tempfile::tempdir().unwrap();
     let sink = SinkConfig {
         roll_size: 16 << 20,
@@ -479,22 +463,37 @@ fn one_run(
     let stats = Arc::new(Stats::default());
     let shutdown = Shutdown::new();
     let (s2, sh2) = (stats.clone(), shutdown.clone());
+    let cpu0 = cpu_seconds();
+    let joined = Instant::now();
     let h = std::thread::Builder::new()
         .name("telltale-ingest".into())
         .spawn(move || ingest::run(&config, s2, sh2))
         .unwrap();
+    // The consumer group join (a fixed ~3 s: the broker's initial rebalance delay, as in
+    // Apache Kafka) is not part of throughput: time from the first record.
     while stats.records_in.load(Ordering::Relaxed) == 0 {
         std::thread::sleep(Duration::from_millis(1));
     }
+    // Counters are published every 100 ms: start the clock that much earlier, so the figure
+    // can only understate throughput.
     let start = Instant::now() - Duration::from_millis(100);
     while stats.records_committed.load(Ordering::Relaxed) < n {
         std::thread::sleep(Duration::from_millis(2));
     }
     let wall = start.elapsed();
-    let cpu = telltale_thread_cpu_seconds();
+    let process_cpu = cpu_seconds() - cpu0;
+    let per_thread = telltale_threads_cpu_seconds();
+    let own_cpu = per_thread.iter().map(|(_, s)| s).sum();
     shutdown.trigger();
-    h.join().unwrap().unwrap();
-    (wall, cpu)
+    let snap = h.join().unwrap().unwrap();
+    RunMeasure {
+        wall,
+        join: start - joined,
+        own_cpu,
+        process_cpu,
+        per_thread,
+        files: snap.files_written,
+    }
 }
 
 /// Without and with the metrics stage, as pairs of runs back to back (the order alternating
@@ -502,11 +501,7 @@ fn one_run(
 /// bench prints the median of the pairs' ratios, wall and CPU, which is the stage's cost.
 fn end_to_end_paired(c: &mut Criterion, name: &str, roll_interval: Duration, span_ms: i64) {
     let n: u64 = 100_000;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("bench", 64, 1).unwrap();
-    let servers = cluster.bootstrap_servers();
-    let traffic = TrafficGenerator::new(5, T0, span_ms, n).malformed_every(None);
-    telltale::demo::produce(&servers, "bench", traffic, n).unwrap();
+    let (_cluster, servers) = bench_topic(n, span_ms);
     let mut g = c.benchmark_group("end_to_end");
     g.throughput(Throughput::Elements(n));
     g.sample_size(10);
@@ -520,13 +515,14 @@ fn end_to_end_paired(c: &mut Criterion, name: &str, roll_interval: Duration, spa
             for _ in 0..iters {
                 run += 1;
                 let go = |metrics: bool| {
-                    one_run(
+                    let r = one_run(
                         &servers,
                         &format!("{name}-{run}-{metrics}"),
                         n,
                         roll_interval,
                         metrics,
-                    )
+                    );
+                    (r.wall, r.own_cpu)
                 };
                 let (without, with) = if run.is_multiple_of(2) {
                     let w = go(false);

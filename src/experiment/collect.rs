@@ -182,29 +182,26 @@ pub fn event_value(v: &MetricValue, e: &LlmEvent<'_>) -> Option<f64> {
     .filter(|x| x.is_finite())
 }
 
-const EVENT_COLUMNS: &[&str] = &[
-    "event_id",
-    "source_offset",
-    "timestamp",
-    "status",
-    "feedback",
-    "feedback_for",
-    "latency_ms",
-    "ttft_ms",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-    "app",
-    "environment",
-    "operation",
-    "provider",
-    "model",
-    "prompt_id",
-    "prompt_version",
-    "variant",
-    "experiment",
-    "attributes",
-];
+/// The `events` columns a scan reads: ids, time, the values, and the fields experiments
+/// select on.
+fn event_columns() -> Vec<&'static str> {
+    let mut c = vec![
+        "event_id",
+        "source_offset",
+        "timestamp",
+        "status",
+        "feedback",
+        "feedback_for",
+        "latency_ms",
+        "ttft_ms",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "attributes",
+    ];
+    c.extend(super::config::FILTER_FIELDS);
+    c
+}
 
 fn window_of(ts: i64, w: i64) -> i64 {
     ts.div_euclid(w) * w
@@ -251,7 +248,8 @@ pub fn scan(
                 .position(|m| m.value == MetricValue::Feedback)
         })
         .collect();
-    events_between(root, from_ms, to_ms, EVENT_COLUMNS, |e| {
+    let columns = event_columns();
+    events_between(root, from_ms, to_ms, &columns, |e| {
         if let Some(target) = &e.feedback_for {
             if let Some(f) = e.feedback.filter(|f| f.is_finite()) {
                 late.push((xxh3_64(target.as_bytes()), f, e.timestamp_ms));
@@ -357,7 +355,7 @@ pub fn scan(
         if missing(index) && from_ms - lookback < covered {
             // The arms of events from before this process started: read them once.
             let back_from = from_ms - lookback;
-            events_between(root, back_from, covered, EVENT_COLUMNS, |e| {
+            events_between(root, back_from, covered, &columns, |e| {
                 if e.feedback_for.is_some() {
                     return;
                 }
