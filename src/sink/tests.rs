@@ -238,3 +238,46 @@ fn writer_retries_until_the_directory_is_writable_then_commits() {
     assert_eq!(*recorder.0.lock().unwrap(), [("t".to_owned(), 0, 1)]);
     assert_eq!(stats.events_written.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn reads_skip_row_groups_outside_the_time_range_by_their_statistics() {
+    // 3 row groups of 1,024 events: minutes 0, 10 and 20 of an hour.
+    let mut b = EventBatchBuilder::new();
+    for g in 0..3i64 {
+        for i in 0..1_024i64 {
+            let e = LlmEvent {
+                event_id: format!("e{g}-{i}").into(),
+                timestamp_ms: T0 + g * 600_000 + i,
+                status: "ok".into(),
+                ..Default::default()
+            };
+            let p = Provenance {
+                format: "telltale",
+                topic: "t",
+                partition: 0,
+                offset: g * 1_024 + i,
+            };
+            b.append(&e, &p);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.parquet");
+    let config = SinkConfig {
+        row_group_rows: 1_024,
+        ..SinkConfig::default()
+    };
+    write_parquet(&path, &b.finish(), Table::Events, &config).unwrap();
+    let rows = |range: Option<(i64, i64)>| -> usize {
+        crate::metrics::rebuild::read_parquet_between(&path, Some(&["timestamp"]), range)
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum()
+    };
+    assert_eq!(rows(None), 3_072);
+    // Minutes 9–11 overlap the second group only; minutes 25–30 none; a range touching the
+    // first group's last event and the third's first keeps all three.
+    assert_eq!(rows(Some((T0 + 540_000, T0 + 660_000))), 1_024);
+    assert_eq!(rows(Some((T0 + 1_500_000, T0 + 1_800_000))), 0);
+    assert_eq!(rows(Some((T0 + 1_023, T0 + 1_200_001))), 3_072);
+}
