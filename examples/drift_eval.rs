@@ -18,7 +18,9 @@
 //! Prints the false alarms and the delays per verdict: `mmd`, `centroid`, `any` (either),
 //! and `any, two windows running` (as the shipped `InputDrift` rule fires, `for = "5m"`).
 //! ShareGPT's conversation ids are passed as session ids, so the sampler keeps one text per
-//! conversation and window.
+//! conversation and window. `DRIFT_EVAL_DUMP=<file>` writes every stationary embedding
+//! statistic (run, window, field, method, standardized statistic, status) as TSV, to study
+//! their distribution offline.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -191,6 +193,9 @@ fn main() {
     let started = std::time::Instant::now();
 
     // Stationary traffic.
+    let mut dump = std::env::var("DRIFT_EVAL_DUMP")
+        .ok()
+        .map(|p| std::fs::File::create(p).expect("the dump file can be created"));
     let mut alarms = [[0u32; 3]; 2];
     let mut scalar_alarms = 0u32;
     let mut persistent = [0u32; 2];
@@ -203,6 +208,22 @@ fn main() {
         for w in 0..warmup + windows {
             let win = window(w, &sharegpt, &mut cursor, &[], 0.0, events, &mut rng);
             for j in judge.add(win) {
+                if let Some(d) = &mut dump {
+                    // DRIFT_EVAL_DUMP=<file>: every embedding statistic, for offline analysis.
+                    use std::io::Write;
+                    for r in &j.rows {
+                        if r.field == "input" || r.field == "output" {
+                            let _ = writeln!(
+                                d,
+                                "{run}\t{w}\t{}\t{}\t{}\t{}",
+                                r.field,
+                                r.method,
+                                r.statistic.unwrap_or(f64::NAN),
+                                r.status
+                            );
+                        }
+                    }
+                }
                 if w < warmup {
                     continue;
                 }
