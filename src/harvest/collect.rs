@@ -330,6 +330,9 @@ struct Firing {
     rule: String,
     /// Dimension labels the series' events must carry.
     series: Vec<(Dimension, String)>,
+    /// An experiment alert's `arm`: the events of that arm only (its `variant` or
+    /// `prompt_version`, whichever the experiment splits by).
+    arm: Option<String>,
     from_ms: i64,
     to_ms: i64,
 }
@@ -341,6 +344,9 @@ impl Firing {
                 .series
                 .iter()
                 .all(|(d, v)| d.value(e).is_some_and(|x| x == v.as_str()))
+            && self.arm.as_deref().is_none_or(|a| {
+                e.variant.as_deref() == Some(a) || e.prompt_version.as_deref() == Some(a)
+            })
     }
 }
 
@@ -351,9 +357,19 @@ const ALERT_LEAD_MS: i64 = 5 * 60_000;
 /// Pending/firing → resolved intervals of alerts, from the `alerts` table's transitions.
 fn firing_intervals(root: &Path, from_ms: i64, to_ms: i64) -> Result<Vec<Firing>, HarvestError> {
     // Transitions before the lookback can open an interval that reaches into it.
-    type Row = (String, i64, String, String, Vec<(Dimension, String)>);
+    type Row = (
+        String,
+        i64,
+        String,
+        String,
+        Vec<(Dimension, String)>,
+        Option<String>,
+    );
     let mut rows: Vec<Row> = Vec::new();
     for b in batches(root, "alerts", from_ms - 7 * 24 * HOUR_MS, to_ms, None)? {
+        // Event time: the end of the window judged (a backfill's alerts are judged long
+        // after their windows; `time` is when).
+        let window_end = ts_col(&b, "window_end");
         let (Some(kind), Some(time), Some(rule), Some(fp), Some(status)) = (
             str_col(&b, "kind"),
             ts_col(&b, "time"),
@@ -369,6 +385,7 @@ fn firing_intervals(root: &Path, from_ms: i64, to_ms: i64) -> Result<Vec<Firing>
                 continue;
             }
             let mut series = Vec::new();
+            let mut arm = None;
             if let Some(m) = labels
                 && !m.is_null(i)
             {
@@ -378,6 +395,9 @@ fn firing_intervals(root: &Path, from_ms: i64, to_ms: i64) -> Result<Vec<Firing>
                     entry.column(1).as_string_opt::<i32>(),
                 ) {
                     for j in 0..k.len() {
+                        if k.value(j) == "arm" && !v.is_null(j) {
+                            arm = Some(v.value(j).to_owned());
+                        }
                         if !DIMENSION_FIELDS.contains(&k.value(j)) || v.is_null(j) {
                             continue;
                         }
@@ -389,10 +409,14 @@ fn firing_intervals(root: &Path, from_ms: i64, to_ms: i64) -> Result<Vec<Firing>
             }
             rows.push((
                 fp.value(i).to_owned(),
-                time.value(i),
+                match window_end {
+                    Some(w) if !w.is_null(i) => w.value(i),
+                    _ => time.value(i),
+                },
                 status.value(i).to_owned(),
                 rule.value(i).to_owned(),
                 series,
+                arm,
             ));
         }
     }
@@ -410,7 +434,7 @@ fn firing_intervals(root: &Path, from_ms: i64, to_ms: i64) -> Result<Vec<Firing>
             out.push(f);
         }
     };
-    for (fp, t, status, rule, series) in rows {
+    for (fp, t, status, rule, series, arm) in rows {
         if fp != last_fp {
             close(open.take(), fired, &mut out);
             fired = false;
@@ -422,6 +446,7 @@ fn firing_intervals(root: &Path, from_ms: i64, to_ms: i64) -> Result<Vec<Firing>
                     open = Some(Firing {
                         rule,
                         series,
+                        arm,
                         from_ms: t - ALERT_LEAD_MS,
                         to_ms,
                     });

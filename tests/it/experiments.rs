@@ -27,7 +27,8 @@ name = "no_refusal"
 type = "refusal"
 
 [harvest]
-enabled = false
+reasons = ["alert"]
+lookback = "30d"
 
 [alerting]
 enabled = true
@@ -64,7 +65,7 @@ role = "guardrail"
 tolerance = 0.1
 "#;
 
-/// 2 h of an `shop` experiment from 2026-11-20 10:00 UTC: B converts better (0.30 vs 0.22),
+/// 2 h of a `shop` experiment from 2026-11-25 10:00 UTC: B converts better (0.30 vs 0.22),
 /// refuses less, gets better late feedback, and is 35 % slower. Plus other apps' traffic (not
 /// in the experiment), 150 events delivered twice, and feedback events ten minutes later
 /// naming a fifth of the experiment's events.
@@ -309,6 +310,13 @@ fn a_backfilled_experiment_adds_up_decides_gates_and_alerts() {
         fired.iter().all(|a| a == "B") && !fired.is_empty(),
         "{fired:?}"
     );
+    // Harvest takes the events under that alert from the breaching arm only.
+    let harvested = strings(&sql(
+        &root,
+        "SELECT DISTINCT e.variant FROM harvest h JOIN events e ON h.event_id = e.event_id \
+         WHERE h.reasons LIKE '%alert%' AND e.app = 'shop'",
+    ));
+    assert_eq!(harvested, ["B"]);
 }
 
 #[test]
