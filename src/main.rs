@@ -105,7 +105,8 @@ enum Command {
         telltale silence list\n  telltale silence expire 3f2a9c1e"
     )]
     Silence(SilenceCommand),
-    /// Exit non-zero when critical alerts fire for a prompt version: a CI/CD deployment gate.
+    /// Exit non-zero when critical alerts fire for a prompt version, or when an experiment says
+    /// roll back: a CI/CD deployment gate.
     #[command(
         after_help = "Example:\n  telltale gate --app support-bot --env prod --prompt-version v4 || ./rollback.sh\n\n\
         telltale gate --experiment summary-style || ./rollback.sh\n\n\
