@@ -319,7 +319,23 @@ pub fn look(
                 cfg.min_events
             )
         } else {
-            "no goal metric is significantly different yet and no guardrail is breached".into()
+            let goals: Vec<String> = rows
+                .iter()
+                .filter(|r| !r.control && r.role == Role::Goal)
+                .map(|r| {
+                    format!(
+                        "{} {} {} (p {})",
+                        r.arm,
+                        r.metric,
+                        r.lift.map_or("n/a".into(), pct),
+                        r.adjusted_p.map_or("n/a".into(), |p| format!("{p:.3}"))
+                    )
+                })
+                .collect();
+            format!(
+                "no goal metric is significantly different yet ({}) and no guardrail is breached",
+                goals.join(", ")
+            )
         });
     }
     run.decision = Some(decision);

@@ -409,3 +409,28 @@ fn a_skewed_split_makes_the_experiment_invalid() {
     assert!(skewed as f64 >= 0.95 * runs as f64, "{skewed}");
     assert!(fair <= 4, "{fair}");
 }
+
+#[test]
+fn a_look_that_decides_nothing_says_where_the_goal_stands() {
+    let cfg = ExperimentsConfig::default();
+    let x = two_arms();
+    let mut t = Tally::new(&x);
+    for arm in 0..2 {
+        for i in 0..200 {
+            t.events[arm] += 1;
+            // A resolves 100 of 200, B 104: +4 %, far from significant.
+            let resolved = i < 100 + 4 * arm;
+            t.moments[0][arm].add(if resolved { 1.0 } else { 0.0 });
+            t.moments[1][arm].add((i % 7) as f64);
+            t.moments[2][arm].add(1000.0 + (i % 13) as f64);
+        }
+    }
+    let l = look(&cfg, &x, &mut Running::default(), Some(&t), 0, 300_000);
+    assert_eq!(l.decision, Decision::KeepRunning);
+    assert!(
+        l.reason
+            .starts_with("no goal metric is significantly different yet (B resolved +4.0 % (p "),
+        "{}",
+        l.reason
+    );
+}
