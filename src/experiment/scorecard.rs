@@ -125,6 +125,15 @@ fn pct(x: f64) -> String {
     format!("{:+.1} %", x * 100.0)
 }
 
+/// "B: goal resolved significantly better (+12.6 % vs A)".
+fn explain(arm: &str, role: &str, r: &Row, what: &str, control: &str, extra: &str) -> String {
+    format!(
+        "{arm}: {role} {} {what} ({} vs {control}{extra})",
+        r.metric,
+        r.lift.map_or("n/a".into(), pct)
+    )
+}
+
 /// Merges `tally` (this window's partials; `None`: none) into `run` and judges the
 /// experiment as of the window's end.
 pub fn look(
@@ -254,33 +263,32 @@ pub fn look(
         let d = if !enough {
             Decision::KeepRunning
         } else if !breached.is_empty() {
-            for r in &breached {
-                reasons.push(format!(
-                    "{arm}: guardrail {} breached ({} vs {control}, {} tolerated)",
-                    r.metric,
-                    r.lift.map_or("n/a".into(), pct),
-                    r.tolerance
-                        .map_or("0 %".into(), |t| format!("{:.0} %", t * 100.0)),
-                ));
-            }
+            reasons.extend(breached.iter().map(|r| {
+                let tolerated = r
+                    .tolerance
+                    .map_or("0 %".into(), |t| format!("{:.0} %", t * 100.0));
+                explain(
+                    arm,
+                    "guardrail",
+                    r,
+                    "breached",
+                    control,
+                    &format!(", {tolerated} tolerated"),
+                )
+            }));
             Decision::Rollback
         } else if !goal_worse.is_empty() {
-            for r in &goal_worse {
-                reasons.push(format!(
-                    "{arm}: goal {} significantly worse ({} vs {control})",
-                    r.metric,
-                    r.lift.map_or("n/a".into(), pct)
-                ));
-            }
+            reasons.extend(
+                goal_worse
+                    .iter()
+                    .map(|r| explain(arm, "goal", r, "significantly worse", control, "")),
+            );
             Decision::Rollback
         } else if !goal_better.is_empty() {
-            for r in &goal_better {
-                reasons.push(format!(
-                    "{arm}: goal {} significantly better ({} vs {control}), no guardrail breached",
-                    r.metric,
-                    r.lift.map_or("n/a".into(), pct)
-                ));
-            }
+            reasons.extend(goal_better.iter().map(|r| {
+                explain(arm, "goal", r, "significantly better", control, "")
+                    + ", no guardrail breached"
+            }));
             Decision::Promote
         } else {
             Decision::KeepRunning
