@@ -23,8 +23,9 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
         "drift",
         "drift",
         &format!(
-            "roll_interval = \"200ms\"\n{}",
-            crate::quality::quality_toml()
+            "roll_interval = \"200ms\"\n{}\n{}",
+            crate::quality::quality_toml(),
+            crate::experiments::DEMO_EXPERIMENT
         ),
     );
     let log = dir.path().join("run.log");
@@ -117,6 +118,10 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
     // from `events` and scored again, not lost and not counted twice. (A minute with late
     // events, counted in `events` but not in its closed window, is left out.)
     crate::quality::assert_scores_exactly_once(&root);
+    // The demo's experiment rode along too: each of its windows evaluated once across the
+    // kill, and the running totals of its last look equal the sum of the windows' partials
+    // and the events themselves (a lost or doubled window after the kill would show).
+    crate::experiments::assert_looks_exactly_once(&root, "drift");
     // Drift outliers: the events the drift table names (MMD witnesses of drifted windows) are
     // scored too, once, unless the sampler had picked them already.
     let outliers = strings(&sql(

@@ -353,3 +353,61 @@ fn an_evaluator_that_stops_and_resumes_takes_the_same_looks() {
     // Asking again evaluates nothing twice.
     assert!(second.advance(end).unwrap().is_empty());
 }
+
+/// The demo's experiment (doc-summarizer v2 in prod, concise vs detailed), for pipelines fed
+/// with the demo's generated traffic.
+pub const DEMO_EXPERIMENT: &str = r#"
+[experiments]
+settle = "0s"
+
+[[experiment]]
+name = "summary-style"
+arms = ["concise", "detailed"]
+where = { app = "doc-summarizer", environment = "prod" }
+
+[[experiment.metric]]
+name = "resolved"
+value = "attribute:resolved"
+
+[[experiment.metric]]
+name = "latency"
+value = "latency_ms"
+role = "guardrail"
+tolerance = 0.1
+"#;
+
+/// Each window of the demo's experiment written once; the last look's running totals equal the
+/// sum of the windows' partials and the distinct events of the evaluated windows.
+pub fn assert_looks_exactly_once(root: &Path, stream: &str) {
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join(format!("_state/experiments/{stream}.json"))).unwrap(),
+    )
+    .unwrap();
+    let through = state["evaluated_through_ms"].as_i64().unwrap();
+    let twice = scalar(
+        root,
+        "SELECT count(*) FROM (SELECT window_start, experiment, metric, arm FROM experiments \
+         GROUP BY 1, 2, 3, 4 HAVING count(*) > 1)",
+    );
+    assert_eq!(twice, 0);
+    let windows = counts(&sql(
+        root,
+        "SELECT arm, sum(window_n) FROM experiments WHERE metric = 'latency' GROUP BY arm",
+    ));
+    let running = counts(&sql(
+        root,
+        "SELECT arm, n FROM experiments WHERE metric = 'latency' \
+         AND window_end = (SELECT max(window_end) FROM experiments)",
+    ));
+    let events = counts(&sql(
+        root,
+        &format!(
+            "SELECT variant, count(DISTINCT event_id) FROM events \
+             WHERE app = 'doc-summarizer' AND environment = 'prod' AND variant IS NOT NULL AND latency_ms IS NOT NULL \
+             AND CAST(timestamp AS BIGINT) < {through} GROUP BY variant"
+        ),
+    ));
+    assert!(windows.values().all(|n| *n > 100), "{windows:?}");
+    assert_eq!(windows, running);
+    assert_eq!(windows, events);
+}
