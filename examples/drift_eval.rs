@@ -2,7 +2,7 @@
 //! detection delay when real topic streams are mixed in.
 //!
 //! ```text
-//! cargo run --release --example drift_eval [-- --runs 40] [--fastembed]
+//! cargo run --release --example drift_eval [-- --runs 40] [--fastembed [--threads 2]]
 //! ```
 //!
 //! Reads `../shared/data` (see its README; exits with a note when absent). Per run, a stretch
@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use telltale::drift::embed::Embedder;
 use telltale::drift::sample::WindowSample;
 use telltale::drift::stage::{DriftConfig, EmbedderKind, Judge, Judged, SampleWindow};
 use telltale::event::LlmEvent;
@@ -114,6 +115,47 @@ fn window(
     }
 }
 
+/// The embedder with a cache shared by every run: runs and shift levels draw many of the same
+/// texts (the topic streams are small), and a sentence model embeds ≈ 10 long texts/s here.
+struct Cached {
+    inner: std::sync::Arc<dyn Embedder>,
+    seen: std::sync::Mutex<std::collections::HashMap<String, Vec<f32>>>,
+}
+
+impl Embedder for Cached {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, telltale::drift::embed::EmbedError> {
+        let missing: Vec<&str> = {
+            let seen = self.seen.lock().expect("not poisoned");
+            let mut m: Vec<&str> = texts
+                .iter()
+                .copied()
+                .filter(|t| !seen.contains_key(*t))
+                .collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        let fresh = if missing.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.embed(&missing)?
+        };
+        let mut seen = self.seen.lock().expect("not poisoned");
+        for (t, v) in missing.iter().zip(fresh) {
+            seen.insert((*t).to_owned(), v);
+        }
+        Ok(texts.iter().map(|t| seen[*t].clone()).collect())
+    }
+}
+
 fn verdict(j: &Judged, field: &str, method: Option<&str>) -> bool {
     j.rows.iter().any(|r| {
         r.field == field
@@ -173,7 +215,10 @@ fn main() {
     ];
     let embedder = if std::env::args().any(|a| a == "--fastembed") {
         let dir = telltale::drift::sentence::models_dir();
-        EmbedderKind::Sentence { dir, threads: 1 }
+        EmbedderKind::Sentence {
+            dir,
+            threads: arg("--threads", 1),
+        }
     } else {
         EmbedderKind::Hash { dim: 256 }
     };
@@ -183,7 +228,10 @@ fn main() {
         samples_per_window: arg("--samples", DriftConfig::default().samples_per_window),
         ..DriftConfig::default()
     };
-    let embedder = cfg.embedder.try_build().unwrap_or_else(|e| panic!("{e}"));
+    let embedder: std::sync::Arc<dyn Embedder> = std::sync::Arc::new(Cached {
+        inner: cfg.embedder.try_build().unwrap_or_else(|e| panic!("{e}")),
+        seen: Default::default(),
+    });
     println!(
         "drift evaluation: {runs} runs, {events} events per window, {} texts sampled per window and field, embedder {}, false-alarm rate {} per window",
         cfg.samples_per_window,
