@@ -70,14 +70,6 @@ impl ArmIndex {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.arms.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.arms.is_empty()
-    }
-
     fn get(&self, id_hash: u64, experiment: usize) -> Option<usize> {
         self.arms
             .get(&key(id_hash, experiment))

@@ -114,13 +114,6 @@ pub struct Look {
     pub rows: Vec<Row>,
 }
 
-impl Look {
-    /// Rows of treatment arm `arm` whose metric has `role`.
-    pub fn rows_of<'a>(&'a self, arm: &'a str) -> impl Iterator<Item = &'a Row> + 'a {
-        self.rows.iter().filter(move |r| r.arm == arm)
-    }
-}
-
 fn pct(x: f64) -> String {
     format!("{:+.1} %", x * 100.0)
 }

@@ -6,10 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch,
-    StringBuilder, TimestampMillisecondBuilder,
-};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit};
 
 use super::config::ExperimentConfig;
@@ -61,103 +58,92 @@ pub fn experiments_schema() -> SchemaRef {
 
 /// The rows of the looks at one window.
 pub fn experiments_batch(stream: &str, looks: &[(&ExperimentConfig, Look)]) -> RecordBatch {
-    let n: usize = looks.iter().map(|(_, l)| l.rows.len()).sum();
-    let mut start = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut end = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut s: Vec<StringBuilder> = (0..7).map(|_| StringBuilder::new()).collect();
-    let mut is_control = BooleanBuilder::with_capacity(n);
-    let mut ints: Vec<Int64Builder> = (0..3).map(|_| Int64Builder::with_capacity(n)).collect();
-    let mut f: Vec<Float64Builder> = (0..14).map(|_| Float64Builder::with_capacity(n)).collect();
-    let mut tail: Vec<StringBuilder> = (0..4).map(|_| StringBuilder::new()).collect();
-    let mut srm = Float64Builder::with_capacity(n);
-    let opt = |v: Option<f64>| v.filter(|x| x.is_finite());
-    for (x, look) in looks {
-        let field = |name: &str| {
-            x.filter
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        for r in &look.rows {
-            start.append_value(look.start_ms);
-            end.append_value(look.end_ms);
-            s[0].append_value(stream);
-            s[1].append_value(&look.experiment);
-            s[2].append_option(field("app"));
-            s[3].append_option(field("environment"));
-            s[4].append_value(&r.metric);
-            s[5].append_value(r.role.name());
-            s[6].append_value(if r.higher_is_better {
-                "higher"
-            } else {
-                "lower"
-            });
-            is_control.append_value(r.control);
-            ints[0].append_value(r.window.n as i64);
-            ints[1].append_value(r.total.n as i64);
-            ints[2].append_value(r.events as i64);
-            let sd = r.total.variance().sqrt();
-            let values = [
-                opt((r.window.n > 0).then_some(r.window.mean)),
-                opt((r.window.n > 0).then_some(r.window.m2)),
-                opt((r.total.n > 0).then_some(r.total.mean)),
-                opt(Some(sd)),
-                opt(r.diff),
-                opt(r.lift),
-                opt(r.ci.map(|c| c.0)),
-                opt(r.ci.map(|c| c.1)),
-                opt(r.p_value),
-                opt(r.always_valid_p),
-                opt(r.adjusted_p),
-                opt(r.cs.map(|c| c.0)),
-                opt(r.cs.map(|c| c.1)),
-                r.tolerance,
-            ];
-            for (b, v) in f.iter_mut().zip(values) {
-                b.append_option(v);
-            }
-            tail[0].append_value(&r.arm);
-            tail[1].append_value(x.control());
-            tail[2].append_value(r.verdict);
-            tail[3].append_option(r.arm_decision.map(|d| d.name()));
-            srm.append_value(look.srm_p_value);
-        }
-    }
-    let mut dec = StringBuilder::new();
-    let mut reason = StringBuilder::new();
-    for (_, look) in looks {
-        for _ in &look.rows {
-            dec.append_value(look.decision.name());
-            reason.append_value(&look.reason);
-        }
-    }
-    let mut f = f.into_iter().map(|mut b| Arc::new(b.finish()) as ArrayRef);
-    let mut take = |k: usize| -> Vec<ArrayRef> { (0..k).filter_map(|_| f.next()).collect() };
-    let (window_stats, estimate, rest) = (take(2), take(2), take(10));
-    let mut s = s.into_iter().map(|mut b| Arc::new(b.finish()) as ArrayRef);
-    let mut ints = ints
-        .into_iter()
-        .map(|mut b| Arc::new(b.finish()) as ArrayRef);
-    let mut tail = tail
-        .into_iter()
-        .map(|mut b| Arc::new(b.finish()) as ArrayRef);
-    let mut cols: Vec<ArrayRef> = vec![Arc::new(start.finish()), Arc::new(end.finish())];
-    cols.extend(s.by_ref().take(6)); // stream … role
-    cols.push(s.next().expect("better"));
-    cols.push(tail.next().expect("arm"));
-    cols.push(tail.next().expect("control"));
-    cols.push(Arc::new(is_control.finish()));
-    cols.push(ints.next().expect("window_n"));
-    cols.extend(window_stats);
-    cols.push(ints.next().expect("n"));
-    cols.extend(estimate);
-    cols.push(ints.next().expect("events"));
-    cols.extend(rest);
-    cols.push(tail.next().expect("verdict"));
-    cols.push(tail.next().expect("arm_decision"));
-    cols.push(Arc::new(dec.finish()));
-    cols.push(Arc::new(srm.finish()));
-    cols.push(Arc::new(reason.finish()));
+    use super::scorecard::Row;
+    use arrow::array::{
+        BooleanArray, Float64Array, Int64Array, StringArray, TimestampMillisecondArray,
+    };
+    // One entry per row, in the schema's column order below.
+    let rows: Vec<(&ExperimentConfig, &Look, &Row)> = looks
+        .iter()
+        .flat_map(|(x, l)| l.rows.iter().map(move |r| (*x, l, r)))
+        .collect();
+    let strs = |f: &dyn Fn(&ExperimentConfig, &Look, &Row) -> Option<String>| -> ArrayRef {
+        Arc::new(StringArray::from_iter(
+            rows.iter().map(|(x, l, r)| f(x, l, r)),
+        ))
+    };
+    let ints = |f: &dyn Fn(&Row) -> u64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|(_, _, r)| f(r) as i64),
+        ))
+    };
+    // Non-finite values (a variance of one observation, a lift over a zero control) are null.
+    let floats = |f: &dyn Fn(&Look, &Row) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(
+            rows.iter()
+                .map(|(_, l, r)| f(l, r).filter(|v| v.is_finite())),
+        ))
+    };
+    let times = |f: &dyn Fn(&Look) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(rows.iter().map(|(_, l, _)| f(l)))
+                .with_timezone("UTC"),
+        )
+    };
+    let filter = |x: &ExperimentConfig, name: &str| {
+        x.filter
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let window = |r: &Row, v: f64| (r.window.n > 0).then_some(v);
+    let cols: Vec<ArrayRef> = vec![
+        times(&|l| l.start_ms),
+        times(&|l| l.end_ms),
+        strs(&|_, _, _| Some(stream.to_owned())),
+        strs(&|_, l, _| Some(l.experiment.clone())),
+        strs(&|x, _, _| filter(x, "app")),
+        strs(&|x, _, _| filter(x, "environment")),
+        strs(&|_, _, r| Some(r.metric.clone())),
+        strs(&|_, _, r| Some(r.role.name().to_owned())),
+        strs(&|_, _, r| {
+            Some(
+                if r.higher_is_better {
+                    "higher"
+                } else {
+                    "lower"
+                }
+                .to_owned(),
+            )
+        }),
+        strs(&|_, _, r| Some(r.arm.clone())),
+        strs(&|x, _, _| Some(x.control().to_owned())),
+        Arc::new(BooleanArray::from_iter(
+            rows.iter().map(|(_, _, r)| Some(r.control)),
+        )),
+        ints(&|r| r.window.n),
+        floats(&|_, r| window(r, r.window.mean)),
+        floats(&|_, r| window(r, r.window.m2)),
+        ints(&|r| r.total.n),
+        floats(&|_, r| (r.total.n > 0).then_some(r.total.mean)),
+        floats(&|_, r| Some(r.total.variance().sqrt())),
+        ints(&|r| r.events),
+        floats(&|_, r| r.diff),
+        floats(&|_, r| r.lift),
+        floats(&|_, r| r.ci.map(|c| c.0)),
+        floats(&|_, r| r.ci.map(|c| c.1)),
+        floats(&|_, r| r.p_value),
+        floats(&|_, r| r.always_valid_p),
+        floats(&|_, r| r.adjusted_p),
+        floats(&|_, r| r.cs.map(|c| c.0)),
+        floats(&|_, r| r.cs.map(|c| c.1)),
+        floats(&|_, r| r.tolerance),
+        strs(&|_, _, r| Some(r.verdict.to_owned())),
+        strs(&|_, _, r| r.arm_decision.map(|d| d.name().to_owned())),
+        strs(&|_, l, _| Some(l.decision.name().to_owned())),
+        floats(&|l, _| Some(l.srm_p_value)),
+        strs(&|_, l, _| Some(l.reason.clone())),
+    ];
     RecordBatch::try_new(experiments_schema(), cols).expect("columns match the experiments schema")
 }
 
