@@ -794,7 +794,8 @@ fn alert_latency(c: &mut Criterion) {
 }
 
 /// `drift`: the building blocks' costs. `hash_embed`: texts/s of the hashed bag-of-words
-/// embedder on generated prompts (256 dimensions). `mmd_test` / `centroid_test`: one window's
+/// embedder on generated prompts (256 dimensions); `static_embed`, `sentence_embed_1_thread`:
+/// the same for the model embedders when their files are installed. `mmd_test` / `centroid_test`: one window's
 /// test, 64 current texts against a 256-text reference, reduced to 16 PCA dimensions, with
 /// 999 permutations / bootstraps (enough resolution for a false-alarm rate of 1 in 1,000).
 fn drift(c: &mut Criterion) {
@@ -816,6 +817,20 @@ fn drift(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements(refs.len() as u64));
     g.bench_function("hash_embed", |b| b.iter(|| e.embed(&refs).expect("embeds")));
+    // The model embedders, when installed (scripts/models.sh, telltale models distill): the
+    // static model on all 2,000 prompts, the sentence model (one thread) on 200 of them.
+    let models = telltale::drift::sentence::models_dir();
+    if let Ok(s) = telltale::drift::static_model::StaticEmbedder::load(&models) {
+        g.bench_function("static_embed", |b| {
+            b.iter(|| s.embed(&refs).expect("embeds"))
+        });
+    }
+    if let Ok(s) = telltale::drift::sentence::SentenceEmbedder::load(&models, 1) {
+        g.throughput(Throughput::Elements(200));
+        g.bench_function("sentence_embed_1_thread", |b| {
+            b.iter(|| s.embed(&refs[..200]).expect("embeds"))
+        });
+    }
     let v = e.embed(&refs).expect("embeds");
     let pooled: Vec<Vec<f32>> = v[..320].to_vec();
     let pca = Pca::fit(&pooled, 16, 1);

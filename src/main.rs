@@ -133,6 +133,12 @@ enum Command {
         after_help = "Examples:\n  telltale experiment status summary-style\n  telltale experiment list --pipeline pipelines/demo.toml"
     )]
     Experiment(ExperimentCommand),
+    /// Embedding models for drift and harvest: what is installed, and the static model.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  bash scripts/models.sh && telltale models distill\n  telltale models list"
+    )]
+    Models(ModelsCommand),
     /// List pending and firing alerts (from the running pipelines' state).
     Alerts {
         #[command(flatten)]
@@ -216,6 +222,21 @@ enum SilenceCommand {
         id: String,
         #[command(flatten)]
         root: RootArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// The embedders and whether their files are installed (in TELLTALE_MODELS, default
+    /// ~/.cache/telltale/models).
+    List,
+    /// Distill the static (model2vec) embedder from the sentence model `scripts/models.sh`
+    /// installed: every vocabulary token through the transformer, 256 principal components,
+    /// smooth-inverse-frequency weights. About a minute; replaces an earlier one.
+    Distill {
+        /// ONNX Runtime threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
 }
 
@@ -533,6 +554,7 @@ async fn dispatch(command: Command) -> Result<()> {
             experiment_gate(&root, &name)
         }
         Command::Experiment(c) => experiment(c),
+        Command::Models(c) => models(c),
         Command::Gate {
             app,
             environment,
@@ -1038,6 +1060,57 @@ fn experiment_gate(root: &std::path::Path, name: &str) -> Result<()> {
         }
         _ => {
             println!("ok: experiment {name} says {decision}: {reason}");
+            Ok(())
+        }
+    }
+}
+
+fn models(c: ModelsCommand) -> Result<()> {
+    use telltale::drift::{sentence, static_model};
+    let dir = sentence::models_dir();
+    match c {
+        ModelsCommand::List => {
+            println!("models directory: {}", dir.display());
+            let state = |ok: bool, fix: &str| {
+                if ok {
+                    "installed".to_owned()
+                } else {
+                    format!("missing ({fix})")
+                }
+            };
+            println!(
+                "  fastembed  all-MiniLM-L6-v2, 384 dims, ONNX Runtime   {}",
+                state(sentence::available(&dir), "bash scripts/models.sh")
+            );
+            println!(
+                "  static     {}, {} dims (model2vec)     {}",
+                static_model::STATIC_MODEL,
+                static_model::DIMS,
+                state(
+                    static_model::available(&dir),
+                    "bash scripts/models.sh, then telltale models distill"
+                )
+            );
+            println!("  hash       hashed words, 256 dims                    built in");
+            println!("  chargram   hashed character trigrams, 1024 dims      built in");
+            Ok(())
+        }
+        ModelsCommand::Distill { threads } => {
+            let started = std::time::Instant::now();
+            let mut shown = 0;
+            let out = static_model::distill(&dir, threads, |done, total| {
+                if done * 10 / total > shown || done == total {
+                    shown = done * 10 / total;
+                    eprintln!("distill: {done}/{total} tokens embedded");
+                }
+            })?;
+            let e = static_model::StaticEmbedder::load(&dir)?;
+            println!(
+                "static model written to {} ({} dims, {:.0} s); drift.embedder = \"static\" uses it",
+                out.display(),
+                telltale::drift::embed::Embedder::dim(&e),
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
     }

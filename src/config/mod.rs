@@ -411,6 +411,21 @@ pub(crate) fn sentence_embedder(e: &mut Errors, path: &str, alternative: &str) -
     EmbedderKind::Sentence { dir, threads: 1 }
 }
 
+/// The static (model2vec) embedder, with an error at `path` when it is not installed.
+pub(crate) fn static_embedder(e: &mut Errors, path: &str) -> EmbedderKind {
+    let dir = crate::drift::sentence::models_dir();
+    if !crate::drift::static_model::available(&dir) {
+        e.push(
+            path,
+            format!(
+                "no static model in {} (run `bash scripts/models.sh`, then `telltale models distill`; or use \"auto\" to fall back to \"hash\")",
+                crate::drift::static_model::static_dir(&dir).display()
+            ),
+        );
+    }
+    EmbedderKind::Static { dir }
+}
+
 fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftConfig {
     let d = DriftConfig::default();
     let mut cfg = d.clone();
@@ -451,9 +466,10 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
                 "or use \"auto\" to fall back to \"hash\"",
             )
         }
+        "static" => cfg.embedder = static_embedder(e, &t.path_of("embedder")),
         other => e.push(
             &t.path_of("embedder"),
-            format!("{other:?} is not an embedder (expected \"auto\", \"fastembed\" or \"hash\")"),
+            format!("{other:?} is not an embedder (expected \"auto\", \"fastembed\", \"static\" or \"hash\")"),
         ),
     }
     cfg.budget_texts_per_s = t
@@ -479,6 +495,13 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
         10_000,
         d.calibration_windows,
     );
+    cfg.persistence = usize_of(&mut t, e, "persistence", 1, 12, d.persistence);
+    cfg.persistence_sigma = t
+        .float(e, "persistence_sigma", 0.5, 1000.0)
+        .unwrap_or(d.persistence_sigma);
+    cfg.instant_sigma = t
+        .float(e, "instant_sigma", 0.5, 1e9)
+        .unwrap_or(d.instant_sigma);
     cfg.sigma = t.float(e, "sigma", 0.5, 20.0).unwrap_or(d.sigma);
     cfg.scalar_min_events = t
         .integer(e, "scalar_min_events", 1, i64::MAX)

@@ -169,8 +169,10 @@ const REFUSALS: &[&str] = &[
 
 /// Share of the run after which code-assistant v7's prompts are about infrastructure.
 pub const SHIFT_FROM: f64 = 0.55;
-/// The jailbreak burst on support-bot v3 (prod): a quarter of its prompts in this span.
-pub const JAILBREAK_SPAN: (f64, f64) = (0.62, 0.74);
+/// The jailbreak burst on support-bot v3 (prod): a quarter of its prompts in this span
+/// (≈ 22 minutes of the demo's two hours: at least three whole drift windows wherever the
+/// windows fall, as the drift verdict wants three windows running).
+pub const JAILBREAK_SPAN: (f64, f64) = (0.60, 0.78);
 
 /// doc-summarizer v3 answers in JSON (`summary`, `bullets`); within this span of the run a
 /// growing share of its answers break: prose instead of JSON, JSON without bullets, or a

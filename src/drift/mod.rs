@@ -18,8 +18,8 @@
 //! - [`state`]: references and verdict history across restarts;
 //! - [`table`]: the `drift` table and the alert frame.
 //!
-//! Not yet: sentence-model embedders (fastembed, static), pinned baselines
-//! (`telltale baseline`), drift in file backfills.
+//! Embedders: [`embed::HashEmbedder`] (always there), [`sentence`] (all-MiniLM-L6-v2 on ONNX
+//! Runtime) and [`static_model`] (model2vec, distilled from it).
 
 pub mod embed;
 pub mod sample;
@@ -27,6 +27,7 @@ pub mod scalar;
 pub mod sentence;
 pub mod stage;
 pub mod state;
+pub mod static_model;
 pub mod stats;
 pub mod table;
 

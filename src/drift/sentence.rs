@@ -11,7 +11,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, OnceLock};
 
 use fastembed::{
     InitOptionsUserDefined, Pooling, TextEmbedding, TokenizerFiles, UserDefinedEmbeddingModel,
@@ -52,7 +52,24 @@ pub struct SentenceEmbedder {
     id: String,
 }
 
-static RUNTIME: Once = Once::new();
+static RUNTIME: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Loads ONNX Runtime's library from the models directory, once per process.
+pub(crate) fn init_runtime(dir: &Path) -> Result<(), EmbedError> {
+    let lib = runtime(dir);
+    if !lib.exists() {
+        return Err(failed(format!("{} is missing; {FIX}", lib.display())));
+    }
+    RUNTIME
+        .get_or_init(|| {
+            // Loads the library; an environment is built by the first session.
+            ort::init_from(&lib)
+                .map(drop)
+                .map_err(|e| format!("cannot load {}: {e}", lib.display()))
+        })
+        .clone()
+        .map_err(failed)
+}
 
 impl SentenceEmbedder {
     /// Loads ONNX Runtime and the model from `dir`; `threads`: ONNX Runtime's intra-op threads.
@@ -61,10 +78,7 @@ impl SentenceEmbedder {
             let p = dir.join(MODEL).join(name);
             std::fs::read(&p).map_err(|e| failed(format!("{}: {e}; {FIX}", p.display())))
         };
-        let lib = runtime(dir);
-        if !lib.exists() {
-            return Err(failed(format!("{} is missing; {FIX}", lib.display())));
-        }
+        init_runtime(dir)?;
         let onnx = read("model.onnx")?;
         let files = TokenizerFiles {
             tokenizer_file: read("tokenizer.json")?,
@@ -72,14 +86,6 @@ impl SentenceEmbedder {
             special_tokens_map_file: read("special_tokens_map.json")?,
             tokenizer_config_file: read("tokenizer_config.json")?,
         };
-        let mut loaded = Ok(());
-        RUNTIME.call_once(|| {
-            // Loads the library; the environment itself is built by the first session.
-            loaded = ort::init_from(&lib)
-                .map(drop)
-                .map_err(|e| failed(format!("cannot load {}: {e}", lib.display())));
-        });
-        loaded?;
         // all-MiniLM is trained with mean pooling (fastembed's default for user models is CLS).
         let model = UserDefinedEmbeddingModel::new(onnx, files).with_pooling(Pooling::Mean);
         let options = InitOptionsUserDefined::new()
@@ -102,8 +108,20 @@ impl Embedder for SentenceEmbedder {
         384
     }
 
+    /// Embeds in batches of texts of similar length: the tokenizer pads a batch to its
+    /// longest text, so a short prompt batched with 256-token answers costs as much as one.
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
-        m.embed(texts, Some(32)).map_err(failed)
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| texts[i].len());
+        let sorted: Vec<&str> = order.iter().map(|&i| texts[i]).collect();
+        let embedded = {
+            let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
+            m.embed(&sorted, Some(32)).map_err(failed)?
+        };
+        let mut out = vec![Vec::new(); texts.len()];
+        for (i, v) in order.into_iter().zip(embedded) {
+            out[i] = v;
+        }
+        Ok(out)
     }
 }

@@ -42,15 +42,20 @@ pub enum EmbedderKind {
     /// all-MiniLM-L6-v2 through fastembed and ONNX Runtime, from `dir`
     /// ([`super::sentence`]).
     Sentence { dir: PathBuf, threads: usize },
+    /// A static (model2vec) model from the models directory `dir`
+    /// ([`super::static_model`]).
+    Static { dir: PathBuf },
 }
 
 impl EmbedderKind {
-    /// The sentence model when its files are installed, else the hash embedder (the
-    /// default: `drift.embedder = "auto"`).
+    /// The sentence model when its files are installed, else a static model when one is,
+    /// else the hash embedder (the default: `drift.embedder = "auto"`).
     pub fn auto() -> EmbedderKind {
         let dir = super::sentence::models_dir();
         if super::sentence::available(&dir) {
             EmbedderKind::Sentence { dir, threads: 1 }
+        } else if super::static_model::available(&dir) {
+            EmbedderKind::Static { dir }
         } else {
             EmbedderKind::Hash { dim: 256 }
         }
@@ -62,6 +67,9 @@ impl EmbedderKind {
             EmbedderKind::CharGram { dim } => Arc::new(super::embed::CharGramEmbedder::new(*dim)),
             EmbedderKind::Sentence { dir, threads } => {
                 Arc::new(super::sentence::SentenceEmbedder::load(dir, *threads)?)
+            }
+            EmbedderKind::Static { dir } => {
+                Arc::new(super::static_model::StaticEmbedder::load(dir)?)
             }
         })
     }
@@ -80,6 +88,7 @@ impl EmbedderKind {
         match self {
             EmbedderKind::Hash { .. } | EmbedderKind::CharGram { .. } => 50_000.0,
             EmbedderKind::Sentence { .. } => 15.0,
+            EmbedderKind::Static { .. } => 20_000.0,
         }
     }
 }
@@ -116,6 +125,14 @@ pub struct DriftConfig {
     /// Past windows of a series whose statistics calibrate its verdicts; fewer, and the
     /// window is only measured ("calibrating"; default 12, an hour of 5-minute windows).
     pub calibration_windows: usize,
+    /// An embedding test flags drift when its calibrated residual (the statistic's distance
+    /// from the series' recent median, in robust standard deviations) exceeds
+    /// `persistence_sigma` in `persistence` windows running (defaults 3 and 4) ...
+    pub persistence: usize,
+    pub persistence_sigma: f64,
+    /// ... or `instant_sigma` in one window (default 100: twice the largest residual of any
+    /// stationary window in the evaluation on real traffic).
+    pub instant_sigma: f64,
     /// Scalar thresholds: mean + sigma · sd of the reference's own variation (default 3).
     pub sigma: f64,
     /// Fewer events than this in a window: its scalars are not judged (default 30).
@@ -144,6 +161,9 @@ impl Default for DriftConfig {
             stop_grace: STOP_GRACE,
             null_draws: 200,
             calibration_windows: 12,
+            persistence: 3,
+            persistence_sigma: 4.0,
+            instant_sigma: 100.0,
             sigma: 3.0,
             scalar_min_events: 30,
         }
@@ -179,6 +199,9 @@ pub(crate) struct RefWindow {
     /// The window's standardized embedding statistics (field × method), the history that
     /// calibrates later windows' verdicts; `None` where it was not tested.
     pub z: [[Option<f64>; 2]; 2],
+    /// The same statistics' calibrated residuals (`None` where not judged): whether drift
+    /// persists is read from them.
+    pub r: [[Option<f64>; 2]; 2],
 }
 
 /// A series' reference: its recent windows.
@@ -353,7 +376,7 @@ impl Judge {
                 crate::metrics::resolution_name(self.cfg.reference_ms),
                 reference.windows.len()
             );
-            let mut zs = [[None; 2]; 2];
+            let (mut zs, mut rs) = ([[None; 2]; 2], [[None; 2]; 2]);
             for (f, field) in FIELDS.iter().enumerate() {
                 let refs = reference.texts(f);
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
@@ -361,6 +384,18 @@ impl Judge {
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
                 let history =
                     [0, 1].map(|m| reference.windows.iter().filter_map(|w| w.z[f][m]).collect());
+                // The residuals of the windows just before, oldest first.
+                let recent = [0, 1].map(|m| {
+                    let back = self.cfg.persistence.saturating_sub(1);
+                    let v: Vec<Option<f64>> = reference
+                        .windows
+                        .iter()
+                        .rev()
+                        .take(back)
+                        .map(|w| w.r[f][m])
+                        .collect();
+                    v.into_iter().rev().collect()
+                });
                 let (r, z) = embedding_rows(
                     &self.cfg,
                     self.embedder.id(),
@@ -370,12 +405,13 @@ impl Judge {
                     &refs,
                     &cur,
                     history,
+                    recent,
                     &samples,
                     embedded.is_some(),
                     &describe,
                 );
                 rows.extend(r);
-                zs[f] = z;
+                (zs[f], rs[f]) = z;
             }
             let ref_scalars: Vec<&Scalars> = reference.windows.iter().map(|w| &w.scalars).collect();
             for r in scalar_drift(
@@ -413,6 +449,7 @@ impl Judge {
                 texts: current,
                 scalars: s.scalars,
                 z: zs,
+                r: rs,
             });
             while reference
                 .windows
@@ -440,7 +477,7 @@ impl Judge {
 
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, super::embed::EmbedError> {
         let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(64) {
+        for chunk in texts.chunks(1024) {
             out.extend(self.embedder.embed(chunk)?);
         }
         Ok(out)
@@ -457,19 +494,52 @@ fn seed(key: &SeriesKey, start_ms: i64, field: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(s.as_bytes())
 }
 
-/// A calibrated verdict from a standardized statistic and the same statistic's values in
-/// the series' recent windows (its history): drifted when `z` lies beyond the history's
-/// median by more than the normal `(1 − alpha)` quantile of the history's robust spread
-/// (1.4826 · MAD, never below 1, the spread of an exchangeable null).
-pub fn calibrated(z: f64, history: &[f64], alpha: f64) -> (f64, f64, f64) {
+/// A standardized statistic placed against the same statistic's values in the series'
+/// recent windows (its history).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibrated {
+    pub median: f64,
+    /// The history's robust spread: 1.4826 · MAD, never below 1 (the spread of an
+    /// exchangeable null).
+    pub sigma: f64,
+    /// `(z − median) / sigma`.
+    pub residual: f64,
+    /// Where `z` lies beyond the normal `(1 − alpha)` quantile of that spread.
+    pub threshold: f64,
+    /// `P(Z > residual)` for a standard normal: the window's own significance, had residuals
+    /// normal tails (real traffic's are far heavier, hence the persistence rule).
+    pub p_value: f64,
+}
+
+pub fn calibrated(z: f64, history: &[f64], alpha: f64) -> Calibrated {
     let mut h = history.to_vec();
     h.sort_by(f64::total_cmp);
     let median = h[h.len() / 2];
     let mut dev: Vec<f64> = h.iter().map(|v| (v - median).abs()).collect();
     dev.sort_by(f64::total_cmp);
     let sigma = (1.4826 * dev[dev.len() / 2]).max(1.0);
-    let threshold = median + normal_isf(alpha) * sigma;
-    (threshold, normal_sf((z - median) / sigma), sigma)
+    let residual = (z - median) / sigma;
+    Calibrated {
+        median,
+        sigma,
+        residual,
+        threshold: median + normal_isf(alpha) * sigma,
+        p_value: normal_sf(residual),
+    }
+}
+
+/// Per method (MMD, centroid): the standardized statistics and their calibrated residuals.
+type TestValues = ([Option<f64>; 2], [Option<f64>; 2]);
+
+/// A test's verdict from its calibrated residual in this window (`r`) and in the windows
+/// just before (`recent`, oldest first): above `persistence_sigma` in `persistence` windows
+/// running, or above `instant_sigma` now.
+pub fn persistent(cfg: &DriftConfig, r: f64, recent: &[Option<f64>]) -> bool {
+    let above = |x: f64| x > cfg.persistence_sigma;
+    r > cfg.instant_sigma
+        || (above(r)
+            && recent.len() + 1 >= cfg.persistence
+            && recent.iter().all(|x| x.is_some_and(above)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -482,10 +552,11 @@ fn embedding_rows(
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
     history: [Vec<f64>; 2],
+    recent: [Vec<Option<f64>>; 2],
     samples: &[&super::sample::Sampled],
     embedded: bool,
     describe: &str,
-) -> (Vec<DriftRow>, [Option<f64>; 2]) {
+) -> (Vec<DriftRow>, TestValues) {
     let status = if !embedded {
         "embed_failed"
     } else if current.len() < cfg.min_samples {
@@ -513,7 +584,7 @@ fn embedding_rows(
     if status != "judged" {
         return (
             EMBEDDING_METHODS.map(|m| row(m, String::new())).to_vec(),
-            [None, None],
+            ([None, None], [None, None]),
         );
     }
     let seed = seed(key, start_ms, field);
@@ -546,20 +617,22 @@ fn embedding_rows(
         .collect();
     let explanation = serde_json::Value::Array(examples).to_string();
     let mut rows = Vec::with_capacity(2);
+    let mut residuals = [None; 2];
     for (m, t) in tests.iter().enumerate() {
         let mut r = row(EMBEDDING_METHODS[m], explanation.clone());
         r.statistic = Some(t.z);
         if history[m].len() < cfg.calibration_windows {
             r.status = "calibrating";
         } else {
-            let (threshold, p, _) = calibrated(t.z, &history[m], alpha);
-            r.threshold = Some(threshold);
-            r.p_value = Some(p);
-            r.drifted = p <= alpha;
+            let c = calibrated(t.z, &history[m], alpha);
+            r.threshold = Some(c.median + cfg.persistence_sigma * c.sigma);
+            r.p_value = Some(c.p_value);
+            r.drifted = persistent(cfg, c.residual, &recent[m]);
+            residuals[m] = Some(c.residual);
         }
         rows.push(r);
     }
-    (rows, tests.map(|t| Some(t.z)))
+    (rows, (tests.map(|t| Some(t.z)), residuals))
 }
 
 /// `<root>/_state/drift/<stream>.json`: the close position and embedder.

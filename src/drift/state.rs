@@ -55,6 +55,7 @@ fn window_json(w: &RefWindow) -> Vec<u8> {
     let s = &w.scalars;
     serde_json::json!({
         "z": w.z,
+        "r": w.r,
         "numeric": s.numeric.iter().map(|b| b.counts_raw().to_vec()).collect::<Vec<_>>(),
         "categorical": s.categorical.iter().map(|c| {
             c.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<String, u64>>()
@@ -68,11 +69,15 @@ fn window_from_json(b: &[u8], w: &mut RefWindow) -> Option<()> {
     #[derive(serde::Deserialize)]
     struct S {
         z: [[Option<f64>; 2]; 2],
+        // Absent in references written before the persistence rule.
+        #[serde(default)]
+        r: [[Option<f64>; 2]; 2],
         numeric: Vec<Vec<u64>>,
         categorical: Vec<BTreeMap<String, u64>>,
     }
     let s: S = serde_json::from_slice(b).ok()?;
     w.z = s.z;
+    w.r = s.r;
     let mut out = Scalars::default();
     for (o, v) in out.numeric.iter_mut().zip(s.numeric) {
         *o = Binned::from_counts(v);
@@ -185,6 +190,7 @@ pub(crate) fn load(root: &Path, stream: &str) -> HashMap<SeriesKey, SeriesRef> {
                     texts: [Vec::new(), Vec::new()],
                     scalars: Scalars::default(),
                     z: [[None; 2]; 2],
+                    r: [[None; 2]; 2],
                 });
             }
             let w = r.windows.back_mut().expect("pushed above");

@@ -423,6 +423,47 @@ impl Pca {
         Pca { mean, components }
     }
 
+    /// The exact principal directions of many rows of few dimensions (a vocabulary of token
+    /// vectors): the `dim × dim` covariance and its eigenvectors, the `k` largest first.
+    pub fn fit_exact(x: &[Vec<f32>], k: usize) -> Pca {
+        let dim = x.first().map_or(0, Vec::len);
+        let n = x.len().max(1) as f64;
+        let mut mean = vec![0f64; dim];
+        for v in x {
+            for (m, a) in mean.iter_mut().zip(v) {
+                *m += f64::from(*a) / n;
+            }
+        }
+        let mut cov = vec![vec![0f64; dim]; dim];
+        let mut c = vec![0f64; dim];
+        for v in x {
+            for ((o, a), m) in c.iter_mut().zip(v).zip(&mean) {
+                *o = f64::from(*a) - m;
+            }
+            for (i, row) in cov.iter_mut().enumerate() {
+                let ci = c[i];
+                for (r, cj) in row[i..].iter_mut().zip(&c[i..]) {
+                    *r += ci * cj;
+                }
+            }
+        }
+        for i in 1..dim {
+            let (upper, lower) = cov.split_at_mut(i);
+            for (j, row) in upper.iter().enumerate() {
+                lower[0][j] = row[i];
+            }
+        }
+        let (values, vectors) = jacobi_eigen(cov);
+        let mut order: Vec<usize> = (0..dim).collect();
+        order.sort_by(|a, b| values[*b].total_cmp(&values[*a]));
+        let components = order
+            .iter()
+            .take(k.min(dim))
+            .map(|&e| vectors.iter().map(|row| row[e]).collect())
+            .collect();
+        Pca { mean, components }
+    }
+
     /// The unit-length directions, largest variance first.
     pub fn components(&self) -> &[Vec<f64>] {
         &self.components

@@ -239,12 +239,18 @@ fn pca_finds_the_direction_of_largest_variance() {
             ]
         })
         .collect();
-    let pca = Pca::fit(&x, 2, 1);
-    let c = pca.components();
-    let along = (c[0][0] * 0.6 + c[0][1] * 0.8).abs();
-    assert!(along > 0.99, "first component {:?}", c[0]);
-    let dot: f64 = c[0].iter().zip(&c[1]).map(|(a, b)| a * b).sum();
-    assert!(dot.abs() < 1e-6, "components are orthogonal: {dot}");
+    // Subspace iteration, and the exact covariance route the static model's distillation
+    // takes.
+    for pca in [Pca::fit(&x, 2, 1), Pca::fit_exact(&x, 2)] {
+        let c = pca.components();
+        assert_eq!(c.len(), 2);
+        let along = (c[0][0] * 0.6 + c[0][1] * 0.8).abs();
+        assert!(along > 0.99, "first component {:?}", c[0]);
+        let dot: f64 = c[0].iter().zip(&c[1]).map(|(a, b)| a * b).sum();
+        assert!(dot.abs() < 1e-6, "components are orthogonal: {dot}");
+        let norm: f64 = c[1].iter().map(|a| a * a).sum();
+        assert!((norm - 1.0).abs() < 1e-6, "unit length: {norm}");
+    }
 }
 
 // ---- The stage: windows, budget, verdicts, state ------------------------------------------
@@ -384,10 +390,14 @@ fn run_series(seed: u64, cfg: &DriftConfig, windows: i64, shifted: i64, mix: f64
 
 #[test]
 fn stationary_traffic_holds_the_configured_false_alarm_rate() {
-    // At a configured 2 % (so that 400 windows can tell 2 % from 8 %), a series' four
-    // embedding tests together flag about 8 of 400 stationary windows.
+    // The calibration alone, on exchangeable traffic: single-window verdicts at 2 % split
+    // over the four tests (so that 400 windows can tell 2 % from 8 %) flag about 8 of 400
+    // stationary windows.
     let cfg = DriftConfig {
         false_alarm_rate: 0.02,
+        persistence: 1,
+        persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
+        instant_sigma: f64::INFINITY,
         ..DriftConfig::default()
     };
     let mut windows = 0;
@@ -406,6 +416,36 @@ fn stationary_traffic_holds_the_configured_false_alarm_rate() {
         flagged <= 17,
         "{flagged} of {windows} stationary windows flagged"
     );
+}
+
+/// The verdict: `persistence` windows running above `persistence_sigma`, or one above
+/// `instant_sigma`; a window that was not judged (`None`) breaks the run.
+#[test]
+fn drift_must_persist_unless_it_is_extreme() {
+    let cfg = DriftConfig::default();
+    assert_eq!((cfg.persistence, cfg.persistence_sigma), (3, 4.0));
+    let p = |r: f64, recent: &[Option<f64>]| super::stage::persistent(&cfg, r, recent);
+    assert!(p(5.0, &[Some(4.5), Some(9.0)]));
+    assert!(
+        !p(5.0, &[Some(3.9), Some(9.0)]),
+        "one window below breaks the run"
+    );
+    assert!(
+        !p(3.0, &[Some(40.0), Some(40.0)]),
+        "the current window must be above"
+    );
+    assert!(!p(50.0, &[Some(9.0)]), "two windows are not three");
+    assert!(
+        !p(50.0, &[None, Some(9.0)]),
+        "an unjudged window breaks the run"
+    );
+    assert!(p(150.0, &[]), "beyond instant_sigma at once");
+    let one = DriftConfig {
+        persistence: 1,
+        ..DriftConfig::default()
+    };
+    assert!(super::stage::persistent(&one, 4.5, &[]));
+    assert!(!super::stage::persistent(&one, 3.5, &[]));
 }
 
 #[test]
@@ -485,6 +525,7 @@ fn references_survive_a_restart() {
         assert_eq!(x.texts, y.texts);
         assert_eq!(x.scalars, y.scalars);
         assert_eq!(x.z, y.z);
+        assert_eq!(x.r, y.r);
     }
 }
 
@@ -519,6 +560,69 @@ fn sentence_embedder_puts_paraphrases_close() {
         para > 0.6 && other < 0.3,
         "paraphrase {para}, unrelated {other}"
     );
+    // Texts are batched by length: each still gets its own vector, in the caller's order.
+    let long = "The deploy failed again. ".repeat(40);
+    let mixed = e
+        .embed(&[
+            &long,
+            "My Kubernetes pod keeps crashing after the deploy.",
+            "How do I reset my password?",
+        ])
+        .unwrap();
+    let alone = e.embed(&[&long]).unwrap();
+    for (got, want) in mixed.iter().zip([&alone[0], &v[2], &v[0]]) {
+        assert!(cosine(got, want) > 0.999, "{}", cosine(got, want));
+    }
+}
+
+/// The static model, distilled here from the sentence model (skipped without it) into a
+/// models directory of its own: unit vectors, paraphrases closer than unrelated texts, a
+/// text's vector independent of its batch.
+#[test]
+fn static_embedder_distilled_from_the_sentence_model_puts_paraphrases_close() {
+    let models = super::sentence::models_dir();
+    if !super::sentence::available(&models) {
+        eprintln!(
+            "skipped: no sentence model in {} (scripts/models.sh)",
+            models.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["onnxruntime", super::sentence::MODEL] {
+        std::os::unix::fs::symlink(models.join(d), dir.path().join(d)).unwrap();
+    }
+    let mut last = 0;
+    let out = super::static_model::distill(dir.path(), 2, |done, total| {
+        assert!(done > last && done <= total);
+        last = done;
+    })
+    .expect("distills");
+    assert_eq!(out, super::static_model::static_dir(dir.path()));
+    assert!(super::static_model::available(dir.path()));
+    let e = super::static_model::StaticEmbedder::load(dir.path()).expect("loads");
+    let texts = [
+        "How do I reset my password?",
+        "I forgot my password, how can I change it?",
+        "My Kubernetes pod keeps crashing after the deploy.",
+        "Write a Python function that reverses a linked list.",
+    ];
+    let v = e.embed(&texts).unwrap();
+    assert_eq!(e.dim(), super::static_model::DIMS);
+    for x in &v {
+        let n: f32 = x.iter().map(|a| a * a).sum();
+        assert!((n - 1.0).abs() < 1e-3, "norm² {n}");
+    }
+    let para = cosine(&v[0], &v[1]);
+    for other in [
+        cosine(&v[0], &v[2]),
+        cosine(&v[0], &v[3]),
+        cosine(&v[1], &v[3]),
+    ] {
+        assert!(para > other + 0.3, "paraphrase {para}, unrelated {other}");
+    }
+    let alone = e.embed(&[texts[3]]).unwrap();
+    assert!(cosine(&alone[0], &v[3]) > 0.9999);
 }
 
 #[test]
@@ -527,6 +631,15 @@ fn a_missing_sentence_model_is_a_clear_error() {
     let err = super::sentence::SentenceEmbedder::load(dir.path(), 1)
         .err()
         .expect("no files, no model")
+        .to_string();
+    assert!(err.contains("scripts/models.sh"), "{err}");
+    let err = super::static_model::StaticEmbedder::load(dir.path())
+        .err()
+        .expect("no files, no model")
+        .to_string();
+    assert!(err.contains("telltale models distill"), "{err}");
+    let err = super::static_model::distill(dir.path(), 1, |_, _| {})
+        .expect_err("nothing to distill from")
         .to_string();
     assert!(err.contains("scripts/models.sh"), "{err}");
 }

@@ -122,6 +122,62 @@ fn sql_formats_and_errors() {
     assert!(err.starts_with("error: ") && err.contains("nope"), "{err}");
 }
 
+/// Without model files (an empty models directory): `models list` says what to run,
+/// `models distill` fails with the command that fetches its source model, and a pipeline
+/// asking for the static embedder fails `check` at its key.
+#[test]
+fn models_say_what_is_missing_and_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let out = succeed(
+        telltale()
+            .env("TELLTALE_MODELS", &models)
+            .args(["models", "list"]),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("fastembed") && text.contains("missing (bash scripts/models.sh)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("missing (bash scripts/models.sh, then telltale models distill)"),
+        "{text}"
+    );
+    let out = telltale()
+        .env("TELLTALE_MODELS", &models)
+        .args(["models", "distill"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("run `bash scripts/models.sh` first"), "{err}");
+
+    let pipeline = dir.path().join("static.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\nname = \"s\"\ndata_root = \"{}\"\n\n[source]\ntype = \"file\"\npath = \"{}\"\n\n[drift]\nembedder = \"static\"\n",
+            dir.path().join("data").display(),
+            dir.path().join("in.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let out = telltale()
+        .env("TELLTALE_MODELS", &models)
+        .args(["check", "--pipeline"])
+        .arg(&pipeline)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("drift.embedder: no static model in")
+            && err.contains("telltale models distill"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_reports_config_errors_and_connectivity() {
     let dir = tempfile::tempdir().unwrap();
