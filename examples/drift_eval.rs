@@ -67,16 +67,8 @@ fn pairs(rows: &[serde_json::Value], response: &str) -> Vec<Pair> {
         .collect()
 }
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn float_arg(name: &str, default: f64) -> f64 {
+/// The value after `--name` on the command line, or `default`.
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
@@ -354,8 +346,8 @@ fn main() {
     let cfg = DriftConfig {
         embedder,
         persistence: arg("--persistence", d.persistence),
-        persistence_sigma: float_arg("--persistence-sigma", d.persistence_sigma),
-        instant_sigma: float_arg("--instant-sigma", d.instant_sigma),
+        persistence_sigma: arg("--persistence-sigma", d.persistence_sigma),
+        instant_sigma: arg("--instant-sigma", d.instant_sigma),
         pca_dims: arg("--pca-dims", DriftConfig::default().pca_dims),
         samples_per_window: arg("--samples", DriftConfig::default().samples_per_window),
         ..DriftConfig::default()

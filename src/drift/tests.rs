@@ -529,18 +529,28 @@ fn references_survive_a_restart() {
     }
 }
 
-/// The sentence model (when `scripts/models.sh` installed it; skipped otherwise): unit
-/// vectors of 384 dimensions, paraphrases closer than unrelated texts.
-#[test]
-fn sentence_embedder_puts_paraphrases_close() {
+/// The models directory when `scripts/models.sh` installed the sentence model there; the
+/// tests that need it are skipped otherwise (a fresh clone has no model files).
+fn installed_models() -> Option<std::path::PathBuf> {
     let dir = super::sentence::models_dir();
-    if !super::sentence::available(&dir) {
+    if super::sentence::available(&dir) {
+        Some(dir)
+    } else {
         eprintln!(
             "skipped: no sentence model in {} (scripts/models.sh)",
             dir.display()
         );
-        return;
+        None
     }
+}
+
+/// The sentence model (when `scripts/models.sh` installed it; skipped otherwise): unit
+/// vectors of 384 dimensions, paraphrases closer than unrelated texts.
+#[test]
+fn sentence_embedder_puts_paraphrases_close() {
+    let Some(dir) = installed_models() else {
+        return;
+    };
     let e = super::sentence::SentenceEmbedder::load(&dir, 1).expect("loads");
     let v = e
         .embed(&[
@@ -580,14 +590,9 @@ fn sentence_embedder_puts_paraphrases_close() {
 /// text's vector independent of its batch.
 #[test]
 fn static_embedder_distilled_from_the_sentence_model_puts_paraphrases_close() {
-    let models = super::sentence::models_dir();
-    if !super::sentence::available(&models) {
-        eprintln!(
-            "skipped: no sentence model in {} (scripts/models.sh)",
-            models.display()
-        );
+    let Some(models) = installed_models() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     for d in ["onnxruntime", super::sentence::MODEL] {
         std::os::unix::fs::symlink(models.join(d), dir.path().join(d)).unwrap();

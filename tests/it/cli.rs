@@ -333,8 +333,8 @@ fn demo_alerts_on_the_slowdown_and_resolves_on_recovery() {
         "{changes:?}"
     );
     // In the drift table: v7's inputs drift within three windows of the shift (and not
-    // before it), and other series' embeddings hardly ever: 7 series × 24 windows × 4 tests
-    // at 1/40,000 each (the demo's drift.false_alarm_rate / 4) is 0.02 false verdicts expected.
+    // before it), and other series' embeddings hardly ever (7 series × 24 windows; the
+    // verdict wants 4σ three windows running, which exchangeable traffic all but never does).
     let (t0, t1) = (
         scalar(&data, "SELECT CAST(min(timestamp) AS BIGINT) FROM events"),
         scalar(&data, "SELECT CAST(max(timestamp) AS BIGINT) FROM events"),
