@@ -211,9 +211,17 @@ pub(crate) struct SeriesRef {
 }
 
 impl SeriesRef {
-    fn texts(&self, field: usize) -> Vec<Vec<f32>> {
+    /// The windows whose texts a new window is compared with: all but the last `lag`, which
+    /// a shift that began there would already have moved (a reference that takes in a
+    /// shift's first windows at once hides it from the windows after).
+    fn settled(&self, lag: usize) -> impl Iterator<Item = &RefWindow> {
         self.windows
             .iter()
+            .take(self.windows.len().saturating_sub(lag))
+    }
+
+    fn texts(&self, field: usize, lag: usize) -> Vec<Vec<f32>> {
+        self.settled(lag)
             .flat_map(|w| w.texts[field].iter().map(|(_, v)| v.clone()))
             .collect()
     }
@@ -378,7 +386,15 @@ impl Judge {
             );
             let (mut zs, mut rs) = ([[None; 2]; 2], [[None; 2]; 2]);
             for (f, field) in FIELDS.iter().enumerate() {
-                let refs = reference.texts(f);
+                // Once the reference is past its warm-up, the windows a persisting shift
+                // would have begun in are held out of it.
+                let lag = self.cfg.persistence.saturating_sub(1);
+                let lag = if reference.windows.len() >= self.cfg.calibration_windows + lag {
+                    lag
+                } else {
+                    0
+                };
+                let refs = reference.texts(f, lag);
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
                 let samples: Vec<&super::sample::Sampled> =
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
