@@ -135,6 +135,18 @@ fn key(text: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
+/// The distinct texts of `texts` the cache has no vector for.
+fn missing<'a>(seen: &std::collections::HashMap<u64, Vec<f32>>, texts: &[&'a str]) -> Vec<&'a str> {
+    let mut m: Vec<&str> = texts
+        .iter()
+        .copied()
+        .filter(|t| !seen.contains_key(&key(t)))
+        .collect();
+    m.sort_unstable();
+    m.dedup();
+    m
+}
+
 impl Cached {
     fn new(inner: std::sync::Arc<dyn Embedder>) -> Cached {
         Cached {
@@ -171,13 +183,7 @@ impl Cached {
                 f.set_len(whole as u64).expect("truncates");
             }
         }
-        let mut missing: Vec<&str> = texts
-            .iter()
-            .copied()
-            .filter(|t| !seen.contains_key(&key(t)))
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
+        let mut missing = missing(&seen, texts);
         missing.sort_by_key(|t| t.len());
         println!(
             "embedding cache {}: {} vectors, {} texts to embed",
@@ -228,17 +234,7 @@ impl Embedder for Cached {
     }
 
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, telltale::drift::embed::EmbedError> {
-        let missing: Vec<&str> = {
-            let seen = self.seen.lock().expect("not poisoned");
-            let mut m: Vec<&str> = texts
-                .iter()
-                .copied()
-                .filter(|t| !seen.contains_key(&key(t)))
-                .collect();
-            m.sort_unstable();
-            m.dedup();
-            m
-        };
+        let missing = missing(&self.seen.lock().expect("not poisoned"), texts);
         let fresh = if missing.is_empty() {
             Vec::new()
         } else {

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use super::embed::{Embedder, HashEmbedder};
 use super::sample::WindowSample;
 use super::scalar::{Scalars, scalar_drift};
-use super::stats::{Pca, TestResult, centroid_test, mmd_test_explained, normal_isf, normal_sf};
+use super::stats::{Pca, TestResult, centroid_test, mmd_test_explained, normal_sf};
 use super::table::{DriftRow, EMBEDDING_METHODS, FIELDS, drift_batch, drift_file, frame_batch};
 use crate::alert::{Frame, FrameSender};
 use crate::config::SinkConfig;
@@ -211,17 +211,13 @@ pub(crate) struct SeriesRef {
 }
 
 impl SeriesRef {
-    /// The windows whose texts a new window is compared with: all but the last `lag`, which
-    /// a shift that began there would already have moved (a reference that takes in a
-    /// shift's first windows at once hides it from the windows after).
-    fn settled(&self, lag: usize) -> impl Iterator<Item = &RefWindow> {
+    /// The texts a new window is compared with: those of all windows but the last `lag`,
+    /// which a shift that began there would already have moved (a reference that takes in
+    /// a shift's first windows at once hides it from the windows after).
+    fn texts(&self, field: usize, lag: usize) -> Vec<Vec<f32>> {
         self.windows
             .iter()
             .take(self.windows.len().saturating_sub(lag))
-    }
-
-    fn texts(&self, field: usize, lag: usize) -> Vec<Vec<f32>> {
-        self.settled(lag)
             .flat_map(|w| w.texts[field].iter().map(|(_, v)| v.clone()))
             .collect()
     }
@@ -385,32 +381,30 @@ impl Judge {
                 reference.windows.len()
             );
             let (mut zs, mut rs) = ([[None; 2]; 2], [[None; 2]; 2]);
+            // The windows just before this one, whose residuals decide whether drift
+            // persists; once the reference is past its warm-up, they are held out of it.
+            let before = self.cfg.persistence.saturating_sub(1);
+            let recent_from = reference.windows.len().saturating_sub(before);
+            let lag = if reference.windows.len() >= self.cfg.calibration_windows + before {
+                before
+            } else {
+                0
+            };
             for (f, field) in FIELDS.iter().enumerate() {
-                // Once the reference is past its warm-up, the windows a persisting shift
-                // would have begun in are held out of it.
-                let lag = self.cfg.persistence.saturating_sub(1);
-                let lag = if reference.windows.len() >= self.cfg.calibration_windows + lag {
-                    lag
-                } else {
-                    0
-                };
                 let refs = reference.texts(f, lag);
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
                 let samples: Vec<&super::sample::Sampled> =
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
                 let history =
                     [0, 1].map(|m| reference.windows.iter().filter_map(|w| w.z[f][m]).collect());
-                // The residuals of the windows just before, oldest first.
+                // Their residuals, oldest first.
                 let recent = [0, 1].map(|m| {
-                    let back = self.cfg.persistence.saturating_sub(1);
-                    let v: Vec<Option<f64>> = reference
+                    reference
                         .windows
                         .iter()
-                        .rev()
-                        .take(back)
+                        .skip(recent_from)
                         .map(|w| w.r[f][m])
-                        .collect();
-                    v.into_iter().rev().collect()
+                        .collect()
                 });
                 let (r, z) = embedding_rows(
                     &self.cfg,
@@ -520,14 +514,12 @@ pub struct Calibrated {
     pub sigma: f64,
     /// `(z − median) / sigma`.
     pub residual: f64,
-    /// Where `z` lies beyond the normal `(1 − alpha)` quantile of that spread.
-    pub threshold: f64,
     /// `P(Z > residual)` for a standard normal: the window's own significance, had residuals
     /// normal tails (real traffic's are far heavier, hence the persistence rule).
     pub p_value: f64,
 }
 
-pub fn calibrated(z: f64, history: &[f64], alpha: f64) -> Calibrated {
+pub fn calibrated(z: f64, history: &[f64]) -> Calibrated {
     let mut h = history.to_vec();
     h.sort_by(f64::total_cmp);
     let median = h[h.len() / 2];
@@ -539,7 +531,6 @@ pub fn calibrated(z: f64, history: &[f64], alpha: f64) -> Calibrated {
         median,
         sigma,
         residual,
-        threshold: median + normal_isf(alpha) * sigma,
         p_value: normal_sf(residual),
     }
 }
@@ -640,7 +631,7 @@ fn embedding_rows(
         if history[m].len() < cfg.calibration_windows {
             r.status = "calibrating";
         } else {
-            let c = calibrated(t.z, &history[m], alpha);
+            let c = calibrated(t.z, &history[m]);
             r.threshold = Some(c.median + cfg.persistence_sigma * c.sigma);
             r.p_value = Some(c.p_value);
             r.drifted = persistent(cfg, c.residual, &recent[m]);
