@@ -647,6 +647,23 @@ pub fn state_file(root: &Path, stream: &str) -> PathBuf {
     crate::sink::state_dir(root, "drift").join(format!("{stream}.json"))
 }
 
+/// Forgets a stream's drift state (close position and references): a backfill's rerun
+/// judges its windows afresh.
+pub fn forget(root: &Path, stream: &str) -> Result<(), SinkError> {
+    for path in [
+        state_file(root, stream),
+        super::state::reference_file(root, stream),
+    ] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(crate::sink::io_err(&path)(e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The close position of a stream's drift stage and its embedder (`None`: never ran).
 pub fn read_state(root: &Path, stream: &str) -> Option<(i64, String)> {
     let text = std::fs::read_to_string(state_file(root, stream)).ok()?;
@@ -705,6 +722,8 @@ pub fn write_judged(
 enum Msg {
     Minutes(Vec<SampleWindow>),
     Stop,
+    /// The input ended: judge every window, the last partial one included, then stop.
+    Finish,
 }
 
 /// Hands closed minutes to the drift stage.
@@ -819,6 +838,13 @@ impl DriftStage {
         DriftSender(self.tx.clone())
     }
 
+    /// The end of a finite input (a backfill): judges every minute handed over and the last,
+    /// partial window, however long that takes, and stops.
+    pub fn finish(self) {
+        let _ = self.tx.send(Msg::Finish);
+        let _ = self.handle.join();
+    }
+
     /// Judges the minutes already handed over (for at most `stop_grace`) and stops.
     /// Windows not judged by then are judged after the next start (their minutes are read
     /// back from `events`).
@@ -844,6 +870,13 @@ fn run(mut judge: Judge, rx: Receiver<Msg>, out: &Out<'_>, stop_by: &std::sync::
         let minutes = match msg {
             Msg::Minutes(m) => m,
             Msg::Stop => break,
+            Msg::Finish => {
+                let started = Instant::now();
+                for j in judge.finish() {
+                    publish(&judge, out, &j, started);
+                }
+                break;
+            }
         };
         for minute in minutes {
             if stop_by.get().is_some_and(|d| Instant::now() > *d) {

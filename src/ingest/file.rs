@@ -148,6 +148,24 @@ pub fn run(
     };
     let frames = alerts.as_ref().map(crate::alert::AlertStage::sender);
     let experiment_frames = frames.clone();
+    // Drift judges the backfill's windows in event time against the backfill's own past
+    // (a rerun starts afresh, as its metrics do); the last, partial window is judged at the end.
+    let drift_on = config.metrics.enabled && config.drift.enabled;
+    let drift = if drift_on {
+        crate::drift::stage::forget(&config.data_root, &stream)?;
+        Some(crate::drift::DriftStage::start(
+            config.drift.clone(),
+            &config.metrics.window.dimensions,
+            &config.data_root,
+            &stream,
+            config.sink.clone(),
+            frames.clone(),
+            stats.clone(),
+        )?)
+    } else {
+        None
+    };
+    let samples = drift.as_ref().map(crate::drift::DriftStage::sender);
     // Deferred scorers (judge, command, http): a backfill waits for them at the end.
     let deferred = match &quality {
         Some(q) if q.has_deferred() => Some(
@@ -177,9 +195,12 @@ pub fn run(
                 Arc::new(NoCommit),
                 writer_stats,
                 &|| true,
-                &|out| {
+                &|mut out| {
                     if let Some(f) = &frames {
                         f.send_metrics(&out);
+                    }
+                    if let Some(d) = &samples {
+                        d.send(std::mem::take(&mut out.samples));
                     }
                 },
                 &|job| {
@@ -210,6 +231,9 @@ pub fn run(
         let mut m = MetricsStage::new(config.metrics.clone(), &stream, false, stats.clone());
         if let Some(q) = quality {
             m = m.with_quality(q);
+        }
+        if drift_on {
+            m = m.with_sampling(&config.drift);
         }
         acc = acc.with_metrics(m);
     }
@@ -314,6 +338,14 @@ pub fn run(
     }
     drop(tx);
     let writer_result = writer.join().map_err(|_| IngestError::WriterGone)?;
+    if let Some(d) = drift {
+        if result.is_ok() && !shutdown.is_triggered() {
+            info!("judging the last drift windows");
+            d.finish();
+        } else {
+            d.stop();
+        }
+    }
     if let Some(d) = deferred {
         // A backfill's deferred scores are part of its result: wait for them (what a crash
         // leaves undone is scored by the next run over the same files).
