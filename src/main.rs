@@ -139,6 +139,16 @@ enum Command {
         after_help = "Examples:\n  bash scripts/models.sh && telltale models distill\n  telltale models list"
     )]
     Models(ModelsCommand),
+    /// Pin the drift baseline: series are judged against a fixed period, or against all traffic
+    /// of one prompt version, instead of their trailing 24 h.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  telltale baseline pin --pipeline pipelines/default.toml --from 2026-11-20T00:00:00Z --to 2026-11-21T00:00:00Z\n  \
+        telltale baseline pin --pipeline pipelines/default.toml --prompt-version v3 --where app=support-bot\n  \
+        telltale baseline show --pipeline pipelines/default.toml\n  \
+        telltale baseline unpin --pipeline pipelines/default.toml --where app=support-bot"
+    )]
+    Baseline(BaselineCommand),
     /// List pending and firing alerts (from the running pipelines' state).
     Alerts {
         #[command(flatten)]
@@ -241,6 +251,50 @@ enum ModelsCommand {
 }
 
 #[derive(Subcommand)]
+enum BaselineCommand {
+    /// Pin the traffic of a period (--from/--to or --last), or all traffic of a prompt version,
+    /// as the drift baseline of the series it covers (replacing their earlier pins). Reads
+    /// `events`, embeds with the pipeline's embedder and calibrates on the baseline's own
+    /// windows; running pipelines use it from their next drift window.
+    Pin {
+        /// Start of the period (RFC 3339, e.g. 2026-11-20T00:00:00Z).
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// End of the period (RFC 3339), excluded.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// The period that ends now and lasts this long, e.g. 24h or 7d.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        last: Option<String>,
+        /// All traffic of this prompt version (within the period, if one is given): every
+        /// version of each series is judged against it.
+        #[arg(long)]
+        prompt_version: Option<String>,
+        /// Only series with this dimension value, NAME=VALUE (repeatable), e.g. app=support-bot.
+        #[arg(long = "where", value_parser = parse_kv)]
+        filters: Vec<(String, String)>,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+    /// The pinned series: scope, windows, reference texts, calibration, embedder.
+    Show {
+        #[command(flatten)]
+        root: RootArgs,
+    },
+    /// Unpin the series matching every --where (all of them without one): they are judged
+    /// against their trailing reference again, calibrating afresh.
+    Unpin {
+        #[arg(long = "where", value_parser = parse_kv)]
+        filters: Vec<(String, String)>,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum ExperimentCommand {
     /// The latest look at an experiment: decision, reason, and per metric and arm the
     /// estimate, lift, always-valid interval, p-values and verdict.
@@ -339,6 +393,130 @@ fn since_ms(s: Option<&str>) -> Result<Option<i64>> {
         Ok(chrono::Utc::now().timestamp_millis() - d.as_millis() as i64)
     })
     .transpose()
+}
+
+fn rfc3339_ms(flag: &str, s: &str) -> Result<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| {
+            anyhow::anyhow!("{flag} {s:?} is not an RFC 3339 time (e.g. 2026-11-20T00:00:00Z): {e}")
+        })
+}
+
+fn baseline(command: BaselineCommand) -> Result<()> {
+    use telltale::drift::baseline::{self, Scope};
+    let config = |root: &RootArgs| -> Result<(PathBuf, PipelineConfig)> {
+        let (dir, cfg) = root.resolve()?;
+        let cfg = cfg.unwrap_or_else(|| {
+            // A pipeline file's defaults: the embedder is `auto`.
+            let mut c = PipelineConfig::kafka("", "", "telltale", &dir, Default::default());
+            c.drift.embedder = telltale::drift::EmbedderKind::auto();
+            c.drift.budget_texts_per_s = c.drift.embedder.default_budget();
+            c
+        });
+        Ok((dir, cfg))
+    };
+    match command {
+        BaselineCommand::Pin {
+            from,
+            to,
+            last,
+            prompt_version,
+            filters,
+            quiet,
+            root,
+        } => {
+            let (dir, cfg) = config(&root)?;
+            let (from_ms, to_ms) = match (&from, &to, &last) {
+                (Some(f), Some(t), _) => (rfc3339_ms("--from", f)?, rfc3339_ms("--to", t)?),
+                (_, _, Some(l)) => {
+                    let d = telltale::config::reader::parse_duration(l)
+                        .map_err(|e| anyhow::anyhow!("--last {l:?}: {e}"))?;
+                    let now = chrono::Utc::now().timestamp_millis();
+                    (now - d.as_millis() as i64, now)
+                }
+                _ if prompt_version.is_some() => (i64::MIN, i64::MAX),
+                _ => anyhow::bail!(
+                    "say what to pin: --from and --to, --last (e.g. 24h), or --prompt-version"
+                ),
+            };
+            anyhow::ensure!(from_ms < to_ms, "--from must be before --to");
+            let scope = match prompt_version {
+                Some(version) => Scope::Version {
+                    version,
+                    from_ms,
+                    to_ms,
+                },
+                None => Scope::Period { from_ms, to_ms },
+            };
+            let embedder = cfg.drift.embedder.try_build().map_err(|e| {
+                anyhow::anyhow!(
+                    "drift.embedder: {e} (`telltale models list` says what is installed)"
+                )
+            })?;
+            let report = baseline::pin(
+                &dir,
+                &cfg.metrics.window.dimensions,
+                &cfg.drift,
+                embedder.as_ref(),
+                &scope,
+                &filters,
+                &cfg.sink,
+                !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            )?;
+            println!(
+                "pinned {} series ({} texts embedded with {}){}",
+                report.pinned.len(),
+                report.texts_embedded,
+                embedder.id(),
+                if report.replaced > 0 {
+                    format!(", replacing {} earlier pins", report.replaced)
+                } else {
+                    String::new()
+                }
+            );
+            let dims: Vec<String> = cfg
+                .metrics
+                .window
+                .dimensions
+                .iter()
+                .map(|d| d.column())
+                .collect();
+            for e in &report.pinned {
+                let series: Vec<String> = dims
+                    .iter()
+                    .zip(&e.series)
+                    .map(|(d, v)| format!("{d}={}", v.as_deref().unwrap_or("-")))
+                    .collect();
+                println!(
+                    "  {}: {} windows, calibrated on {} / {}",
+                    series.join(","),
+                    e.windows,
+                    e.calibration[0],
+                    e.calibration[1]
+                );
+            }
+            for (series, why) in &report.skipped {
+                println!("  not pinned: {series}: {why}");
+            }
+        }
+        BaselineCommand::Show { root } => {
+            let (dir, _) = config(&root)?;
+            print!(
+                "{}",
+                baseline::render(baseline::read_manifest(&dir)?.as_ref())
+            );
+        }
+        BaselineCommand::Unpin { filters, root } => {
+            let (dir, cfg) = config(&root)?;
+            let removed = baseline::unpin(&dir, &filters, &cfg.sink)?;
+            println!(
+                "unpinned {} series; they are judged against their trailing reference again",
+                removed.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn harvest(command: HarvestCommand) -> Result<()> {
@@ -555,6 +733,7 @@ async fn dispatch(command: Command) -> Result<()> {
         }
         Command::Experiment(c) => experiment(c),
         Command::Models(c) => models(c),
+        Command::Baseline(c) => tokio::task::spawn_blocking(move || baseline(c)).await?,
         Command::Gate {
             app,
             environment,

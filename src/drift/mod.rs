@@ -16,11 +16,14 @@
 //! - [`scalar`]: lengths, tokens, finish reasons, refusals, scripts (JS, PSI, KS, W₁);
 //! - [`stage`]: [`Judge`] (windows, budget, references, verdicts) and [`DriftStage`];
 //! - [`state`]: references and verdict history across restarts;
+//! - [`baseline`]: pinned baselines (`telltale baseline pin`), judged against instead of the
+//!   trailing reference;
 //! - [`table`]: the `drift` table and the alert frame.
 //!
 //! Embedders: [`embed::HashEmbedder`] (always there), [`sentence`] (all-MiniLM-L6-v2 on ONNX
 //! Runtime) and [`static_model`] (model2vec, distilled from it).
 
+pub mod baseline;
 pub mod embed;
 pub mod sample;
 pub mod scalar;

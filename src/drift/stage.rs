@@ -179,6 +179,13 @@ impl DriftConfig {
     pub fn alpha(&self) -> f64 {
         self.false_alarm_rate / EMBEDDING_TESTS
     }
+
+    /// Texts embedded per series and field in a window with `series` live series: the
+    /// window's budget shared evenly by their two fields.
+    pub fn texts_per_field(&self, series: usize) -> usize {
+        let budget = self.budget_texts_per_s * self.window_ms as f64 / 1000.0;
+        ((budget / (2 * series.max(1)) as f64) as usize).clamp(2, self.samples_per_window)
+    }
 }
 
 /// One closed minute's samples (from the metrics stage).
@@ -224,7 +231,7 @@ impl SeriesRef {
 
     /// Keeps at most `size` texts per field, taking from the windows that hold the most
     /// (so every window stays represented) and their highest hashes first.
-    fn thin(&mut self, size: usize) {
+    pub(crate) fn thin(&mut self, size: usize) {
         for field in 0..2 {
             let mut total: usize = self.windows.iter().map(|w| w.texts[field].len()).sum();
             while total > size {
@@ -256,6 +263,17 @@ pub struct Judge {
     open: BTreeMap<i64, HashMap<SeriesKey, WindowSample>>,
     pub(crate) refs: HashMap<SeriesKey, SeriesRef>,
     closed_through: i64,
+    baselines: Option<Baselines>,
+}
+
+/// Where a judge finds pinned baselines, and the ones it read.
+#[derive(Clone)]
+struct Baselines {
+    root: PathBuf,
+    dims: Vec<String>,
+    /// The manifest's modification time when read (`None`: no manifest).
+    read: Option<std::time::SystemTime>,
+    pinned: Option<Arc<super::baseline::Pinned>>,
 }
 
 impl Judge {
@@ -266,7 +284,47 @@ impl Judge {
             open: BTreeMap::new(),
             refs: HashMap::new(),
             closed_through,
+            baselines: None,
         }
+    }
+
+    /// Judges the series pinned under `root` (`telltale baseline pin`) against their pinned
+    /// baseline; a manifest that changes is read again at the next window.
+    pub fn with_baselines(mut self, root: &Path, dims: &[String]) -> Judge {
+        self.baselines = Some(Baselines {
+            root: root.to_owned(),
+            dims: dims.to_vec(),
+            read: None,
+            pinned: None,
+        });
+        self.refresh_pinned();
+        self
+    }
+
+    fn refresh_pinned(&mut self) {
+        let Some(b) = &mut self.baselines else {
+            return;
+        };
+        let path = super::baseline::manifest_path(&b.root);
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified == b.read {
+            return;
+        }
+        b.read = modified;
+        b.pinned = match super::baseline::Pinned::load(&b.root, &b.dims, self.embedder.id()) {
+            Ok(p) => {
+                if let Some(p) = &p {
+                    info!(series = p.len(), "drift: pinned baselines read");
+                } else if b.pinned.is_some() {
+                    info!("drift: no baseline pinned any more; trailing references only");
+                }
+                p.map(Arc::new)
+            }
+            Err(err) => {
+                error!(error = %err, "cannot read the pinned drift baselines; judging against trailing references");
+                None
+            }
+        };
     }
 
     pub fn config(&self) -> &DriftConfig {
@@ -281,6 +339,7 @@ impl Judge {
             open: self.open.clone(),
             refs: self.refs.clone(),
             closed_through: self.closed_through,
+            baselines: self.baselines.clone(),
         }
     }
 
@@ -337,10 +396,8 @@ impl Judge {
         let end_ms = start_ms + self.cfg.window_ms;
         let mut series: Vec<(SeriesKey, WindowSample)> = series.into_iter().collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
-        // The budget for this window, shared evenly by the series' two fields.
-        let budget = self.cfg.budget_texts_per_s * self.cfg.window_ms as f64 / 1000.0;
-        let per_field = ((budget / (2 * series.len().max(1)) as f64) as usize)
-            .clamp(2, self.cfg.samples_per_window);
+        let per_field = self.cfg.texts_per_field(series.len());
+        self.refresh_pinned();
         for (_, s) in &mut series {
             s.shrink(per_field);
         }
@@ -375,28 +432,42 @@ impl Judge {
                 }
             }
             let reference = self.refs.entry(key.clone()).or_default();
-            let describe = format!(
-                "trailing {}: {} windows",
-                crate::metrics::resolution_name(self.cfg.reference_ms),
-                reference.windows.len()
-            );
+            // A pinned baseline, if the series has one, stands in for the trailing reference
+            // (texts, calibration history, scalars); persistence still reads the series' own
+            // recent windows.
+            let pin = self
+                .baselines
+                .as_ref()
+                .and_then(|b| b.pinned.as_deref())
+                .and_then(|p| p.get(&key));
+            let describe = match pin {
+                Some((e, r)) => format!("pinned {}: {} windows", e.scope, r.windows.len()),
+                None => format!(
+                    "trailing {}: {} windows",
+                    crate::metrics::resolution_name(self.cfg.reference_ms),
+                    reference.windows.len()
+                ),
+            };
+            let against = pin.map_or(&*reference, |(_, r)| r);
             let (mut zs, mut rs) = ([[None; 2]; 2], [[None; 2]; 2]);
             // The windows just before this one, whose residuals decide whether drift
             // persists; once the reference is past its warm-up, they are held out of it.
             let before = self.cfg.persistence.saturating_sub(1);
             let recent_from = reference.windows.len().saturating_sub(before);
-            let lag = if reference.windows.len() >= self.cfg.calibration_windows + before {
+            let lag = if pin.is_none()
+                && reference.windows.len() >= self.cfg.calibration_windows + before
+            {
                 before
             } else {
                 0
             };
             for (f, field) in FIELDS.iter().enumerate() {
-                let refs = reference.texts(f, lag);
+                let refs = against.texts(f, lag);
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
                 let samples: Vec<&super::sample::Sampled> =
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
                 let history =
-                    [0, 1].map(|m| reference.windows.iter().filter_map(|w| w.z[f][m]).collect());
+                    [0, 1].map(|m| against.windows.iter().filter_map(|w| w.z[f][m]).collect());
                 // Their residuals, oldest first.
                 let recent = [0, 1].map(|m| {
                     reference
@@ -423,7 +494,7 @@ impl Judge {
                 rows.extend(r);
                 (zs[f], rs[f]) = z;
             }
-            let ref_scalars: Vec<&Scalars> = reference.windows.iter().map(|w| &w.scalars).collect();
+            let ref_scalars: Vec<&Scalars> = against.windows.iter().map(|w| &w.scalars).collect();
             for r in scalar_drift(
                 &s.scalars,
                 &ref_scalars,
@@ -453,7 +524,12 @@ impl Judge {
                     embedder: None,
                 });
             }
-            // The window joins the reference of the windows after it.
+            // The window joins the reference of the windows after it. Statistics against a
+            // pin do not calibrate the trailing reference (unpinned, it calibrates afresh).
+            if pin.is_some() {
+                zs = [[None; 2]; 2];
+            }
+            let reference = self.refs.get_mut(&key).expect("entered above");
             reference.windows.push_back(RefWindow {
                 start_ms,
                 texts: current,
@@ -495,7 +571,7 @@ impl Judge {
 }
 
 /// A stable seed per series, window and field, so a rerun reaches the same verdicts.
-fn seed(key: &SeriesKey, start_ms: i64, field: &str) -> u64 {
+pub(crate) fn seed(key: &SeriesKey, start_ms: i64, field: &str) -> u64 {
     let mut s = format!("{start_ms}/{field}");
     for v in key.values() {
         s.push('/');
@@ -549,6 +625,31 @@ pub fn persistent(cfg: &DriftConfig, r: f64, recent: &[Option<f64>]) -> bool {
             && recent.iter().all(|x| x.is_some_and(above)))
 }
 
+/// The embedding tests of a current sample against a reference (MMD on PCA-reduced
+/// embeddings, centroid distance on the embeddings), and each current text's MMD witness
+/// value: how much more of it the current sample has than the reference.
+pub(crate) fn statistics(
+    cfg: &DriftConfig,
+    reference: &[Vec<f32>],
+    current: &[Vec<f32>],
+    seed: u64,
+) -> ([TestResult; 2], Vec<f64>) {
+    let pooled: Vec<Vec<f32>> = reference.iter().chain(current).cloned().collect();
+    let pca = Pca::fit(&pooled, cfg.pca_dims, seed);
+    let rp: Vec<Vec<f32>> = reference.iter().map(|v| pca.project(v)).collect();
+    let cp: Vec<Vec<f32>> = current.iter().map(|v| pca.project(v)).collect();
+    let (alpha, draws) = (cfg.alpha(), cfg.null_draws);
+    let (mmd, w) = mmd_test_explained(&rp, &cp, draws, alpha, seed);
+    let tests = [
+        mmd,
+        // On the embeddings themselves: the null comes from the reference alone, so a
+        // projection fitted with the current sample in it would favour the current sample's
+        // own directions (measured: 4× the false-alarm rate in PCA coordinates).
+        centroid_test(reference, current, draws, alpha, seed ^ 1),
+    ];
+    (tests, w)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn embedding_rows(
     cfg: &DriftConfig,
@@ -594,21 +695,7 @@ fn embedding_rows(
             ([None, None], [None, None]),
         );
     }
-    let seed = seed(key, start_ms, field);
-    let pooled: Vec<Vec<f32>> = reference.iter().chain(current).cloned().collect();
-    let pca = Pca::fit(&pooled, cfg.pca_dims, seed);
-    let rp: Vec<Vec<f32>> = reference.iter().map(|v| pca.project(v)).collect();
-    let cp: Vec<Vec<f32>> = current.iter().map(|v| pca.project(v)).collect();
-    let (alpha, draws) = (cfg.alpha(), cfg.null_draws);
-    // What moved: the current texts the reference has least of (the MMD witness).
-    let (mmd, w) = mmd_test_explained(&rp, &cp, draws, alpha, seed);
-    let tests: [TestResult; 2] = [
-        mmd,
-        // On the embeddings themselves: the null comes from the reference alone, so a
-        // projection fitted with the current sample in it would favour the current sample's
-        // own directions (measured: 4× the false-alarm rate in PCA coordinates).
-        centroid_test(reference, current, draws, alpha, seed ^ 1),
-    ];
+    let (tests, w) = statistics(cfg, reference, current, seed(key, start_ms, field));
     let mut order: Vec<usize> = (0..w.len()).collect();
     order.sort_by(|a, b| w[*b].total_cmp(&w[*a]));
     let examples: Vec<serde_json::Value> = order
@@ -771,7 +858,7 @@ impl DriftStage {
             None => (i64::MIN, true),
         };
         let grace = cfg.stop_grace;
-        let mut judge = Judge::new(cfg, embedder, closed);
+        let mut judge = Judge::new(cfg, embedder, closed).with_baselines(root, &dims);
         if same_embedder {
             judge.refs = super::state::load(root, stream);
         } else {

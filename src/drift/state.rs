@@ -99,6 +99,15 @@ pub(crate) fn save(
     refs: &HashMap<SeriesKey, SeriesRef>,
     sink: &SinkConfig,
 ) -> Result<(), SinkError> {
+    save_to(&reference_file(root, stream), refs, sink)
+}
+
+/// Writes references to `path` (atomically: temp file, rename; the directory synced).
+pub(crate) fn save_to(
+    path: &Path,
+    refs: &HashMap<SeriesKey, SeriesRef>,
+    sink: &SinkConfig,
+) -> Result<(), SinkError> {
     let (mut series, mut start, mut field, mut hash, mut data) = (
         StringBuilder::new(),
         Int64Builder::new(),
@@ -146,25 +155,26 @@ pub(crate) fn save(
         ],
     )
     .expect("columns match");
-    let path = reference_file(root, stream);
-    write_into_place(&path, &batch, Table::Drift, sink)?;
+    write_into_place(path, &batch, Table::Drift, sink)?;
     fsync_dir(path.parent().expect("has a directory"))
 }
 
 /// Reads the references back (empty when there are none or the file is unreadable).
 pub(crate) fn load(root: &Path, stream: &str) -> HashMap<SeriesKey, SeriesRef> {
     let path = reference_file(root, stream);
-    let mut out: HashMap<SeriesKey, SeriesRef> = HashMap::new();
     if !path.exists() {
-        return out;
+        return HashMap::new();
     }
-    let batches = match crate::metrics::rebuild::read_parquet(&path, None) {
-        Ok(b) => b,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot read the drift references; they fill up again");
-            return out;
-        }
-    };
+    load_from(&path).unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "cannot read the drift references; they fill up again");
+        HashMap::new()
+    })
+}
+
+/// Reads references written by [`save_to`].
+pub(crate) fn load_from(path: &Path) -> Result<HashMap<SeriesKey, SeriesRef>, SinkError> {
+    let mut out: HashMap<SeriesKey, SeriesRef> = HashMap::new();
+    let batches = crate::metrics::rebuild::read_parquet(path, None)?;
     for b in batches {
         let (Some(series), Some(start), Some(field), Some(hash), Some(data)) = (
             b.column(0).as_string_opt::<i32>(),
@@ -208,5 +218,5 @@ pub(crate) fn load(root: &Path, stream: &str) -> HashMap<SeriesKey, SeriesRef> {
             }
         }
     }
-    out
+    Ok(out)
 }

@@ -709,3 +709,122 @@ fn events_read_back_carry_what_the_sampler_keys_on() {
     });
     assert_eq!(seen, [(3, Some("conv-7".to_owned()))]);
 }
+
+/// One series judged against a baseline pinned from `pinned` stationary windows (made by
+/// the same code as `telltale baseline pin`): then `windows` windows, the last `shifted` of
+/// them with a `mix` share of code inputs.
+fn run_pinned(
+    seed: u64,
+    cfg: &DriftConfig,
+    pinned: i64,
+    windows: i64,
+    shifted: i64,
+    mix: f64,
+) -> Vec<Judged> {
+    use super::baseline::{Traffic, build, store};
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut traffic = Traffic::new();
+    for m in 0..pinned * 5 {
+        let w = minute(&mut rng, "s", m, 16, 0.0, 0.0);
+        let start = w.start_ms.div_euclid(cfg.window_ms) * cfg.window_ms;
+        for (key, s) in w.series {
+            let (events, windows) = traffic.entry(key).or_default();
+            *events += s.events;
+            windows
+                .entry(start)
+                .or_insert_with(|| WindowSample::new(cfg.samples_per_window))
+                .merge(s);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dims = ["app".to_owned()];
+    let embedder = cfg.embedder.build();
+    let built = build(
+        cfg,
+        embedder.as_ref(),
+        &[crate::window::Dimension::Field(0)],
+        "test",
+        traffic,
+        false,
+    )
+    .unwrap();
+    assert_eq!(built.entries.len(), 1, "{:?}", built.skipped);
+    store(
+        dir.path(),
+        &dims,
+        &built,
+        &crate::config::SinkConfig::default(),
+    )
+    .unwrap();
+    let mut j = judge(cfg.clone()).with_baselines(dir.path(), &dims);
+    let mut out = Vec::new();
+    for m in pinned * 5..(pinned + windows) * 5 {
+        let on = m / 5 >= pinned + windows - shifted;
+        out.extend(j.add(minute(
+            &mut rng,
+            "s",
+            m,
+            16,
+            if on { mix } else { 0.0 },
+            0.0,
+        )));
+    }
+    out
+}
+
+#[test]
+fn a_pinned_baseline_calibrates_verdicts_at_once_and_holds_the_false_alarm_rate() {
+    // As for trailing references: single-window verdicts at 2 % split over the four tests,
+    // on exchangeable traffic, flag about 8 of 400 windows; against the pin, from the first
+    // window on (its calibration history is the baseline's own windows, each tested against
+    // the rest).
+    let cfg = DriftConfig {
+        false_alarm_rate: 0.02,
+        persistence: 1,
+        persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
+        instant_sigma: f64::INFINITY,
+        ..DriftConfig::default()
+    };
+    let (mut windows, mut flagged) = (0, 0);
+    for seed in 0..20 {
+        for w in run_pinned(300 + seed, &cfg, 18, 20, 0, 0.0) {
+            let mmd = w
+                .rows
+                .iter()
+                .find(|r| r.field == "input" && r.method == "mmd");
+            assert!(
+                mmd.is_some_and(
+                    |r| r.status == "judged" && r.reference.starts_with("pinned test: 18 windows")
+                ),
+                "{mmd:?}"
+            );
+            windows += 1;
+            flagged += u32::from(drifted(&w, "input") || drifted(&w, "output"));
+        }
+    }
+    assert_eq!(windows, 400);
+    // Binomial(400, 0.02): mean 8, P(X > 17) < 0.1 %.
+    assert!(
+        flagged <= 17,
+        "{flagged} of {windows} stationary windows flagged"
+    );
+}
+
+#[test]
+fn a_pinned_baseline_catches_a_topic_shift_within_three_windows() {
+    let cfg = DriftConfig::default();
+    let mut delays = Vec::new();
+    for seed in 0..20 {
+        let verdicts = run_pinned(400 + seed, &cfg, 18, 10, 3, 0.3);
+        assert!(
+            verdicts[..7].iter().all(|w| !drifted(w, "input")),
+            "seed {seed}: drift before the shift"
+        );
+        delays.push(verdicts[7..].iter().position(|w| drifted(w, "input")));
+    }
+    let caught = delays.iter().filter(|d| d.is_some()).count();
+    assert!(
+        caught >= 18,
+        "caught within 3 windows in {caught} of 20 runs: {delays:?}"
+    );
+}

@@ -666,3 +666,59 @@ fn metrics_histograms_merge_to_the_raw_quantile() {
         );
     }
 }
+
+/// `telltale baseline` on a data root without events: each mistake gets its own message,
+/// and nothing is pinned.
+#[test]
+fn baseline_commands_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let fails = |args: &[&str]| {
+        let out = telltale()
+            .arg("baseline")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let err = fails(&["pin"]);
+    assert!(
+        err.contains("say what to pin: --from and --to, --last"),
+        "{err}"
+    );
+    let err = fails(&[
+        "pin",
+        "--from",
+        "2026-11-20",
+        "--to",
+        "2026-11-21T00:00:00Z",
+    ]);
+    assert!(
+        err.contains("--from \"2026-11-20\" is not an RFC 3339 time"),
+        "{err}"
+    );
+    let err = fails(&["pin", "--last", "24h", "--where", "team=search"]);
+    assert!(
+        err.contains("--where team=search: team is not a dimension of this pipeline (dimensions: app, environment, model, prompt_version)"),
+        "{err}"
+    );
+    let err = fails(&["pin", "--prompt-version", "v3"]);
+    assert!(
+        err.contains("no events for prompt_version v3 in")
+            && err.contains("(0 events in that time range)"),
+        "{err}"
+    );
+    let out = succeed(
+        telltale()
+            .args(["baseline", "show", "--data-dir"])
+            .arg(&root),
+    );
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("no drift baseline is pinned")
+    );
+}

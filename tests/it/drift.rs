@@ -172,3 +172,171 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
     );
     assert!(checked > 100, "{checked} quality rows");
 }
+
+/// `telltale baseline pin` from the first 90 minutes of the demo's traffic, then an import
+/// of all three hours: code-assistant's series are judged against the pin, which does not
+/// adapt to v7's lasting topic shift (every shifted window flagged, once it has persisted),
+/// while unshifted v8 is not flagged; the other apps keep their trailing reference. Unpinned,
+/// the same import judges v7 against its trailing reference (1 h), which takes the shift in
+/// and soon stops flagging it.
+#[test]
+fn a_pinned_baseline_keeps_flagging_a_lasting_shift() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ndata_root = \"{}\"\n[source]\ntype = \"file\"\npath = \"unused\"\n\
+             [telemetry]\nlisten = \"off\"\n[harvest]\nenabled = false\n[drift]\nembedder = \"hash\"\nreference = \"1h\"\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let span = 3 * 3_600_000;
+    let records: Vec<_> = TrafficGenerator::new(11, T_START, span, 30_000)
+        .malformed_every(None)
+        .take(30_000)
+        .collect();
+    let pinned_until = T_START + 90 * 60_000;
+    let shift = T_START + (telltale::demo::generator::SHIFT_FROM * span as f64) as i64;
+    assert!(shift > pinned_until);
+    let (first, all) = (
+        dir.path().join("first.jsonl.gz"),
+        dir.path().join("all.jsonl.gz"),
+    );
+    // Records come in time order; those in the canonical shape carry an RFC 3339 timestamp.
+    let time = |r: &telltale::demo::GeneratedRecord| {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).ok()?;
+        let t = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str()?).ok()?;
+        Some(t.timestamp_millis())
+    };
+    let cut = records
+        .iter()
+        .position(|r| time(r).is_some_and(|t| t >= pinned_until))
+        .unwrap();
+    let early = &records[..cut];
+    crate::cli::write_jsonl_gz(&first, early);
+    crate::cli::write_jsonl_gz(&all, &records);
+    run_files(&pipeline, &first);
+
+    let baseline = |args: &[&str]| {
+        let out = succeed(
+            telltale()
+                .arg("baseline")
+                .args(args)
+                .arg("--pipeline")
+                .arg(&pipeline),
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ms = |t: i64| telltale::metrics::fmt_ms(t);
+    let pinned = baseline(&[
+        "pin",
+        "--from",
+        &ms(T_START),
+        "--to",
+        &ms(pinned_until),
+        "--where",
+        "app=code-assistant",
+        "--quiet",
+    ]);
+    assert!(pinned.starts_with("pinned 2 series"), "{pinned}");
+    let shown = baseline(&["show"]);
+    for v in ["v7", "v8"] {
+        assert!(
+            shown.contains(&format!("app=code-assistant,environment=prod,model=claude-3-5-sonnet-20241022,prompt_version={v}")),
+            "{shown}"
+        );
+    }
+    assert!(shown.contains("18 windows"), "{shown}");
+
+    // The whole three hours, as another backfill: a new process reads the stored pin.
+    run_files(&pipeline, &all);
+    let per_window = |version: &str| {
+        strings(&sql(
+            &root,
+            &format!(
+                "SELECT CAST(CAST(window_start AS BIGINT) AS VARCHAR) || ' ' || CAST(bool_or(drifted) AS VARCHAR) || ' ' || min(reference) || ' (' || min(status) || ', ' || CAST(min(current_n) AS VARCHAR) || ' texts)'
+                 FROM drift WHERE stream LIKE 'backfill-%' AND app = 'code-assistant' AND prompt_version = '{version}'
+                   AND field = 'input' AND status = 'judged' AND CAST(window_start AS BIGINT) >= {pinned_until}
+                 GROUP BY window_start ORDER BY window_start"
+            ),
+        ))
+    };
+    let flagged = |rows: &[String], from: i64| {
+        let after: Vec<&String> = rows
+            .iter()
+            .filter(|r| r.split(' ').next().unwrap().parse::<i64>().unwrap() >= from)
+            .collect();
+        (
+            after.iter().filter(|r| r.contains(" true ")).count(),
+            after.len(),
+        )
+    };
+    let v7 = per_window("v7");
+    assert!(v7.iter().all(|r| r.contains(" pinned ")), "{v7:#?}");
+    // From the third whole shifted window on, every window is flagged.
+    let settled = (shift / WINDOW + 3) * WINDOW;
+    let (hit, of) = flagged(&v7, settled);
+    assert!(
+        of >= 10 && hit == of,
+        "v7 flagged in {hit} of {of} shifted windows:\n{v7:#?}"
+    );
+    let v8 = per_window("v8");
+    let (false_alarms, windows) = flagged(&v8, pinned_until);
+    assert!(windows >= 15 && false_alarms == 0, "v8 flagged:\n{v8:#?}");
+    let others = scalar(
+        &root,
+        "SELECT count(*) FROM drift WHERE stream LIKE 'backfill-%' AND app <> 'code-assistant' AND reference NOT LIKE 'trailing %'",
+    );
+    assert_eq!(
+        others, 0,
+        "only the pinned series are judged against the pin"
+    );
+
+    // Unpinned, a rerun judges v7 against its trailing reference again.
+    let unpinned = baseline(&["unpin", "--where", "app=code-assistant"]);
+    assert!(unpinned.starts_with("unpinned 2 series"), "{unpinned}");
+    assert!(baseline(&["show"]).starts_with("no drift baseline is pinned"));
+    run_files(&pipeline, &all);
+    let trailing = per_window("v7");
+    assert!(
+        trailing.iter().all(|r| r.contains(" trailing ")),
+        "{trailing:#?}"
+    );
+    let (trailing_hit, _) = flagged(&trailing, settled);
+    // The trailing reference (1 h here) takes the shift in and stops flagging it (measured:
+    // 3 of 14 windows).
+    assert!(
+        trailing_hit < of / 2,
+        "trailing flagged {trailing_hit} of {of}:\n{trailing:#?}"
+    );
+
+    // A version pin: all of v8's traffic is the baseline of every code-assistant version.
+    let pinned = baseline(&[
+        "pin",
+        "--prompt-version",
+        "v8",
+        "--where",
+        "app=code-assistant",
+        "--quiet",
+    ]);
+    assert!(
+        pinned.contains("pinned 1 series") && pinned.contains("prompt_version=*"),
+        "{pinned}"
+    );
+    assert!(baseline(&["show"]).contains("prompt_version v8 · 36 windows"));
+    run_files(&pipeline, &all);
+    let v7 = per_window("v7");
+    assert!(
+        v7.iter()
+            .all(|r| r.contains(" pinned prompt_version v8: 36 windows")),
+        "{v7:#?}"
+    );
+    let (hit, of) = flagged(&v7, settled);
+    assert!(
+        of >= 10 && hit == of,
+        "v7 flagged in {hit} of {of}:\n{v7:#?}"
+    );
+}
