@@ -796,8 +796,9 @@ fn alert_latency(c: &mut Criterion) {
 /// `drift`: the building blocks' costs. `hash_embed`: texts/s of the hashed bag-of-words
 /// embedder on generated prompts (256 dimensions); `static_embed`, `sentence_embed_1_thread`:
 /// the same for the model embedders when their files are installed. `mmd_test` / `centroid_test`: one window's
-/// test, 64 current texts against a 256-text reference, reduced to 16 PCA dimensions, with
-/// 999 permutations / bootstraps (enough resolution for a false-alarm rate of 1 in 1,000).
+/// test, 64 current texts against a 256-text reference (the defaults before) and 200 against
+/// 1,024 (the defaults now), reduced to 16 PCA dimensions for MMD, with 999 permutations /
+/// bootstraps (enough resolution for a false-alarm rate of 1 in 1,000).
 fn drift(c: &mut Criterion) {
     use telltale::drift::embed::{Embedder, HashEmbedder};
     use telltale::drift::stats::{Pca, centroid_test, mmd_test};
@@ -846,6 +847,18 @@ fn drift(c: &mut Criterion) {
     g.bench_function("centroid_test_64_vs_256_999_bootstraps", |b| {
         b.iter(|| centroid_test(reference, current, 999, 0.001, 7))
     });
+    // The default sizes: 200 current texts against a 1,024-text reference.
+    let pooled: Vec<Vec<f32>> = v[..1224].to_vec();
+    let pca = Pca::fit(&pooled, 16, 1);
+    let p: Vec<Vec<f32>> = pooled.iter().map(|x| pca.project(x)).collect();
+    let (reference, current) = p.split_at(1024);
+    g.bench_function("mmd_test_200_vs_1024_999_permutations", |b| {
+        b.iter(|| mmd_test(reference, current, 999, 0.001, 7))
+    });
+    let (reference, current) = pooled.split_at(1024);
+    g.bench_function("centroid_test_200_vs_1024_999_bootstraps", |b| {
+        b.iter(|| centroid_test(reference, current, 999, 0.001, 7))
+    });
 
     // The hot path: the metrics stage with and without drift sampling, on events with texts
     // (100 series). The ratio is what sampling adds to every event.
@@ -879,21 +892,22 @@ fn drift(c: &mut Criterion) {
         });
     }
 
-    // One drift window of 100 series (64 texts per field each), judged against references
-    // already calibrated (13 windows): embedding, PCA, both tests, scalars, explanations.
-    // At 5-minute windows, the CPU share is this time / 300 s.
+    // One drift window of 100 series (the default 200 texts per field each), judged against
+    // references already calibrated (13 windows): embedding, PCA, both tests, scalars,
+    // explanations. At 5-minute windows, the CPU share is this time / 300 s.
     use telltale::drift::sample::WindowSample;
     use telltale::drift::{DriftConfig, Judge, SampleWindow};
+    let cfg = DriftConfig::default();
     let window = |w: i64| -> SampleWindow {
         let mut series: Vec<(telltale::window::SeriesKey, WindowSample)> = Vec::new();
         for s in 0..100 {
-            let mut sample = WindowSample::new(64);
+            let mut sample = WindowSample::new(cfg.samples_per_window);
             for (i, e) in events
                 .iter()
                 .enumerate()
                 .skip((w as usize * 7 + s) % 50)
                 .step_by(97)
-                .take(100)
+                .take(cfg.samples_per_window)
             {
                 let mut e = e.clone();
                 e.event_id = format!("{w}-{s}-{i}").into();
@@ -910,7 +924,6 @@ fn drift(c: &mut Criterion) {
             series,
         }
     };
-    let cfg = DriftConfig::default();
     let mut judge = Judge::new(cfg.clone(), cfg.embedder.build(), i64::MIN);
     for w in 0..14 {
         judge.add(window(w));

@@ -9,7 +9,7 @@
 //! of ShareGPT prompt/response pairs in their file order (conversations stay together, as in
 //! real traffic: not i.i.d.) is cut into drift windows of `--events` events; each run starts
 //! at its own seeded offset. The stage's own code judges them ([`telltale::drift::Judge`],
-//! default settings: 64 texts per window and field, drift when a test's calibrated residual
+//! default settings: 200 texts per window and field against a reference of 1,024, drift when a test's calibrated residual
 //! stays above 4σ for 3 windows or exceeds 100σ; `--persistence`, `--persistence-sigma`,
 //! `--instant-sigma` change them).
 //! - Stationary: `--warmup` windows fill the reference, the next `--windows` are counted.
@@ -344,8 +344,10 @@ fn main() {
         persistence: arg("--persistence", d.persistence),
         persistence_sigma: arg("--persistence-sigma", d.persistence_sigma),
         instant_sigma: arg("--instant-sigma", d.instant_sigma),
-        pca_dims: arg("--pca-dims", DriftConfig::default().pca_dims),
-        samples_per_window: arg("--samples", DriftConfig::default().samples_per_window),
+        pca_dims: arg("--pca-dims", d.pca_dims),
+        samples_per_window: arg("--samples", d.samples_per_window),
+        reference_size: arg("--reference-size", d.reference_size),
+        budget_texts_per_s: arg("--budget", d.budget_texts_per_s),
         ..DriftConfig::default()
     };
     let cached = Cached::new(cfg.embedder.try_build().unwrap_or_else(|e| panic!("{e}")));

@@ -475,6 +475,9 @@ fn read_drift(root: &mut Obj, e: &mut Errors, metrics: &MetricsConfig) -> DriftC
     cfg.budget_texts_per_s = t
         .float(e, "budget_texts_per_s", 0.01, 1e9)
         .unwrap_or(cfg.embedder.default_budget());
+    cfg.test_budget = t
+        .float(e, "test_budget", 0.001, 1.0)
+        .unwrap_or(d.test_budget);
     cfg.reference_ms = ms(t.duration(e, "reference", dur(d.reference_ms)));
     if cfg.reference_ms < cfg.window_ms {
         e.push(&t.path_of("reference"), "must be at least one drift window");

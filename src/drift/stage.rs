@@ -99,7 +99,7 @@ pub struct DriftConfig {
     pub enabled: bool,
     /// Drift window, a multiple of the metrics window (default 5 min).
     pub window_ms: i64,
-    /// Texts sampled per series, window and field (input, output) at most (default 64).
+    /// Texts sampled per series, window and field (input, output) at most (default 200).
     pub samples_per_window: usize,
     /// Sampled texts are cut to this many characters (default 1000).
     pub max_text_chars: usize,
@@ -107,9 +107,13 @@ pub struct DriftConfig {
     /// Texts embedded per second of traffic time, shared by all series (default: about
     /// 10 % of one core for the embedder).
     pub budget_texts_per_s: f64,
+    /// CPU the embedding tests may use, as a share of one core (default 0.05): with many
+    /// series, each is tested on fewer texts against a proportionally thinner reference, so
+    /// that the tests' estimated cost ([`test_seconds`]) stays within it.
+    pub test_budget: f64,
     /// The trailing reference period (default 24 h), current window excluded.
     pub reference_ms: i64,
-    /// Embedded texts kept per series and field as the reference (default 256).
+    /// Embedded texts kept per series and field as the reference (default 1,024).
     pub reference_size: usize,
     /// Fewer current texts than this: the window is not tested (default 20).
     pub min_samples: usize,
@@ -148,12 +152,13 @@ impl Default for DriftConfig {
         DriftConfig {
             enabled: true,
             window_ms: 300_000,
-            samples_per_window: 64,
+            samples_per_window: 200,
             max_text_chars: 1000,
             budget_texts_per_s: embedder.default_budget(),
             embedder,
+            test_budget: 0.05,
             reference_ms: 24 * 3_600_000,
-            reference_size: 256,
+            reference_size: 1024,
             min_samples: 20,
             min_reference: 50,
             false_alarm_rate: 0.001,
@@ -181,11 +186,40 @@ impl DriftConfig {
     }
 
     /// Texts embedded per series and field in a window with `series` live series: the
-    /// window's budget shared evenly by their two fields.
+    /// window's embedding budget shared evenly by their two fields, and no more than the
+    /// test budget allows (with the reference thinned in proportion, [`Self::reference_for`]).
     pub fn texts_per_field(&self, series: usize) -> usize {
-        let budget = self.budget_texts_per_s * self.window_ms as f64 / 1000.0;
-        ((budget / (2 * series.max(1)) as f64) as usize).clamp(2, self.samples_per_window)
+        let window_s = self.window_ms as f64 / 1000.0;
+        let by_embedding = self.budget_texts_per_s * window_s / (2 * series.max(1)) as f64;
+        let allowed = self.test_budget * window_s / series.max(1) as f64;
+        let mut by_tests = self.samples_per_window;
+        while by_tests > 2
+            && test_seconds(by_tests, self.reference_for(by_tests), self.null_draws) > allowed
+        {
+            by_tests = by_tests * 15 / 16;
+        }
+        (by_embedding as usize)
+            .min(by_tests)
+            .clamp(2, self.samples_per_window)
     }
+
+    /// Reference texts a window of `current` texts is tested against: the reference size
+    /// scaled as the window's texts are (all of it at `samples_per_window`).
+    pub fn reference_for(&self, current: usize) -> usize {
+        (self.reference_size * current)
+            .div_ceil(self.samples_per_window.max(1))
+            .min(self.reference_size)
+    }
+}
+
+/// Estimated CPU seconds to test one series' window — both fields, MMD (PCA fit, its
+/// permutations) and centroid — with `current` texts against `reference`, `draws` null
+/// draws; fitted to the `drift` bench (`judge_window_100_series`: 124 ms a series at 200
+/// against 1,024 and 200 draws; `mmd_test_200_vs_1024`: the current × all-texts term).
+pub fn test_seconds(current: usize, reference: usize, draws: usize) -> f64 {
+    let n = (current + reference) as f64;
+    let d = draws as f64 / 200.0;
+    n * (70e-6 + 0.16e-6 * d * current as f64)
 }
 
 /// One closed minute's samples (from the metrics stage).
@@ -462,7 +496,8 @@ impl Judge {
                 0
             };
             for (f, field) in FIELDS.iter().enumerate() {
-                let refs = against.texts(f, lag);
+                let mut refs = against.texts(f, lag);
+                thin_evenly(&mut refs, self.cfg.reference_for(per_field));
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
                 let samples: Vec<&super::sample::Sampled> =
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
@@ -568,6 +603,21 @@ impl Judge {
         }
         Ok(out)
     }
+}
+
+/// Keeps `n` of the texts, evenly spaced (every window keeps its share).
+pub(crate) fn thin_evenly(texts: &mut Vec<Vec<f32>>, n: usize) {
+    let len = texts.len();
+    if len <= n {
+        return;
+    }
+    let mut i = 0;
+    texts.retain(|_| {
+        // Keep the k-th text when it starts a new n-th of the list.
+        let keep = (i * n) / len != ((i + 1) * n) / len;
+        i += 1;
+        keep
+    });
 }
 
 /// A stable seed per series, window and field, so a rerun reaches the same verdicts.

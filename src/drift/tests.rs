@@ -398,6 +398,9 @@ fn stationary_traffic_holds_the_configured_false_alarm_rate() {
         persistence: 1,
         persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
         instant_sigma: f64::INFINITY,
+        // The earlier, smaller reference: the calibration does not depend on its size, and
+        // the test runs in a third of the time.
+        reference_size: 256,
         ..DriftConfig::default()
     };
     let mut windows = 0;
@@ -783,6 +786,9 @@ fn a_pinned_baseline_calibrates_verdicts_at_once_and_holds_the_false_alarm_rate(
         persistence: 1,
         persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
         instant_sigma: f64::INFINITY,
+        // The earlier, smaller reference: the calibration does not depend on its size, and
+        // the test runs in a third of the time.
+        reference_size: 256,
         ..DriftConfig::default()
     };
     let (mut windows, mut flagged) = (0, 0);
@@ -812,7 +818,10 @@ fn a_pinned_baseline_calibrates_verdicts_at_once_and_holds_the_false_alarm_rate(
 
 #[test]
 fn a_pinned_baseline_catches_a_topic_shift_within_three_windows() {
-    let cfg = DriftConfig::default();
+    let cfg = DriftConfig {
+        reference_size: 256,
+        ..DriftConfig::default()
+    };
     let mut delays = Vec::new();
     for seed in 0..20 {
         let verdicts = run_pinned(400 + seed, &cfg, 18, 10, 3, 0.3);
@@ -827,4 +836,104 @@ fn a_pinned_baseline_catches_a_topic_shift_within_three_windows() {
         caught >= 18,
         "caught within 3 windows in {caught} of 20 runs: {delays:?}"
     );
+}
+
+/// A judge running with baselines picks up a pin made while it runs at its next window, and
+/// an unpin at the one after: the series goes back to its trailing reference.
+#[test]
+fn a_running_judge_picks_up_pins_and_unpins() {
+    use super::baseline::{Traffic, build, store, unpin};
+    let cfg = DriftConfig::default();
+    let dir = tempfile::tempdir().unwrap();
+    let dims = ["app".to_owned()];
+    let mut rng = SmallRng::seed_from_u64(77);
+    let mut j = judge(cfg.clone()).with_baselines(dir.path(), &dims);
+    let mut traffic = Traffic::new();
+    // Judges window `m` (and keeps its traffic); returns its reference description.
+    let reference_of = |j: &mut Judge, rng: &mut SmallRng, traffic: &mut Traffic, m: i64| {
+        let mut last = None;
+        for minute_of in m * 5..(m + 1) * 5 {
+            let w = minute(rng, "s", minute_of, 16, 0.0, 0.0);
+            for (key, s) in &w.series {
+                let (events, windows) = traffic.entry(key.clone()).or_default();
+                *events += s.events;
+                windows
+                    .entry(m * 5 * MIN)
+                    .or_insert_with(|| WindowSample::new(64))
+                    .merge(s.clone());
+            }
+            for judged in j.add(w) {
+                last = judged
+                    .rows
+                    .iter()
+                    .find(|r| r.field == "input" && r.method == "mmd")
+                    .map(|r| r.reference.clone());
+            }
+        }
+        last.expect("a window closed")
+    };
+    for m in 0..14 {
+        assert!(reference_of(&mut j, &mut rng, &mut traffic, m).starts_with("trailing 24h"));
+    }
+    let built = build(
+        &cfg,
+        cfg.embedder.build().as_ref(),
+        &[crate::window::Dimension::Field(0)],
+        "the first 14 windows",
+        std::mem::take(&mut traffic),
+        false,
+    )
+    .unwrap();
+    let sink = crate::config::SinkConfig::default();
+    store(dir.path(), &dims, &built, &sink).unwrap();
+    assert_eq!(
+        reference_of(&mut j, &mut rng, &mut traffic, 14),
+        "pinned the first 14 windows: 14 windows"
+    );
+    assert_eq!(unpin(dir.path(), &[], &sink).unwrap().len(), 1);
+    assert!(!super::baseline::manifest_path(dir.path()).exists());
+    assert_eq!(
+        reference_of(&mut j, &mut rng, &mut traffic, 15),
+        "trailing 24h: 15 windows"
+    );
+}
+
+/// With an embedder that costs next to nothing (budget in the millions of texts/s), the
+/// tests' estimated cost per window stays within `test_budget` whatever the number of series:
+/// full size up to ≈ 120 series, then fewer texts against a proportionally thinner reference.
+#[test]
+fn the_test_budget_bounds_the_tests_cost_whatever_the_number_of_series() {
+    use super::stage::test_seconds;
+    let cfg = DriftConfig {
+        budget_texts_per_s: 1e9,
+        ..DriftConfig::default()
+    };
+    let allowed = cfg.test_budget * cfg.window_ms as f64 / 1000.0;
+    assert_eq!(cfg.texts_per_field(1), 200);
+    assert_eq!(cfg.texts_per_field(100), 200);
+    assert_eq!(
+        (cfg.reference_for(200), cfg.reference_for(100)),
+        (1024, 512)
+    );
+    let mut last = usize::MAX;
+    for series in [100, 300, 1_000, 3_000, 10_000] {
+        let p = cfg.texts_per_field(series);
+        let cost = |p: usize| series as f64 * test_seconds(p, cfg.reference_for(p), cfg.null_draws);
+        assert!(
+            cost(p) <= allowed,
+            "{series} series: {p} texts cost {} s",
+            cost(p)
+        );
+        // Not needlessly small: a size a few texts larger would not fit.
+        assert!(
+            p >= 200 || cost(p + p / 8 + 1) > allowed,
+            "{series} series: {p} texts"
+        );
+        assert!(p <= last);
+        last = p;
+    }
+    assert!(cfg.texts_per_field(1_000) < 50);
+    let mut v: Vec<Vec<f32>> = (0..10).map(|i| vec![i as f32]).collect();
+    super::stage::thin_evenly(&mut v, 4);
+    assert_eq!(v, [[2.0], [4.0], [7.0], [9.0]].map(|x| x.to_vec()));
 }
