@@ -393,16 +393,7 @@ fn stationary_traffic_holds_the_configured_false_alarm_rate() {
     // The calibration alone, on exchangeable traffic: single-window verdicts at 2 % split
     // over the four tests (so that 400 windows can tell 2 % from 8 %) flag about 8 of 400
     // stationary windows.
-    let cfg = DriftConfig {
-        false_alarm_rate: 0.02,
-        persistence: 1,
-        persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
-        instant_sigma: f64::INFINITY,
-        // The earlier, smaller reference: the calibration does not depend on its size, and
-        // the test runs in a third of the time.
-        reference_size: 256,
-        ..DriftConfig::default()
-    };
+    let cfg = single_window_at_2_percent();
     let mut windows = 0;
     let mut flagged = 0;
     for seed in 0..40 {
@@ -453,22 +444,48 @@ fn drift_must_persist_unless_it_is_extreme() {
 
 #[test]
 fn a_topic_shift_is_detected_within_three_windows() {
+    // A 30 % mix in 64 sampled texts, at the default 1 per 1,000 false-alarm rate.
     let cfg = DriftConfig::default();
+    assert_shift_caught(15, |seed| run_series(100 + seed, &cfg, 18, 3, 0.3));
+}
+
+/// Over 20 seeded runs (`run(seed)`: verdicts per window) whose windows after the first
+/// `before` are shifted: no input drift before the shift, and input drift within the first
+/// three shifted windows in at least 18 runs.
+fn assert_shift_caught(before: usize, run: impl Fn(u64) -> Vec<Judged>) {
     let mut delays = Vec::new();
     for seed in 0..20 {
-        let verdicts = run_series(100 + seed, &cfg, 18, 3, 0.3);
+        let verdicts = run(seed);
         assert!(
-            verdicts[..15].iter().all(|w| !drifted(w, "input")),
+            verdicts[..before].iter().all(|w| !drifted(w, "input")),
             "seed {seed}: drift before the shift"
         );
-        delays.push(verdicts[15..].iter().position(|w| drifted(w, "input")));
+        delays.push(
+            verdicts[before..]
+                .iter()
+                .take(3)
+                .position(|w| drifted(w, "input")),
+        );
     }
     let caught = delays.iter().filter(|d| d.is_some()).count();
-    // A 30 % mix in 64 sampled texts, at the default 1 per 1,000 false-alarm rate.
     assert!(
         caught >= 18,
         "caught within 3 windows in {caught} of 20 runs: {delays:?}"
     );
+}
+
+/// Single-window verdicts at a 2 % false-alarm rate split over the four tests (so that 400
+/// windows can tell 2 % from 8 %), on the earlier, smaller reference: the calibration does
+/// not depend on its size, and the tests run in a third of the time.
+fn single_window_at_2_percent() -> DriftConfig {
+    DriftConfig {
+        false_alarm_rate: 0.02,
+        persistence: 1,
+        persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
+        instant_sigma: f64::INFINITY,
+        reference_size: 256,
+        ..DriftConfig::default()
+    }
 }
 
 #[test]
@@ -781,16 +798,7 @@ fn a_pinned_baseline_calibrates_verdicts_at_once_and_holds_the_false_alarm_rate(
     // on exchangeable traffic, flag about 8 of 400 windows; against the pin, from the first
     // window on (its calibration history is the baseline's own windows, each tested against
     // the rest).
-    let cfg = DriftConfig {
-        false_alarm_rate: 0.02,
-        persistence: 1,
-        persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
-        instant_sigma: f64::INFINITY,
-        // The earlier, smaller reference: the calibration does not depend on its size, and
-        // the test runs in a third of the time.
-        reference_size: 256,
-        ..DriftConfig::default()
-    };
+    let cfg = single_window_at_2_percent();
     let (mut windows, mut flagged) = (0, 0);
     for seed in 0..20 {
         for w in run_pinned(300 + seed, &cfg, 18, 20, 0, 0.0) {
@@ -822,20 +830,7 @@ fn a_pinned_baseline_catches_a_topic_shift_within_three_windows() {
         reference_size: 256,
         ..DriftConfig::default()
     };
-    let mut delays = Vec::new();
-    for seed in 0..20 {
-        let verdicts = run_pinned(400 + seed, &cfg, 18, 10, 3, 0.3);
-        assert!(
-            verdicts[..7].iter().all(|w| !drifted(w, "input")),
-            "seed {seed}: drift before the shift"
-        );
-        delays.push(verdicts[7..].iter().position(|w| drifted(w, "input")));
-    }
-    let caught = delays.iter().filter(|d| d.is_some()).count();
-    assert!(
-        caught >= 18,
-        "caught within 3 windows in {caught} of 20 runs: {delays:?}"
-    );
+    assert_shift_caught(7, |seed| run_pinned(400 + seed, &cfg, 18, 10, 3, 0.3));
 }
 
 /// A judge running with baselines picks up a pin made while it runs at its next window, and
