@@ -162,7 +162,8 @@ fn read_data(root: &Path, m: &Manifest) -> Result<HashMap<SeriesKey, SeriesRef>,
     Ok(super::state::load_from(&path)?)
 }
 
-/// Writes the data, then the manifest naming it, then removes the data file it replaced.
+/// Writes the data, then the manifest naming it, then removes every other data file (the one
+/// it replaced, and any an interrupted pin left).
 fn write(
     root: &Path,
     mut manifest: Manifest,
@@ -170,8 +171,9 @@ fn write(
     sink: &SinkConfig,
 ) -> Result<(), BaselineError> {
     let path = manifest_path(root);
-    let old = read_manifest(root).ok().flatten().map(|m| m.file);
     if manifest.entries.is_empty() {
+        // Nothing pinned: no data file is kept.
+        manifest.file.clear();
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(crate::sink::io_err(&path)(e).into());
@@ -187,8 +189,13 @@ fn write(
         let text = serde_json::to_string_pretty(&manifest).expect("serializable");
         write_durably(&path, text.as_bytes())?;
     }
-    if let Some(old) = old.filter(|o| *o != manifest.file) {
-        let _ = std::fs::remove_file(path.with_file_name(old));
+    // The data file replaced, and any a pin interrupted before its manifest left behind.
+    let dir = path.parent().expect("has a directory");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("baseline-") && name.ends_with(".parquet") && name != manifest.file {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
     Ok(())
 }

@@ -885,8 +885,19 @@ fn a_running_judge_picks_up_pins_and_unpins() {
         reference_of(&mut j, &mut rng, &mut traffic, 14),
         "pinned the first 14 windows: 14 windows"
     );
+    // A pin interrupted before its manifest left a data file: the next write removes it.
+    let state = super::baseline::manifest_path(dir.path())
+        .parent()
+        .unwrap()
+        .to_owned();
+    std::fs::write(state.join("baseline-1.parquet"), b"cut short").unwrap();
     assert_eq!(unpin(dir.path(), &[], &sink).unwrap().len(), 1);
     assert!(!super::baseline::manifest_path(dir.path()).exists());
+    let left: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     assert_eq!(
         reference_of(&mut j, &mut rng, &mut traffic, 15),
         "trailing 24h: 15 windows"
