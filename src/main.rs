@@ -475,22 +475,11 @@ fn baseline(command: BaselineCommand) -> Result<()> {
                     String::new()
                 }
             );
-            let dims: Vec<String> = cfg
-                .metrics
-                .window
-                .dimensions
-                .iter()
-                .map(|d| d.column())
-                .collect();
             for e in &report.pinned {
-                let series: Vec<String> = dims
-                    .iter()
-                    .zip(&e.series)
-                    .map(|(d, v)| format!("{d}={}", v.as_deref().unwrap_or("-")))
-                    .collect();
+                // Named as the series it skipped are.
                 println!(
                     "  {}: {} windows, calibrated on {} / {}",
-                    series.join(","),
+                    e.key().display(&cfg.metrics.window.dimensions),
                     e.windows,
                     e.calibration[0],
                     e.calibration[1]

@@ -121,7 +121,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn key(&self) -> SeriesKey {
+    /// The series' key (a version pin's has [`ANY_VERSION`] as its version).
+    pub fn key(&self) -> SeriesKey {
         let v: Vec<Option<&str>> = self.series.iter().map(|x| x.as_deref()).collect();
         SeriesKey::new(&v)
     }
@@ -174,12 +175,7 @@ fn write(
     if manifest.entries.is_empty() {
         // Nothing pinned: no data file is kept.
         manifest.file.clear();
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(crate::sink::io_err(&path)(e).into());
-            }
-            _ => {}
-        }
+        crate::sink::remove_if_exists(&path)?;
     } else {
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -220,10 +216,12 @@ fn filters(
         .collect()
 }
 
-fn matches(values: &[Option<String>], filters: &[(usize, String)]) -> bool {
-    filters
-        .iter()
-        .all(|(i, v)| values.get(*i).is_some_and(|x| x.as_deref() == Some(v)))
+fn matches<S: AsRef<str>>(values: &[Option<S>], filters: &[(usize, String)]) -> bool {
+    filters.iter().all(|(i, v)| {
+        values
+            .get(*i)
+            .is_some_and(|x| x.as_ref().map(AsRef::as_ref) == Some(v.as_str()))
+    })
 }
 
 /// What a pin did.
@@ -272,25 +270,21 @@ pub fn pin(
     if !columns.contains(&"prompt_version") {
         columns.push("prompt_version");
     }
-    let mut series: BTreeMap<SeriesKey, (u64, BTreeMap<i64, WindowSample>)> = BTreeMap::new();
+    let mut series = Traffic::new();
     let read = crate::metrics::rebuild::events_between(root, from, to, &columns, |e| {
         if let Scope::Version { version, .. } = scope
             && e.prompt_version.as_deref() != Some(version.as_str())
         {
             return;
         }
-        let mut values: Vec<Option<String>> = dimensions
-            .iter()
-            .map(|d| d.value(e).map(str::to_owned))
-            .collect();
+        let mut values: Vec<Option<&str>> = dimensions.iter().map(|d| d.value(e)).collect();
         if !matches(&values, &filters) {
             return;
         }
         if let (Scope::Version { .. }, Some(i)) = (scope, version_slot) {
-            values[i] = Some(ANY_VERSION.to_owned());
+            values[i] = Some(ANY_VERSION);
         }
-        let v: Vec<Option<&str>> = values.iter().map(|x| x.as_deref()).collect();
-        let (events, windows) = series.entry(SeriesKey::new(&v)).or_default();
+        let (events, windows) = series.entry(SeriesKey::new(&values)).or_default();
         *events += 1;
         windows
             .entry(e.timestamp_ms.div_euclid(cfg.window_ms) * cfg.window_ms)

@@ -787,18 +787,8 @@ pub fn state_file(root: &Path, stream: &str) -> PathBuf {
 /// Forgets a stream's drift state (close position and references): a backfill's rerun
 /// judges its windows afresh.
 pub fn forget(root: &Path, stream: &str) -> Result<(), SinkError> {
-    for path in [
-        state_file(root, stream),
-        super::state::reference_file(root, stream),
-    ] {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(crate::sink::io_err(&path)(e));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    crate::sink::remove_if_exists(&state_file(root, stream))?;
+    crate::sink::remove_if_exists(&super::state::reference_file(root, stream))
 }
 
 /// The close position of a stream's drift stage and its embedder (`None`: never ran).

@@ -368,16 +368,7 @@ impl Sink {
                 for rel in manifest_files(&path)? {
                     let p = self.root.join(rel);
                     for candidate in [tmp_name(&p), p] {
-                        match fs::remove_file(&candidate) {
-                            Ok(()) => {}
-                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                            Err(e) => {
-                                return Err(SinkError::Io {
-                                    path: candidate,
-                                    source: e,
-                                });
-                            }
-                        }
+                        remove_if_exists(&candidate)?;
                     }
                 }
                 info!(
@@ -436,6 +427,14 @@ fn tmp_name(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".tmp");
     PathBuf::from(s)
+}
+
+/// Removes a file; one that is not there is not an error.
+pub fn remove_if_exists(path: &Path) -> Result<(), SinkError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// `<root>/_state/<stage>`: where a stage keeps what survives restarts.
