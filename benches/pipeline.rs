@@ -795,13 +795,14 @@ fn alert_latency(c: &mut Criterion) {
 
 /// `drift`: the building blocks' costs. `hash_embed`: texts/s of the hashed bag-of-words
 /// embedder on generated prompts (256 dimensions); `static_embed`, `sentence_embed_1_thread`:
-/// the same for the model embedders when their files are installed. `mmd_test` / `centroid_test`: one window's
-/// test, 64 current texts against a 256-text reference (the defaults before) and 200 against
-/// 1,024 (the defaults now), reduced to 16 PCA dimensions for MMD, with 999 permutations /
+/// the same for the model embedders when their files are installed. `kernel_tests` (MMD and
+/// nearest neighbours from one kernel matrix) / `centroid_test`: one window's tests, 64
+/// current texts against a 256-text reference (the defaults before) and 200 against 1,024
+/// (the defaults now), reduced to 16 PCA dimensions for the kernel, with 999 permutations /
 /// bootstraps (enough resolution for a false-alarm rate of 1 in 1,000).
 fn drift(c: &mut Criterion) {
     use telltale::drift::embed::{Embedder, HashEmbedder};
-    use telltale::drift::stats::{Pca, centroid_test, mmd_test};
+    use telltale::drift::stats::{Pca, centroid_test, kernel_tests};
     let texts: Vec<String> = TrafficGenerator::new(3, T0, HOUR, 2_000)
         .take(2_000)
         .filter_map(|r| {
@@ -841,8 +842,8 @@ fn drift(c: &mut Criterion) {
     g.bench_function("pca_fit_320x256_to_16", |b| {
         b.iter(|| Pca::fit(&pooled, 16, 1))
     });
-    g.bench_function("mmd_test_64_vs_256_999_permutations", |b| {
-        b.iter(|| mmd_test(reference, current, 999, 0.001, 7))
+    g.bench_function("kernel_tests_64_vs_256_999_permutations", |b| {
+        b.iter(|| kernel_tests(reference, current, 999, 0.001, 7))
     });
     g.bench_function("centroid_test_64_vs_256_999_bootstraps", |b| {
         b.iter(|| centroid_test(reference, current, 999, 0.001, 7))
@@ -852,8 +853,8 @@ fn drift(c: &mut Criterion) {
     let pca = Pca::fit(&pooled, 16, 1);
     let p: Vec<Vec<f32>> = pooled.iter().map(|x| pca.project(x)).collect();
     let (reference, current) = p.split_at(1024);
-    g.bench_function("mmd_test_200_vs_1024_999_permutations", |b| {
-        b.iter(|| mmd_test(reference, current, 999, 0.001, 7))
+    g.bench_function("kernel_tests_200_vs_1024_999_permutations", |b| {
+        b.iter(|| kernel_tests(reference, current, 999, 0.001, 7))
     });
     let (reference, current) = pooled.split_at(1024);
     g.bench_function("centroid_test_200_vs_1024_999_bootstraps", |b| {

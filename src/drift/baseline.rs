@@ -371,8 +371,8 @@ pub(crate) fn build(
                 texts: [&s.inputs, &s.outputs]
                     .map(|b| b.items().map(|(h, _)| (*h, Vec::new())).collect()),
                 scalars: s.scalars,
-                z: [[None; 2]; 2],
-                r: [[None; 2]; 2],
+                z: [[None; super::stage::METHODS]; 2],
+                r: [[None; super::stage::METHODS]; 2],
             });
             d.windows.push((start, texts));
         }
@@ -489,7 +489,7 @@ pub(crate) fn build(
                     let start = d.windows[w].0;
                     let (t, _) =
                         statistics(cfg, &reference, &current, seed(&d.key, start, FIELDS[f]));
-                    d.reference.windows[w].z[f] = [Some(t[0].z), Some(t[1].z)];
+                    d.reference.windows[w].z[f] = t.map(|t| Some(t.z));
                     calibrated[f] += 1;
                 }
                 if let Some(b) = &bar {

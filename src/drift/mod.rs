@@ -12,7 +12,8 @@
 //!
 //! - [`embed`]: the [`embed::Embedder`] trait and [`embed::HashEmbedder`];
 //! - [`sample`]: [`sample::BottomK`] and the per-series window sample;
-//! - [`stats`]: MMD² (permutation null), centroid distance (bootstrap null), PCA;
+//! - [`stats`]: MMD² and nearest neighbours (permutation nulls), centroid distance (bootstrap
+//!   null), PCA;
 //! - [`scalar`]: lengths, tokens, finish reasons, refusals, scripts (JS, PSI, KS, W₁);
 //! - [`stage`]: [`Judge`] (windows, budget, references, verdicts) and [`DriftStage`];
 //! - [`state`]: references and verdict history across restarts;

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use super::embed::{Embedder, HashEmbedder};
 use super::sample::WindowSample;
 use super::scalar::{Scalars, scalar_drift};
-use super::stats::{Pca, TestResult, centroid_test, mmd_test_explained, normal_sf};
+use super::stats::{Pca, TestResult, centroid_test, kernel_tests, normal_sf};
 use super::table::{DriftRow, EMBEDDING_METHODS, FIELDS, drift_batch, drift_file, frame_batch};
 use crate::alert::{Frame, FrameSender};
 use crate::config::SinkConfig;
@@ -175,9 +175,12 @@ impl Default for DriftConfig {
     }
 }
 
-/// The embedding tests per series and window: input and output × MMD and centroid. The
+/// The embedding tests of a field: MMD, centroid and nearest neighbours.
+pub(crate) const METHODS: usize = EMBEDDING_METHODS.len();
+
+/// The embedding tests per series and window: input and output × each method. The
 /// false-alarm rate is split evenly between them (Bonferroni).
-const EMBEDDING_TESTS: f64 = 4.0;
+const EMBEDDING_TESTS: f64 = (2 * METHODS) as f64;
 
 impl DriftConfig {
     /// Each embedding test's alpha.
@@ -239,10 +242,10 @@ pub(crate) struct RefWindow {
     pub scalars: Scalars,
     /// The window's standardized embedding statistics (field × method), the history that
     /// calibrates later windows' verdicts; `None` where it was not tested.
-    pub z: [[Option<f64>; 2]; 2],
+    pub z: [[Option<f64>; METHODS]; 2],
     /// The same statistics' calibrated residuals (`None` where not judged): whether drift
     /// persists is read from them.
-    pub r: [[Option<f64>; 2]; 2],
+    pub r: [[Option<f64>; METHODS]; 2],
 }
 
 /// A series' reference: its recent windows.
@@ -483,7 +486,7 @@ impl Judge {
                 ),
             };
             let against = pin.map_or(&*reference, |(_, r)| r);
-            let (mut zs, mut rs) = ([[None; 2]; 2], [[None; 2]; 2]);
+            let (mut zs, mut rs) = ([[None; METHODS]; 2], [[None; METHODS]; 2]);
             // The windows just before this one, whose residuals decide whether drift
             // persists; once the reference is past its warm-up, they are held out of it.
             let before = self.cfg.persistence.saturating_sub(1);
@@ -501,10 +504,11 @@ impl Judge {
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
                 let samples: Vec<&super::sample::Sampled> =
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
-                let history =
-                    [0, 1].map(|m| against.windows.iter().filter_map(|w| w.z[f][m]).collect());
+                let history = std::array::from_fn(|m| {
+                    against.windows.iter().filter_map(|w| w.z[f][m]).collect()
+                });
                 // Their residuals, oldest first.
-                let recent = [0, 1].map(|m| {
+                let recent = std::array::from_fn(|m| {
                     reference
                         .windows
                         .iter()
@@ -562,7 +566,7 @@ impl Judge {
             // The window joins the reference of the windows after it. Statistics against a
             // pin do not calibrate the trailing reference (unpinned, it calibrates afresh).
             if pin.is_some() {
-                zs = [[None; 2]; 2];
+                zs = [[None; METHODS]; 2];
             }
             let reference = self.refs.get_mut(&key).expect("entered above");
             reference.windows.push_back(RefWindow {
@@ -661,8 +665,9 @@ pub fn calibrated(z: f64, history: &[f64]) -> Calibrated {
     }
 }
 
-/// Per method (MMD, centroid): the standardized statistics and their calibrated residuals.
-type TestValues = ([Option<f64>; 2], [Option<f64>; 2]);
+/// Per method (MMD, centroid, nearest neighbours): the standardized statistics and their
+/// calibrated residuals.
+type TestValues = ([Option<f64>; METHODS], [Option<f64>; METHODS]);
 
 /// A test's verdict from its calibrated residual in this window (`r`) and in the windows
 /// just before (`recent`, oldest first): above `persistence_sigma` in `persistence` windows
@@ -683,21 +688,22 @@ pub(crate) fn statistics(
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
     seed: u64,
-) -> ([TestResult; 2], Vec<f64>) {
+) -> ([TestResult; METHODS], Vec<f64>) {
     let pooled: Vec<Vec<f32>> = reference.iter().chain(current).cloned().collect();
     let pca = Pca::fit(&pooled, cfg.pca_dims, seed);
     let rp: Vec<Vec<f32>> = reference.iter().map(|v| pca.project(v)).collect();
     let cp: Vec<Vec<f32>> = current.iter().map(|v| pca.project(v)).collect();
     let (alpha, draws) = (cfg.alpha(), cfg.null_draws);
-    let (mmd, w) = mmd_test_explained(&rp, &cp, draws, alpha, seed);
+    let kernel = kernel_tests(&rp, &cp, draws, alpha, seed);
     let tests = [
-        mmd,
+        kernel.mmd,
         // On the embeddings themselves: the null comes from the reference alone, so a
         // projection fitted with the current sample in it would favour the current sample's
         // own directions (measured: 4× the false-alarm rate in PCA coordinates).
         centroid_test(reference, current, draws, alpha, seed ^ 1),
+        kernel.knn,
     ];
-    (tests, w)
+    (tests, kernel.witness)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -709,8 +715,8 @@ fn embedding_rows(
     start_ms: i64,
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
-    history: [Vec<f64>; 2],
-    recent: [Vec<Option<f64>>; 2],
+    history: [Vec<f64>; METHODS],
+    recent: [Vec<Option<f64>>; METHODS],
     samples: &[&super::sample::Sampled],
     embedded: bool,
     describe: &str,
@@ -742,7 +748,7 @@ fn embedding_rows(
     if status != "judged" {
         return (
             EMBEDDING_METHODS.map(|m| row(m, String::new())).to_vec(),
-            ([None, None], [None, None]),
+            ([None; METHODS], [None; METHODS]),
         );
     }
     let (tests, w) = statistics(cfg, reference, current, seed(key, start_ms, field));
@@ -761,7 +767,7 @@ fn embedding_rows(
         .collect();
     let explanation = serde_json::Value::Array(examples).to_string();
     let mut rows = Vec::with_capacity(2);
-    let mut residuals = [None; 2];
+    let mut residuals = [None; METHODS];
     for (m, t) in tests.iter().enumerate() {
         let mut r = row(EMBEDDING_METHODS[m], explanation.clone());
         r.statistic = Some(t.z);

@@ -23,7 +23,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Int8Type, Int64Type, Schema, UInt64Type};
 
 use super::scalar::{Binned, Categories, Scalars};
-use super::stage::{RefWindow, SeriesRef};
+use super::stage::{METHODS, RefWindow, SeriesRef};
 use crate::config::SinkConfig;
 use crate::sink::{SinkError, Table, fsync_dir, write_into_place};
 use crate::window::SeriesKey;
@@ -68,16 +68,27 @@ fn window_json(w: &RefWindow) -> Vec<u8> {
 fn window_from_json(b: &[u8], w: &mut RefWindow) -> Option<()> {
     #[derive(serde::Deserialize)]
     struct S {
-        z: [[Option<f64>; 2]; 2],
+        z: Vec<Vec<Option<f64>>>,
         // Absent in references written before the persistence rule.
         #[serde(default)]
-        r: [[Option<f64>; 2]; 2],
+        r: Vec<Vec<Option<f64>>>,
         numeric: Vec<Vec<u64>>,
         categorical: Vec<BTreeMap<String, u64>>,
     }
     let s: S = serde_json::from_slice(b).ok()?;
-    w.z = s.z;
-    w.r = s.r;
+    // Per field, one value per method; a reference written before a method existed has
+    // none for it (its history fills up again).
+    let per_method = |v: Vec<Vec<Option<f64>>>| {
+        let mut out = [[None; METHODS]; 2];
+        for (o, f) in out.iter_mut().zip(v) {
+            for (o, x) in o.iter_mut().zip(f) {
+                *o = x;
+            }
+        }
+        out
+    };
+    w.z = per_method(s.z);
+    w.r = per_method(s.r);
     let mut out = Scalars::default();
     for (o, v) in out.numeric.iter_mut().zip(s.numeric) {
         *o = Binned::from_counts(v);
@@ -199,8 +210,8 @@ pub(crate) fn load_from(path: &Path) -> Result<HashMap<SeriesKey, SeriesRef>, Si
                     start_ms: ws,
                     texts: [Vec::new(), Vec::new()],
                     scalars: Scalars::default(),
-                    z: [[None; 2]; 2],
-                    r: [[None; 2]; 2],
+                    z: [[None; METHODS]; 2],
+                    r: [[None; METHODS]; 2],
                 });
             }
             let w = r.windows.back_mut().expect("pushed above");

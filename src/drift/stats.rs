@@ -7,6 +7,10 @@
 //!   recomputed from the one kernel matrix. Sensitive to any change of distribution.
 //! - [`centroid_test`]: the cosine distance between the two samples' mean vectors, against a
 //!   bootstrap null drawn from the reference alone (two resamples of the two sizes). Cheap, and blind to changes that keep the mean, e.g. a narrower spread of topics.
+//! - the nearest-neighbour test of [`kernel_tests`] (Schilling, JASA 1986; Henze, Annals of
+//!   Statistics 1988): how many of the current texts' nearest neighbours are current texts,
+//!   against a permutation null. Local: a few texts alike one another and unlike the
+//!   reference move it when they are too few to move MMD or the centroid.
 //!
 //! Both return a p-value `(1 + #{null ≥ observed}) / (1 + draws)`, which is valid (never
 //! below the true one) for any number of draws; a window drifts when `p ≤ alpha`. With one
@@ -148,22 +152,46 @@ pub fn mmd_test(
     alpha: f64,
     seed: u64,
 ) -> TestResult {
-    mmd_test_explained(reference, current, permutations, alpha, seed).0
+    kernel_tests(reference, current, permutations, alpha, seed).mmd
 }
 
-/// [`mmd_test`], and the MMD witness function at each current point from the same kernel
-/// matrix: its mean kernel similarity to the current sample minus that to the reference.
-/// The current texts where it is highest are the ones the reference has least of: what
-/// moved.
-pub fn mmd_test_explained(
+/// [`kernel_tests`]' outcome.
+#[derive(Debug, Clone)]
+pub struct KernelTests {
+    pub mmd: TestResult,
+    /// The nearest-neighbour test ([`kernel_tests`]).
+    pub knn: TestResult,
+    /// The MMD witness function at each current point: its mean kernel similarity to the
+    /// current sample minus that to the reference. The current texts where it is highest are
+    /// the ones the reference has least of: what moved.
+    pub witness: Vec<f64>,
+}
+
+/// Neighbours per text in the nearest-neighbour test.
+pub const NEIGHBOURS: usize = 10;
+
+/// [`mmd_test`], and from the same kernel matrix the nearest-neighbour test of Schilling
+/// ("Multivariate two-sample tests based on nearest neighbors", JASA 1986) and Henze (Annals
+/// of Statistics 1988): the share of each current text's [`NEIGHBOURS`] nearest texts in
+/// the pooled sample (itself excluded) that are current texts, averaged over the current
+/// sample, with a permutation null over the same neighbour lists. MMD weighs every pair and
+/// needs a large share of the sample to move; a few texts alike one another and unlike
+/// anything in the reference (a campaign of one jailbreak template, ten in a window) are each
+/// other's neighbours, and this statistic moves with them. The kernel is monotone in the
+/// distance, so the largest kernel values are the nearest texts.
+pub fn kernel_tests(
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
     permutations: usize,
     alpha: f64,
     seed: u64,
-) -> (TestResult, Vec<f64>) {
+) -> KernelTests {
     if reference.len() < 2 || current.len() < 2 {
-        return (result(0.0, Vec::new(), alpha), vec![0.0; current.len()]);
+        return KernelTests {
+            mmd: result(0.0, Vec::new(), alpha),
+            knn: result(0.0, Vec::new(), alpha),
+            witness: vec![0.0; current.len()],
+        };
     }
     let pooled: Vec<&[f32]> = reference.iter().chain(current).map(Vec::as_slice).collect();
     let n = pooled.len();
@@ -179,14 +207,44 @@ pub fn mmd_test_explained(
     let observed = mmd2_split(&k, n, &rows, total, &observed_idx);
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut idx: Vec<usize> = (0..n).collect();
-    let null = draw_null(observed, permutations, || {
-        // A uniformly random c-subset: the first c of a partial Fisher–Yates shuffle.
+    // A uniformly random c-subset: the first c of a partial Fisher–Yates shuffle.
+    let subset = |idx: &mut Vec<usize>, rng: &mut SmallRng| {
         for i in 0..c {
             let j = rng.random_range(i..n);
             idx.swap(i, j);
         }
+    };
+    let null = draw_null(observed, permutations, || {
+        subset(&mut idx, &mut rng);
         mmd2_split(&k, n, &rows, total, &idx[..c])
     });
+    let mmd = result(observed, null, alpha);
+
+    let neighbours = nearest(&k, n, NEIGHBOURS.min(n - 1));
+    let per = neighbours.len() / n;
+    let mut current_now = vec![false; n];
+    let share = |set: &[usize], current_now: &mut [bool]| {
+        set.iter().for_each(|&i| current_now[i] = true);
+        let same: usize = set
+            .iter()
+            .map(|&i| {
+                neighbours[i * per..(i + 1) * per]
+                    .iter()
+                    .filter(|&&j| current_now[j as usize])
+                    .count()
+            })
+            .sum();
+        set.iter().for_each(|&i| current_now[i] = false);
+        same as f64 / (set.len() * per) as f64
+    };
+    let observed = share(&observed_idx, &mut current_now);
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0x006b_6e6e);
+    let null = draw_null(observed, permutations, || {
+        subset(&mut idx, &mut rng);
+        share(&idx[..c], &mut current_now)
+    });
+    let knn = result(observed, null, alpha);
+
     let witness = (m..n)
         .map(|i| {
             let row = &k[i * n..(i + 1) * n];
@@ -199,7 +257,28 @@ pub fn mmd_test_explained(
             own - other
         })
         .collect();
-    (result(observed, null, alpha), witness)
+    KernelTests { mmd, knn, witness }
+}
+
+/// Each of the `n` points' `kk` nearest others by kernel similarity (row-major, `kk` per
+/// point, in no particular order).
+fn nearest(k: &[f32], n: usize, kk: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(n * kk);
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(kk + 1);
+    for i in 0..n {
+        best.clear();
+        for (j, &v) in k[i * n..(i + 1) * n].iter().enumerate() {
+            if j == i || (best.len() == kk && v <= best[kk - 1].0) {
+                continue;
+            }
+            // Insertion into the few kept, largest first.
+            let at = best.partition_point(|b| b.0 >= v);
+            best.insert(at, (v, j as u32));
+            best.truncate(kk);
+        }
+        out.extend(best.iter().map(|b| b.1));
+    }
+    out
 }
 
 fn centroid(x: &[&[f32]]) -> Vec<f64> {

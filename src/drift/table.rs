@@ -19,7 +19,7 @@ pub struct DriftRow {
     pub series: SeriesKey,
     /// `input`, `output` (embeddings) or a scalar feature (`output_chars`, `refusal`…).
     pub field: &'static str,
-    /// `mmd`, `centroid`, `ks`, `wasserstein`, `js`, `psi`.
+    /// `mmd`, `centroid`, `knn`, `ks`, `wasserstein`, `js`, `psi`.
     pub method: &'static str,
     pub statistic: Option<f64>,
     pub threshold: Option<f64>,
@@ -38,7 +38,7 @@ pub struct DriftRow {
 /// The text fields that are embedded, in the order the stage keeps them.
 pub const FIELDS: [&str; 2] = ["input", "output"];
 /// The embedding tests of each field, in the order the stage keeps their statistics.
-pub const EMBEDDING_METHODS: [&str; 2] = ["mmd", "centroid"];
+pub const EMBEDDING_METHODS: [&str; 3] = ["mmd", "centroid", "knn"];
 
 /// The numeric columns a `source = "drift"` alert rule can read.
 pub fn frame_metrics() -> Vec<String> {

@@ -4,7 +4,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::embed::{Embedder, HashEmbedder, cosine};
 use super::sample::{BottomK, sample_hash};
-use super::stats::{Pca, centroid_test, mmd_test};
+use super::stats::{Pca, centroid_test, kernel_tests, mmd_test};
 
 const SUPPORT: &[&str] = &[
     "where", "is", "my", "order", "refund", "delivery", "package", "tracking", "return", "account",
@@ -179,6 +179,37 @@ fn centroid_test_holds_its_false_alarm_rate_and_detects_a_rotation() {
     // The mean turns away from the reference's direction.
     let det = rejections(100, &[0.0, 1.5, 1.5], &cen);
     assert!(det >= 90, "detected {det} of 100 shifts");
+}
+
+#[test]
+fn knn_test_holds_its_false_alarm_rate_and_finds_a_small_tight_cluster_mmd_misses() {
+    let knn =
+        |r: &[Vec<f32>], c: &[Vec<f32>], seed: u64| kernel_tests(r, c, 199, 0.05, seed).knn.drifted;
+    let fa = rejections(300, &[], &knn);
+    assert!(
+        (4..=27).contains(&fa),
+        "{fa} false alarms in 300 runs at alpha 0.05"
+    );
+    // A campaign: 10 of 60 current points are near-copies of one point inside the bulk of the
+    // reference (no mean shift to speak of), the rest are stationary.
+    let (mut by_knn, mut by_mmd) = (0, 0);
+    for seed in 0..100 {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let reference = gaussian(&mut rng, 200, 8, &[]);
+        let mut current = gaussian(&mut rng, 50, 8, &[]);
+        let centre = [1.0f32, -1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0];
+        for v in gaussian(&mut rng, 10, 8, &[]) {
+            current.push(centre.iter().zip(v).map(|(c, x)| c + 0.05 * x).collect());
+        }
+        let t = kernel_tests(&reference, &current, 199, 0.05, seed);
+        by_knn += u32::from(t.knn.drifted);
+        by_mmd += u32::from(t.mmd.drifted);
+    }
+    // MMD weighs all pairs: ten points in a sixth of the sample hardly move it.
+    assert!(
+        by_knn >= 90 && by_mmd <= 75,
+        "of 100 campaigns knn found {by_knn}, mmd {by_mmd}"
+    );
 }
 
 #[test]
@@ -391,7 +422,7 @@ fn run_series(seed: u64, cfg: &DriftConfig, windows: i64, shifted: i64, mix: f64
 #[test]
 fn stationary_traffic_holds_the_configured_false_alarm_rate() {
     // The calibration alone, on exchangeable traffic: single-window verdicts at 2 % split
-    // over the four tests (so that 400 windows can tell 2 % from 8 %) flag about 8 of 400
+    // over the six tests (so that 400 windows can tell 2 % from 8 %) flag about 8 of 400
     // stationary windows.
     let cfg = single_window_at_2_percent();
     let mut windows = 0;
@@ -405,7 +436,7 @@ fn stationary_traffic_holds_the_configured_false_alarm_rate() {
     }
     assert_eq!(windows, 400);
     // Binomial(400, 0.02): mean 8, P(X > 17) < 0.1 %. The tests are conservative
-    // (Bonferroni over four), so fewer is expected.
+    // (Bonferroni over six), so fewer is expected.
     assert!(
         flagged <= 17,
         "{flagged} of {windows} stationary windows flagged"
@@ -474,14 +505,14 @@ fn assert_shift_caught(before: usize, run: impl Fn(u64) -> Vec<Judged>) {
     );
 }
 
-/// Single-window verdicts at a 2 % false-alarm rate split over the four tests (so that 400
+/// Single-window verdicts at a 2 % false-alarm rate split over the six tests (so that 400
 /// windows can tell 2 % from 8 %), on the earlier, smaller reference: the calibration does
 /// not depend on its size, and the tests run in a third of the time.
 fn single_window_at_2_percent() -> DriftConfig {
     DriftConfig {
         false_alarm_rate: 0.02,
         persistence: 1,
-        persistence_sigma: super::stats::normal_isf(0.02 / 4.0),
+        persistence_sigma: super::stats::normal_isf(0.02 / (2 * super::stage::METHODS) as f64),
         instant_sigma: f64::INFINITY,
         reference_size: 256,
         ..DriftConfig::default()
@@ -794,7 +825,7 @@ fn run_pinned(
 
 #[test]
 fn a_pinned_baseline_calibrates_verdicts_at_once_and_holds_the_false_alarm_rate() {
-    // As for trailing references: single-window verdicts at 2 % split over the four tests,
+    // As for trailing references: single-window verdicts at 2 % split over the six tests,
     // on exchangeable traffic, flag about 8 of 400 windows; against the pin, from the first
     // window on (its calibration history is the baseline's own windows, each tested against
     // the rest).
