@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::embed::{EmbedError, Embedder};
 use super::sample::WindowSample;
-use super::stage::{DriftConfig, RefWindow, SeriesRef, seed, statistics};
+use super::stage::{DriftConfig, Kept, RefWindow, SeriesRef, seed, statistics};
 use super::table::FIELDS;
 use crate::config::SinkConfig;
 use crate::metrics::fmt_ms;
@@ -369,7 +369,7 @@ pub(crate) fn build(
                 start_ms: start,
                 // Hashes only for now: thinned first, so only kept texts are embedded.
                 texts: [&s.inputs, &s.outputs]
-                    .map(|b| b.items().map(|(h, _)| (*h, Vec::new())).collect()),
+                    .map(|b| b.items().map(|(h, _)| (*h, Kept::default())).collect()),
                 scalars: s.scalars,
                 z: [[None; super::stage::METHODS]; 2],
                 r: [[None; super::stage::METHODS]; 2],
@@ -454,7 +454,7 @@ pub(crate) fn build(
         for (w, rw) in d.reference.windows.iter_mut().enumerate() {
             for (f, texts) in rw.texts.iter_mut().enumerate() {
                 for (h, v) in texts.iter_mut() {
-                    *v = vectors[&(s, w, f, *h)].clone();
+                    *v = Kept::new(&vectors[&(s, w, f, *h)]);
                 }
             }
         }
@@ -483,7 +483,7 @@ pub(crate) fn build(
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| *i != w)
-                    .flat_map(|(_, rw)| rw.texts[f].iter().map(|(_, v)| v.clone()))
+                    .flat_map(|(_, rw)| rw.texts[f].iter().map(|(_, v)| v.to_vec()))
                     .collect();
                 if reference.len() >= cfg.min_reference {
                     let start = d.windows[w].0;

@@ -238,7 +238,7 @@ pub struct SampleWindow {
 pub(crate) struct RefWindow {
     pub start_ms: i64,
     /// (sampling hash, embedding), lowest hash first, per field.
-    pub texts: [Vec<(u64, Vec<f32>)>; 2],
+    pub texts: [Vec<(u64, Kept)>; 2],
     pub scalars: Scalars,
     /// The window's standardized embedding statistics (field × method), the history that
     /// calibrates later windows' verdicts; `None` where it was not tested.
@@ -246,6 +246,50 @@ pub(crate) struct RefWindow {
     /// The same statistics' calibrated residuals (`None` where not judged): whether drift
     /// persists is read from them.
     pub r: [[Option<f64>; METHODS]; 2],
+}
+
+/// An embedding as a reference keeps it: one byte per dimension and a scale (`x ≈ scale ·
+/// q`, q in −127..=127), a quarter of the f32 bytes in memory and on disk. The error (half a
+/// step, ≤ max|x| / 254 per dimension) is far below the distances between texts; the tests
+/// read the reference back from these bytes alone, so a restart judges exactly as a run that
+/// never stopped.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct Kept {
+    scale: f32,
+    q: Box<[i8]>,
+}
+
+impl Kept {
+    pub fn new(v: &[f32]) -> Kept {
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        Kept {
+            scale,
+            q: v.iter()
+                .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8)
+                .collect(),
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.q.iter().map(|&x| f32::from(x) * self.scale).collect()
+    }
+
+    /// The scale (little-endian f32), then the bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(4 + self.q.len());
+        b.extend_from_slice(&self.scale.to_le_bytes());
+        b.extend(self.q.iter().map(|x| x.to_le_bytes()[0]));
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Kept> {
+        let (scale, q) = b.split_first_chunk::<4>()?;
+        Some(Kept {
+            scale: f32::from_le_bytes(*scale),
+            q: q.iter().map(|&x| i8::from_le_bytes([x])).collect(),
+        })
+    }
 }
 
 /// A series' reference: its recent windows.
@@ -262,7 +306,7 @@ impl SeriesRef {
         self.windows
             .iter()
             .take(self.windows.len().saturating_sub(lag))
-            .flat_map(|w| w.texts[field].iter().map(|(_, v)| v.clone()))
+            .flat_map(|w| w.texts[field].iter().map(|(_, v)| v.to_vec()))
             .collect()
     }
 
@@ -571,7 +615,7 @@ impl Judge {
             let reference = self.refs.get_mut(&key).expect("entered above");
             reference.windows.push_back(RefWindow {
                 start_ms,
-                texts: current,
+                texts: current.map(|t| t.into_iter().map(|(h, v)| (h, Kept::new(&v))).collect()),
                 scalars: s.scalars,
                 z: zs,
                 r: rs,

@@ -2,9 +2,9 @@
 //! - `<stream>.json`: the close position (every drift window ending at or before it was
 //!   judged and written) and the embedder;
 //! - `<stream>-reference.parquet`: each series' reference — per past window, the sampling
-//!   hashes and embeddings of its kept texts, its standardized test statistics (the history
-//!   that calibrates later verdicts) and its scalar histograms — rewritten
-//!   atomically after every judged window.
+//!   hashes and embeddings of its kept texts (a byte per dimension and a scale,
+//!   `stage::Kept`), its standardized test statistics (the history that calibrates later
+//!   verdicts) and its scalar histograms — rewritten atomically after every judged window.
 //!
 //! On start, the references are read back (unless the embedder changed: vectors of another
 //! model are not comparable, and the references fill up again), and the minutes the metrics
@@ -23,10 +23,14 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Int8Type, Int64Type, Schema, UInt64Type};
 
 use super::scalar::{Binned, Categories, Scalars};
-use super::stage::{METHODS, RefWindow, SeriesRef};
+use super::stage::{Kept, METHODS, RefWindow, SeriesRef};
 use crate::config::SinkConfig;
 use crate::sink::{SinkError, Table, fsync_dir, write_into_place};
 use crate::window::SeriesKey;
+
+/// The `field` code of a text kept as bytes ([`Kept`]): this plus the field's index (input 0,
+/// output 1). Codes 0 and 1 are f32 vectors, as written before; 2 is the window's statistics.
+const QUANTIZED: i8 = 3;
 
 pub fn reference_file(root: &Path, stream: &str) -> PathBuf {
     crate::sink::state_dir(root, "drift").join(format!("{stream}-reference.parquet"))
@@ -135,10 +139,9 @@ pub(crate) fn save_to(
                 for (h, v) in texts {
                     series.append_value(&k);
                     start.append_value(w.start_ms);
-                    field.append_value(f as i8);
+                    field.append_value(QUANTIZED + f as i8);
                     hash.append_value(*h);
-                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    data.append_value(bytes);
+                    data.append_value(v.to_bytes());
                 }
             }
             series.append_value(&k);
@@ -216,13 +219,20 @@ pub(crate) fn load_from(path: &Path) -> Result<HashMap<SeriesKey, SeriesRef>, Si
             }
             let w = r.windows.back_mut().expect("pushed above");
             match field.value(row) {
-                f @ (0 | 1) => w.texts[f as usize].push((
-                    hash.value(row),
-                    data.value(row)
+                // Written before vectors were kept as bytes: f32s, kept as bytes now.
+                f @ (0 | 1) => {
+                    let v: Vec<f32> = data
+                        .value(row)
                         .chunks_exact(4)
                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                )),
+                        .collect();
+                    w.texts[f as usize].push((hash.value(row), Kept::new(&v)));
+                }
+                f @ (QUANTIZED | 4) => {
+                    if let Some(v) = Kept::from_bytes(data.value(row)) {
+                        w.texts[(f - QUANTIZED) as usize].push((hash.value(row), v));
+                    }
+                }
                 _ => {
                     let _ = window_from_json(data.value(row), w);
                 }

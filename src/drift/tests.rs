@@ -555,6 +555,27 @@ fn scalar_drift_finds_a_refusal_burst_and_names_it() {
 }
 
 #[test]
+fn reference_vectors_are_kept_in_a_quarter_of_the_bytes_within_half_a_step() {
+    use super::stage::Kept;
+    let mut rng = SmallRng::seed_from_u64(5);
+    for v in gaussian(&mut rng, 50, 384, &[]) {
+        let kept = Kept::new(&v);
+        let bytes = kept.to_bytes();
+        assert_eq!(bytes.len(), 4 + 384, "a byte per dimension and the scale");
+        assert_eq!(Kept::from_bytes(&bytes).as_ref(), Some(&kept));
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let back = kept.to_vec();
+        let worst = v
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= max / 254.0 * 1.001, "error {worst} for max {max}");
+    }
+    assert_eq!(Kept::new(&[0.0; 8]).to_vec(), vec![0.0; 8]);
+}
+
+#[test]
 fn references_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut j = judge(DriftConfig::default());
