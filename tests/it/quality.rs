@@ -504,7 +504,8 @@ when = ['app="support-bot"']
     );
     // The judge's scores per window: the 1-minute and 1-hour rows of the deferred scorers
     // count every verdict once.
-    let check_windows = || {
+    // `pass`: which run's tables are checked, so a failure says whether the rerun caused it.
+    let check_windows = |pass: &str| {
         for res in ["1m", "1h"] {
             let (n, p) = (
                 scalar(
@@ -520,21 +521,24 @@ when = ['app="support-bot"']
                     ),
                 ),
             );
-            assert_eq!(n, rows, "{res}");
+            assert_eq!(
+                n, rows,
+                "{res} after the {pass} run: verdicts counted vs score rows"
+            );
             assert_eq!(
                 p,
                 scalar(
                     &root,
                     "SELECT count(*) FROM scores WHERE evaluation_name = 'support_correct' AND passed"
                 ),
-                "{res}"
+                "{res} after the {pass} run: passes counted vs passing score rows"
             );
         }
     };
-    check_windows();
+    check_windows("first");
     // The rerun rewrites the same rows from the cache: no request, no duplicate.
     run();
-    check_windows();
+    check_windows("second");
     assert_eq!(
         hits.load(Ordering::SeqCst),
         calls,
