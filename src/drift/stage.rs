@@ -218,7 +218,8 @@ impl DriftConfig {
 /// Estimated CPU seconds to test one series' window — both fields, MMD (PCA fit, its
 /// permutations) and centroid — with `current` texts against `reference`, `draws` null
 /// draws; fitted to the `drift` bench (`judge_window_100_series`: 124 ms a series at 200
-/// against 1,024 and 200 draws; `mmd_test_200_vs_1024`: the current × all-texts term).
+/// against 1,024 and 200 draws; `kernel_tests_200_vs_1024`: the current × all-texts term).
+/// The nearest-neighbour test shares MMD's kernel matrix and adds nothing measurable.
 pub fn test_seconds(current: usize, reference: usize, draws: usize) -> f64 {
     let n = (current + reference) as f64;
     let d = draws as f64 / 200.0;
@@ -301,13 +302,17 @@ pub(crate) struct SeriesRef {
 impl SeriesRef {
     /// The texts a new window is compared with: those of all windows but the last `lag`,
     /// which a shift that began there would already have moved (a reference that takes in
-    /// a shift's first windows at once hides it from the windows after).
-    fn texts(&self, field: usize, lag: usize) -> Vec<Vec<f32>> {
-        self.windows
+    /// a shift's first windows at once hides it from the windows after); `n` of them,
+    /// evenly spaced ([`thin_evenly`]), thinned before they are unpacked into f32s.
+    fn texts(&self, field: usize, lag: usize, n: usize) -> Vec<Vec<f32>> {
+        let mut kept: Vec<&Kept> = self
+            .windows
             .iter()
             .take(self.windows.len().saturating_sub(lag))
-            .flat_map(|w| w.texts[field].iter().map(|(_, v)| v.to_vec()))
-            .collect()
+            .flat_map(|w| w.texts[field].iter().map(|(_, v)| v))
+            .collect();
+        thin_evenly(&mut kept, n);
+        kept.into_iter().map(Kept::to_vec).collect()
     }
 
     /// Keeps at most `size` texts per field, taking from the windows that hold the most
@@ -543,8 +548,7 @@ impl Judge {
                 0
             };
             for (f, field) in FIELDS.iter().enumerate() {
-                let mut refs = against.texts(f, lag);
-                thin_evenly(&mut refs, self.cfg.reference_for(per_field));
+                let refs = against.texts(f, lag, self.cfg.reference_for(per_field));
                 let cur: Vec<Vec<f32>> = current[f].iter().map(|(_, v)| v.clone()).collect();
                 let samples: Vec<&super::sample::Sampled> =
                     [&s.inputs, &s.outputs][f].items().map(|(_, t)| t).collect();
@@ -654,7 +658,7 @@ impl Judge {
 }
 
 /// Keeps `n` of the texts, evenly spaced (every window keeps its share).
-pub(crate) fn thin_evenly(texts: &mut Vec<Vec<f32>>, n: usize) {
+pub(crate) fn thin_evenly<T>(texts: &mut Vec<T>, n: usize) {
     let len = texts.len();
     if len <= n {
         return;

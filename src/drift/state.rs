@@ -31,6 +31,7 @@ use crate::window::SeriesKey;
 /// The `field` code of a text kept as bytes ([`Kept`]): this plus the field's index (input 0,
 /// output 1). Codes 0 and 1 are f32 vectors, as written before; 2 is the window's statistics.
 const QUANTIZED: i8 = 3;
+const QUANTIZED_OUTPUT: i8 = QUANTIZED + 1;
 
 pub fn reference_file(root: &Path, stream: &str) -> PathBuf {
     crate::sink::state_dir(root, "drift").join(format!("{stream}-reference.parquet"))
@@ -228,7 +229,7 @@ pub(crate) fn load_from(path: &Path) -> Result<HashMap<SeriesKey, SeriesRef>, Si
                         .collect();
                     w.texts[f as usize].push((hash.value(row), Kept::new(&v)));
                 }
-                f @ (QUANTIZED | 4) => {
+                f @ (QUANTIZED | QUANTIZED_OUTPUT) => {
                     if let Some(v) = Kept::from_bytes(data.value(row)) {
                         w.texts[(f - QUANTIZED) as usize].push((hash.value(row), v));
                     }

@@ -220,8 +220,8 @@ pub fn kernel_tests(
     });
     let mmd = result(observed, null, alpha);
 
-    let neighbours = nearest(&k, n, NEIGHBOURS.min(n - 1));
-    let per = neighbours.len() / n;
+    let per = NEIGHBOURS.min(n - 1);
+    let neighbours = nearest(&k, n, per);
     let mut current_now = vec![false; n];
     let share = |set: &[usize], current_now: &mut [bool]| {
         set.iter().for_each(|&i| current_now[i] = true);
