@@ -9,9 +9,10 @@
 //! of ShareGPT prompt/response pairs in their file order (conversations stay together, as in
 //! real traffic: not i.i.d.) is cut into drift windows of `--events` events; each run starts
 //! at its own seeded offset. The stage's own code judges them ([`telltale::drift::Judge`],
-//! default settings: 200 texts per window and field against a reference of 1,024, drift when a test's calibrated residual
-//! stays above 4σ for 3 windows or exceeds 100σ; `--persistence`, `--persistence-sigma`,
-//! `--instant-sigma` change them).
+//! default settings: 200 texts per window and field against a reference of 1,024, drift when
+//! a test's calibrated residual stays above 4σ for 3 windows; `--persistence`,
+//! `--persistence-sigma`, `--instant-sigma` change them). `--events` sets the traffic: events
+//! per 5-minute window (default 200; the sampler keeps one text per conversation).
 //! - Stationary: `--warmup` windows fill the reference, the next `--windows` are counted.
 //! - Shifts: after the warm-up, a share (5 %, 20 %, 50 %) of each window's prompts comes from
 //!   a topic stream (math word problems, assistant intents, code, jailbreaks); the delay is
@@ -380,14 +381,25 @@ fn main() {
         cached.fill(&path, &texts);
     }
     let embedder: std::sync::Arc<dyn Embedder> = std::sync::Arc::new(cached);
+    let instant = if cfg.instant_sigma.is_finite() {
+        format!(", or above {}σ at once", cfg.instant_sigma)
+    } else {
+        String::new()
+    };
     println!(
-        "drift evaluation: {runs} runs, {events} events per window, {} texts sampled per window and field, embedder {}; drifted: above {}σ in {} windows running, or above {}σ",
+        "drift evaluation: {runs} runs, {events} events per window, {} texts sampled per window and field, embedder {}; drifted: above {}σ in {} windows running{instant}",
         cfg.samples_per_window,
         embedder.id(),
         cfg.persistence_sigma,
         cfg.persistence,
-        cfg.instant_sigma
     );
+    let used = (warmup + windows).max(warmup + horizon) as usize * events;
+    if used > sharegpt.len() {
+        println!(
+            "note: a run reads {used} events of {} ShareGPT pairs: it wraps around, and texts of its reference come back as current texts",
+            sharegpt.len()
+        );
+    }
     let started = std::time::Instant::now();
 
     // Stationary traffic.

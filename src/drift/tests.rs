@@ -444,9 +444,9 @@ fn stationary_traffic_holds_the_configured_false_alarm_rate() {
 }
 
 /// The verdict: `persistence` windows running above `persistence_sigma`, or one above
-/// `instant_sigma`; a window that was not judged (`None`) breaks the run.
+/// `instant_sigma` when that is set; a window that was not judged (`None`) breaks the run.
 #[test]
-fn drift_must_persist_unless_it_is_extreme() {
+fn drift_must_persist_unless_an_instant_threshold_is_set() {
     let cfg = DriftConfig::default();
     assert_eq!((cfg.persistence, cfg.persistence_sigma), (3, 4.0));
     let p = |r: f64, recent: &[Option<f64>]| super::stage::persistent(&cfg, r, recent);
@@ -464,7 +464,19 @@ fn drift_must_persist_unless_it_is_extreme() {
         !p(50.0, &[None, Some(9.0)]),
         "an unjudged window breaks the run"
     );
-    assert!(p(150.0, &[]), "beyond instant_sigma at once");
+    assert!(
+        !p(150.0, &[]),
+        "one window alone, however far out, is no drift by default"
+    );
+    let instant = DriftConfig {
+        instant_sigma: 100.0,
+        ..DriftConfig::default()
+    };
+    assert!(
+        super::stage::persistent(&instant, 150.0, &[]),
+        "beyond a configured instant_sigma at once"
+    );
+    assert!(!super::stage::persistent(&instant, 50.0, &[]));
     let one = DriftConfig {
         persistence: 1,
         ..DriftConfig::default()

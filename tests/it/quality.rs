@@ -471,7 +471,7 @@ when = ['app="support-bot"']
     )
     .unwrap();
     let run = || import(&pipeline, dir.path());
-    run();
+    let first = run();
     let root = dir.path().join("data");
     let rows = scalar(
         &root,
@@ -504,8 +504,14 @@ when = ['app="support-bot"']
     );
     // The judge's scores per window: the 1-minute and 1-hour rows of the deferred scorers
     // count every verdict once.
-    // `pass`: which run's tables are checked, so a failure says whether the rerun caused it.
-    let check_windows = |pass: &str| {
+    // `pass`: which run's tables are checked, so a failure says whether the rerun caused it,
+    // with that run's warnings (a judge call that failed, a late event).
+    let check_windows = |pass: &str, out: &std::process::Output| {
+        let warnings: Vec<String> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains("WARN"))
+            .map(str::to_owned)
+            .collect();
         for res in ["1m", "1h"] {
             let (n, p) = (
                 scalar(
@@ -523,7 +529,7 @@ when = ['app="support-bot"']
             );
             assert_eq!(
                 n, rows,
-                "{res} after the {pass} run: verdicts counted vs score rows"
+                "{res} after the {pass} run: verdicts counted vs score rows; warnings: {warnings:#?}"
             );
             assert_eq!(
                 p,
@@ -531,14 +537,14 @@ when = ['app="support-bot"']
                     &root,
                     "SELECT count(*) FROM scores WHERE evaluation_name = 'support_correct' AND passed"
                 ),
-                "{res} after the {pass} run: passes counted vs passing score rows"
+                "{res} after the {pass} run: passes counted vs passing score rows; warnings: {warnings:#?}"
             );
         }
     };
-    check_windows("first");
+    check_windows("first", &first);
     // The rerun rewrites the same rows from the cache: no request, no duplicate.
-    run();
-    check_windows("second");
+    let second = run();
+    check_windows("second", &second);
     assert_eq!(
         hits.load(Ordering::SeqCst),
         calls,
