@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Replays drift_eval's statistics through verdict rules, offline.
+
+    DRIFT_EVAL_DUMP=z.tsv cargo run --release --example drift_eval -- --runs 30 --static --windows 100
+    python3 scripts/drift_replay.py z.tsv          # needs numpy
+
+Each dumped statistic is calibrated as the drift stage does it (residual against the median
+and 1.4826 · MAD of the series' earlier windows, spread never below 1, after 12 windows),
+then judged by each rule below. The first rule is the shipped default: its line matches the
+eval's own "any" column (false alarms per 1,000 stationary windows per series, input or
+output; share of shifted runs whose input drift is found within 3 windows).
+"""
+import collections
+import math
+import sys
+
+import numpy as np
+
+METHODS = ["mmd", "centroid", "knn"]
+FIELDS = ["input", "output"]
+CALIBRATION_WINDOWS = 12
+WARMUP = 14  # drift_eval's --warmup
+HORIZON = 10
+
+
+def load(path):
+    """(phase, run) -> (windows, residuals[field, method, window], NaN where not judged)."""
+    rows = collections.defaultdict(lambda: collections.defaultdict(list))
+    for line in open(path):
+        phase, run, w, field, method, stat, status = line.rstrip("\n").split("\t")
+        z = float(stat)
+        if status in ("judged", "calibrating") and not math.isnan(z):
+            rows[(phase, int(run))][(field, method)].append((int(w), z))
+    out = {}
+    for key, series in rows.items():
+        ws = sorted({w for s in series.values() for w, _ in s})
+        at = {w: i for i, w in enumerate(ws)}
+        r = np.full((len(FIELDS), len(METHODS), len(ws)), np.nan)
+        for (field, method), seq in series.items():
+            history = []
+            for w, z in sorted(seq):
+                if len(history) >= CALIBRATION_WINDOWS:
+                    h = np.sort(history)
+                    median = h[len(h) // 2]
+                    dev = np.sort(np.abs(h - median))
+                    sigma = max(1.4826 * dev[len(dev) // 2], 1.0)
+                    r[FIELDS.index(field), METHODS.index(method), at[w]] = (z - median) / sigma
+                history.append(z)
+        out[key] = (np.array(ws), r)
+    return out
+
+
+def persistence(k, sigma, instant=math.inf):
+    """Above `sigma` in `k` windows running (an unjudged window breaks the run), or above
+    `instant` in one."""
+    def rule(r):
+        above = np.nan_to_num(r, nan=-np.inf) > sigma
+        run = np.array([t + 1 >= k and above[t - k + 1:t + 1].all() for t in range(len(r))], bool)
+        return run | (np.nan_to_num(r, nan=-np.inf) > instant)
+    return rule
+
+
+def cusum(clip, slack, threshold):
+    """Page's CUSUM on residuals clipped at `clip`."""
+    def rule(r):
+        s, out = 0.0, np.zeros(len(r), bool)
+        for t, x in enumerate(r):
+            if not np.isnan(x):
+                s = max(0.0, s + min(x, clip) - slack)
+                out[t] = s > threshold
+        return out
+    return rule
+
+
+def evaluate(data, rule):
+    alarms = windows = 0
+    found = collections.defaultdict(list)
+    for (phase, _), (ws, r) in data.items():
+        fields = (0, 1) if phase == "stationary" else (0,)
+        flagged = np.zeros(len(ws), bool)
+        for f in fields:
+            for m in range(len(METHODS)):
+                flagged |= rule(r[f, m])
+        if phase == "stationary":
+            counted = ws >= WARMUP
+            alarms += flagged[counted].sum()
+            windows += counted.sum()
+        else:
+            hits = np.where((ws >= 0) & flagged)[0]
+            found[phase].append(int(ws[hits[0]]) + 1 if len(hits) else HORIZON + 1)
+    shares = {p: np.mean(np.array(d) <= 3) for p, d in sorted(found.items())}
+    return 1000 * alarms / max(windows, 1), windows, shares
+
+
+RULES = [
+    ("4σ in 3 windows (default)", persistence(3, 4.0)),
+    ("… or 100σ at once", persistence(3, 4.0, 100.0)),
+    ("5σ in 3 windows", persistence(3, 5.0)),
+    ("6σ in 3 windows", persistence(3, 6.0)),
+    ("8σ in 2 windows", persistence(2, 8.0)),
+    ("CUSUM clip 4σ, slack 2σ, h 8σ", cusum(4.0, 2.0, 8.0)),
+]
+
+if __name__ == "__main__":
+    data = load(sys.argv[1])
+    for name, rule in RULES:
+        fa, n, shares = evaluate(data, rule)
+        cells = "  ".join(f"{p} {100 * s:.0f} %" for p, s in shares.items())
+        print(f"{name:32s} false alarms {fa:4.1f}/1,000 ({n} windows)  {cells}")
