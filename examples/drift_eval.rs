@@ -11,9 +11,12 @@
 //! at its own seeded offset. The stage's own code judges them ([`telltale::drift::Judge`],
 //! default settings: 200 texts per window and field against a reference of 1,024, drift when
 //! a test's calibrated residual stays above 4σ for 3 windows; `--persistence`,
-//! `--persistence-sigma`, `--instant-sigma` change them). `--events` sets the traffic: events
+//! `--persistence-sigma`, `--instant-sigma` change them; `--no-shifts` stops after the
+//! stationary part). `--events` sets the traffic: events
 //! per 5-minute window (default 200; the sampler keeps one text per conversation).
-//! - Stationary: `--warmup` windows fill the reference, the next `--windows` are counted.
+//! - Stationary: `--warmup` windows (default 24) fill the reference and calibrate the tests
+//!   (12 judged windows; windows with fewer than 20 conversations are not judged), the next
+//!   `--windows` are counted.
 //! - Shifts: after the warm-up, a share (5 %, 20 %, 50 %) of each window's prompts comes from
 //!   a topic stream (math word problems, assistant intents, code, jailbreaks); the delay is
 //!   the number of shifted windows until the first input-drift verdict (1 = the first).
@@ -63,10 +66,21 @@ fn pairs(rows: &[serde_json::Value], response: &str) -> Vec<Pair> {
             (!prompt.is_empty()).then(|| Pair {
                 prompt: prompt.to_owned(),
                 response: r[response].as_str().map(str::to_owned),
-                conversation: r["conv_id"].as_str().map(str::to_owned),
+                conversation: r["conv_id"].as_str().map(|id| conversation(id).to_owned()),
             })
         })
         .collect()
+}
+
+/// The conversation a ShareGPT `conv_id` belongs to. The dataset cuts long conversations
+/// into parts numbered `<id>_0`, `<id>_1`, …; real traffic would carry one session id for
+/// all of them, so the part number is dropped (with it, one conversation's turns would count
+/// as several sessions and fill a window's sample with near-repeats of one exchange).
+fn conversation(conv_id: &str) -> &str {
+    match conv_id.rsplit_once('_') {
+        Some((base, part)) if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => conv_id,
+    }
 }
 
 /// The value after `--name` on the command line, or `default`.
@@ -297,7 +311,7 @@ fn main() {
     }
     let runs = arg("--runs", 40);
     let events = arg("--events", 200);
-    let warmup = arg("--warmup", 14) as i64;
+    let warmup = arg("--warmup", 24) as i64;
     let windows = arg("--windows", 25) as i64;
     let horizon = 10i64;
     let sharegpt = pairs(
@@ -456,11 +470,18 @@ fn main() {
     );
 
     // Shifts.
+    if std::env::args().any(|a| a == "--no-shifts") {
+        println!("\n({:.0} s)", started.elapsed().as_secs_f64());
+        return;
+    }
     println!(
         "\nInput drift: mean windows to detection (1 = the first shifted window), share detected within 3 windows; {runs} runs each, not detected within {horizon} counts as {}",
         horizon + 1
     );
     println!("| stream | share | mmd | centroid | knn | any |\n|---|---|---|---|---|---|");
+    // Shifted runs whose input series was not yet judged (still calibrating) when the
+    // shift began: they cannot find it at once, and a longer --warmup is needed.
+    let mut unready = 0u32;
     for (name, topic) in &topics {
         for share in [0.05, 0.2, 0.5] {
             let mut delays = [const { Vec::new() }; VERDICTS.len()];
@@ -485,6 +506,11 @@ fn main() {
                         if !on {
                             continue;
                         }
+                        if w == warmup {
+                            unready += u32::from(!j.rows.iter().any(|r| {
+                                r.field == "input" && r.method == "mmd" && r.status == "judged"
+                            }));
+                        }
                         for (v, (_, m)) in VERDICTS.iter().enumerate() {
                             if first[v].is_none() && verdict(&j, "input", *m) {
                                 first[v] = Some(w - warmup + 1);
@@ -508,6 +534,11 @@ fn main() {
                 cells.join(" | ")
             );
         }
+    }
+    if unready > 0 {
+        println!(
+            "\nnote: in {unready} shifted runs the input series was not judged in the first shifted window (still calibrating, or too few texts); a longer --warmup gives them a fair start"
+        );
     }
     println!("\n({:.0} s)", started.elapsed().as_secs_f64());
 }
