@@ -12,7 +12,8 @@
 //! default settings: 200 texts per window and field against a reference of 1,024, drift when
 //! a test's calibrated residual stays above 4σ for 3 windows; `--persistence`,
 //! `--persistence-sigma`, `--instant-sigma` change them; `--no-shifts` stops after the
-//! stationary part). `--events` sets the traffic: events
+//! stationary part, `--shifts-only` skips it, `--stream <name>` and `--share <x>` run one
+//! stream or share). `--events` sets the traffic: events
 //! per 5-minute window (default 200; the sampler keeps one text per conversation).
 //! - Stationary: `--warmup` windows (default 24) fill the reference and calibrate the tests
 //!   (12 judged windows; windows with fewer than 20 conversations are not judged), the next
@@ -424,7 +425,9 @@ fn main() {
     let mut scalar_alarms = 0u32;
     let mut either_field = 0u32;
     let mut judged = 0u32;
-    for run in 0..runs {
+    let flag = |name: &str| std::env::args().any(|a| a == name);
+    let stationary_runs = if flag("--shifts-only") { 0 } else { runs };
+    for run in 0..stationary_runs {
         let mut rng = SmallRng::seed_from_u64(run as u64);
         let mut cursor = rng.random_range(0..sharegpt.len());
         let mut judge = Judge::new(cfg.clone(), embedder.clone(), i64::MIN);
@@ -451,26 +454,30 @@ fn main() {
             }
         }
     }
-    println!("\nStationary ShareGPT traffic: false alarms per 1,000 windows ({judged} windows)");
-    println!("| verdict | input | output |\n|---|---|---|");
-    for (v, (name, _)) in VERDICTS.iter().enumerate() {
+    if judged > 0 {
         println!(
-            "| {name} | {:.1} | {:.1} |",
-            1000.0 * alarms[0][v] as f64 / judged as f64,
-            1000.0 * alarms[1][v] as f64 / judged as f64
+            "\nStationary ShareGPT traffic: false alarms per 1,000 windows ({judged} windows)"
+        );
+        println!("| verdict | input | output |\n|---|---|---|");
+        for (v, (name, _)) in VERDICTS.iter().enumerate() {
+            println!(
+                "| {name} | {:.1} | {:.1} |",
+                1000.0 * alarms[0][v] as f64 / judged as f64,
+                1000.0 * alarms[1][v] as f64 / judged as f64
+            );
+        }
+        println!(
+            "| any, input or output (per series) | {:.1} | |",
+            1000.0 * either_field as f64 / judged as f64
+        );
+        println!(
+            "| scalars (any of 12, 3σ) | {:.1} | |",
+            1000.0 * scalar_alarms as f64 / judged as f64
         );
     }
-    println!(
-        "| any, input or output (per series) | {:.1} | |",
-        1000.0 * either_field as f64 / judged as f64
-    );
-    println!(
-        "| scalars (any of 12, 3σ) | {:.1} | |",
-        1000.0 * scalar_alarms as f64 / judged as f64
-    );
 
     // Shifts.
-    if std::env::args().any(|a| a == "--no-shifts") {
+    if flag("--no-shifts") {
         println!("\n({:.0} s)", started.elapsed().as_secs_f64());
         return;
     }
@@ -482,8 +489,16 @@ fn main() {
     // Shifted runs whose input series was not yet judged (still calibrating) when the
     // shift began: they cannot find it at once, and a longer --warmup is needed.
     let mut unready = 0u32;
+    let only_stream: String = arg("--stream", String::new());
+    let only_share: f64 = arg("--share", 0.0);
     for (name, topic) in &topics {
+        if !only_stream.is_empty() && *name != only_stream {
+            continue;
+        }
         for share in [0.05, 0.2, 0.5] {
+            if only_share > 0.0 && share != only_share {
+                continue;
+            }
             let mut delays = [const { Vec::new() }; VERDICTS.len()];
             for run in 0..runs {
                 let mut rng = SmallRng::seed_from_u64(1000 + run as u64);
