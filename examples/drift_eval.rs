@@ -84,6 +84,11 @@ fn conversation(conv_id: &str) -> &str {
     }
 }
 
+/// Whether `--name` is on the command line.
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
 /// The value after `--name` on the command line, or `default`.
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -275,8 +280,9 @@ fn verdict(j: &Judged, field: &str, method: Option<&str>) -> bool {
 }
 
 /// `DRIFT_EVAL_DUMP=<file>`: every embedding statistic (phase, run, window, field, method,
-/// standardized statistic, status) as TSV, for offline analysis. Shifted runs number their
-/// windows from the first shifted one (warm-up windows negative).
+/// standardized statistic, status) as TSV, for offline analysis. Every run numbers its
+/// windows from the first one counted (the first stationary window counted, or the first
+/// shifted one), warm-up windows negative, so a dump says itself where its warm-up ends.
 fn dump_rows(dump: &mut Option<std::fs::File>, phase: &str, run: usize, w: i64, j: &Judged) {
     use std::io::Write;
     let Some(d) = dump else { return };
@@ -343,13 +349,13 @@ fn main() {
             ),
         ),
     ];
-    let embedder = if std::env::args().any(|a| a == "--fastembed") {
+    let embedder = if flag("--fastembed") {
         let dir = telltale::drift::sentence::models_dir();
         EmbedderKind::Sentence {
             dir,
             threads: arg("--threads", 1),
         }
-    } else if std::env::args().any(|a| a == "--static") {
+    } else if flag("--static") {
         EmbedderKind::Static {
             dir: telltale::drift::sentence::models_dir(),
         }
@@ -369,9 +375,7 @@ fn main() {
         ..DriftConfig::default()
     };
     let cached = Cached::new(cfg.embedder.try_build().unwrap_or_else(|e| panic!("{e}")));
-    if matches!(cfg.embedder, EmbedderKind::Sentence { .. })
-        || std::env::args().any(|a| a == "--cache")
-    {
+    if matches!(cfg.embedder, EmbedderKind::Sentence { .. }) || flag("--cache") {
         let path = std::env::args()
             .position(|a| a == "--cache")
             .and_then(|i| std::env::args().nth(i + 1))
@@ -425,7 +429,6 @@ fn main() {
     let mut scalar_alarms = 0u32;
     let mut either_field = 0u32;
     let mut judged = 0u32;
-    let flag = |name: &str| std::env::args().any(|a| a == name);
     let stationary_runs = if flag("--shifts-only") { 0 } else { runs };
     for run in 0..stationary_runs {
         let mut rng = SmallRng::seed_from_u64(run as u64);
@@ -434,7 +437,7 @@ fn main() {
         for w in 0..warmup + windows {
             let win = window(w, &sharegpt, &mut cursor, &[], 0.0, events, &mut rng);
             for j in judge.add(win) {
-                dump_rows(&mut dump, "stationary", run, w, &j);
+                dump_rows(&mut dump, "stationary", run, w - warmup, &j);
                 if w < warmup {
                     continue;
                 }
