@@ -795,14 +795,15 @@ fn alert_latency(c: &mut Criterion) {
 
 /// `drift`: the building blocks' costs. `hash_embed`: texts/s of the hashed bag-of-words
 /// embedder on generated prompts (256 dimensions); `static_embed`, `sentence_embed_1_thread`:
-/// the same for the model embedders when their files are installed. `kernel_tests` (MMD and
-/// nearest neighbours from one kernel matrix) / `centroid_test`: one window's tests, 64
-/// current texts against a 256-text reference (the defaults before) and 200 against 1,024
-/// (the defaults now), reduced to 16 PCA dimensions for the kernel, with 999 permutations /
-/// bootstraps (enough resolution for a false-alarm rate of 1 in 1,000).
+/// the same for the model embedders when their files are installed. `kernel_tests` (MMD) /
+/// `centroid_test` / `neighbour_test`: one window's tests, 64 current texts against a
+/// 256-text reference (the defaults before) and 200 against 1,024 (the defaults now), reduced
+/// to 16 PCA dimensions for the kernel, on all 256 dimensions for the centroid and the
+/// neighbours, with 999 permutations / bootstraps (enough resolution for a false-alarm rate
+/// of 1 in 1,000).
 fn drift(c: &mut Criterion) {
     use telltale::drift::embed::{Embedder, HashEmbedder};
-    use telltale::drift::stats::{Pca, centroid_test, kernel_tests};
+    use telltale::drift::stats::{Pca, centroid_test, kernel_tests, neighbour_test};
     let texts: Vec<String> = TrafficGenerator::new(3, T0, HOUR, 2_000)
         .take(2_000)
         .filter_map(|r| {
@@ -859,6 +860,9 @@ fn drift(c: &mut Criterion) {
     let (reference, current) = pooled.split_at(1024);
     g.bench_function("centroid_test_200_vs_1024_999_bootstraps", |b| {
         b.iter(|| centroid_test(reference, current, 999, 0.001, 7))
+    });
+    g.bench_function("neighbour_test_200_vs_1024_999_permutations", |b| {
+        b.iter(|| neighbour_test(reference, current, 999, 0.001, 7))
     });
 
     // The hot path: the metrics stage with and without drift sampling, on events with texts

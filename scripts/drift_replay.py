@@ -3,6 +3,7 @@
 
     DRIFT_EVAL_DUMP=z.tsv cargo run --release --example drift_eval -- --runs 30 --static --windows 100
     python3 scripts/drift_replay.py z.tsv          # needs numpy
+    python3 scripts/drift_replay.py z.tsv knn      # the verdicts of some methods only
 
 Each dumped statistic is calibrated as the drift stage does it (residual against the median
 and 1.4826 · MAD of the series' earlier windows, spread never below 1, after 12 windows),
@@ -74,7 +75,7 @@ def cusum(clip, slack, threshold):
     return rule
 
 
-def evaluate(data, rule):
+def evaluate(data, rule, methods=None):
     alarms = windows = 0
     found = collections.defaultdict(list)
     for (phase, _), (ws, r) in data.items():
@@ -82,7 +83,8 @@ def evaluate(data, rule):
         flagged = np.zeros(len(ws), bool)
         for f in fields:
             for m in range(len(METHODS)):
-                flagged |= rule(r[f, m])
+                if methods is None or METHODS[m] in methods:
+                    flagged |= rule(r[f, m])
         if phase == "stationary":
             counted = ws >= 0  # drift_eval numbers warm-up windows negative
             alarms += flagged[counted].sum()
@@ -106,7 +108,11 @@ RULES = [
 
 if __name__ == "__main__":
     data = load(sys.argv[1])
+    methods = sys.argv[2].split(",") if len(sys.argv) > 2 else None
+    unknown = set(methods or []) - set(METHODS)
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(sorted(unknown))}: the dump has {', '.join(METHODS)}")
     for name, rule in RULES:
-        fa, n, shares = evaluate(data, rule)
+        fa, n, shares = evaluate(data, rule, methods)
         cells = "  ".join(f"{p} {100 * s:.0f} %" for p, s in shares.items())
         print(f"{name:32s} false alarms {fa:4.1f}/1,000 ({n} windows)  {cells}")

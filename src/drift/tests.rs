@@ -4,7 +4,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::embed::{Embedder, HashEmbedder, cosine};
 use super::sample::{BottomK, sample_hash};
-use super::stats::{Pca, centroid_test, kernel_tests, mmd_test};
+use super::stats::{Pca, centroid_test, mmd_test, neighbour_test};
 
 const SUPPORT: &[&str] = &[
     "where", "is", "my", "order", "refund", "delivery", "package", "tracking", "return", "account",
@@ -184,7 +184,7 @@ fn centroid_test_holds_its_false_alarm_rate_and_detects_a_rotation() {
 #[test]
 fn knn_test_holds_its_false_alarm_rate_and_finds_a_small_tight_cluster_mmd_misses() {
     let knn =
-        |r: &[Vec<f32>], c: &[Vec<f32>], seed: u64| kernel_tests(r, c, 199, 0.05, seed).knn.drifted;
+        |r: &[Vec<f32>], c: &[Vec<f32>], seed: u64| neighbour_test(r, c, 199, 0.05, seed).drifted;
     let fa = rejections(300, &[], &knn);
     assert!(
         (4..=27).contains(&fa),
@@ -201,9 +201,8 @@ fn knn_test_holds_its_false_alarm_rate_and_finds_a_small_tight_cluster_mmd_misse
         for v in gaussian(&mut rng, 10, 8, &[]) {
             current.push(centre.iter().zip(v).map(|(c, x)| c + 0.05 * x).collect());
         }
-        let t = kernel_tests(&reference, &current, 199, 0.05, seed);
-        by_knn += u32::from(t.knn.drifted);
-        by_mmd += u32::from(t.mmd.drifted);
+        by_knn += u32::from(neighbour_test(&reference, &current, 199, 0.05, seed).drifted);
+        by_mmd += u32::from(mmd_test(&reference, &current, 199, 0.05, seed).drifted);
     }
     // MMD weighs all pairs: ten points in a sixth of the sample hardly move it.
     assert!(
@@ -970,7 +969,7 @@ fn a_running_judge_picks_up_pins_and_unpins() {
 
 /// With an embedder that costs next to nothing (budget in the millions of texts/s), the
 /// tests' estimated cost per window stays within `test_budget` whatever the number of series:
-/// full size up to ≈ 120 series, then fewer texts against a proportionally thinner reference.
+/// full size up to ≈ 100 series, then fewer texts against a proportionally thinner reference.
 #[test]
 fn the_test_budget_bounds_the_tests_cost_whatever_the_number_of_series() {
     use super::stage::test_seconds;
@@ -988,7 +987,10 @@ fn the_test_budget_bounds_the_tests_cost_whatever_the_number_of_series() {
     let mut last = usize::MAX;
     for series in [100, 300, 1_000, 3_000, 10_000] {
         let p = cfg.texts_per_field(series);
-        let cost = |p: usize| series as f64 * test_seconds(p, cfg.reference_for(p), cfg.null_draws);
+        let cost = |p: usize| {
+            series as f64
+                * test_seconds(p, cfg.reference_for(p), cfg.null_draws, cfg.embedder.dims())
+        };
         assert!(
             cost(p) <= allowed,
             "{series} series: {p} texts cost {} s",
