@@ -25,7 +25,9 @@
 //! Prints the false alarms and the delays per verdict: `mmd`, `centroid`, `knn`, `any` (any of them, as
 //! the shipped `InputDrift` rule fires), and per series (input or output).
 //! ShareGPT's conversation ids are passed as session ids, so the sampler keeps one text per
-//! conversation and window. `DRIFT_EVAL_DUMP=<file>` writes every embedding statistic
+//! conversation and window (`--no-sessions` passes none, as from traffic without them;
+//! `--split-conversations` passes the dataset's conversation parts as sessions).
+//! `DRIFT_EVAL_DUMP=<file>` writes every embedding statistic
 //! (stationary and shifted) as TSV, to study their distribution offline. With `--fastembed`
 //! (or with `--cache <file>` for any embedder), every text's vector is computed up front and
 //! kept in a file.
@@ -77,7 +79,12 @@ fn pairs(rows: &[serde_json::Value], response: &str) -> Vec<Pair> {
 /// into parts numbered `<id>_0`, `<id>_1`, …; real traffic would carry one session id for
 /// all of them, so the part number is dropped (with it, one conversation's turns would count
 /// as several sessions and fill a window's sample with near-repeats of one exchange).
+/// `--split-conversations` keeps it: session ids that cut conversations, as from an app
+/// that starts a new session mid-conversation.
 fn conversation(conv_id: &str) -> &str {
+    if flag("--split-conversations") {
+        return conv_id;
+    }
     match conv_id.rsplit_once('_') {
         Some((base, part)) if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) => base,
         _ => conv_id,
@@ -111,6 +118,7 @@ fn window(
     rng: &mut SmallRng,
 ) -> SampleWindow {
     let mut s = WindowSample::new(arg("--samples", DriftConfig::default().samples_per_window));
+    let sessions = !flag("--no-sessions");
     for i in 0..events {
         let b = &base[*cursor % base.len()];
         *cursor += 1;
@@ -128,7 +136,9 @@ fn window(
             event_id: format!("w{index}-{i}-{}", rng.random::<u64>()).into(),
             timestamp_ms: index * WINDOW_MS,
             input: Some(prompt.into()),
-            session_id: conversation.map(Into::into),
+            // `--no-sessions`: traffic that carries no session id, where every event is its
+            // own conversation to the sampler and one conversation's turns can fill a window.
+            session_id: conversation.filter(|_| sessions).map(Into::into),
             output: response.map(Into::into),
             finish_reason: Some("stop".into()),
             ..Default::default()

@@ -6,10 +6,12 @@
     python3 scripts/drift_replay.py z.tsv knn      # the verdicts of some methods only
 
 Each dumped statistic is calibrated as the drift stage does it (residual against the median
-and 1.4826 · MAD of the series' earlier windows, spread never below 1, after 12 windows),
-then judged by each rule below. The first rule is the shipped default: its line matches the
-eval's own "any" column (false alarms per 1,000 stationary windows per series, input or
-output; share of shifted runs whose input drift is found within 3 windows).
+of the series' earlier windows over a spread: the larger of 1.4826 · MAD and (q90 − median)
+/ 1.2816, the quantile leaving out the windows the rule judges together with this one, never
+below 1, after 12 windows), then judged by each rule below. The first rule is the shipped
+default: its line matches the eval's own "any" column (false alarms per 1,000 stationary
+windows per series, input or output; share of shifted runs whose input drift is found
+within 3 windows).
 """
 import collections
 import math
@@ -20,11 +22,13 @@ import numpy as np
 METHODS = ["mmd", "centroid", "knn"]
 FIELDS = ["input", "output"]
 CALIBRATION_WINDOWS = 12
+TAIL_QUANTILE, TAIL_Z, TAIL_MIN_HISTORY = 0.9, 1.2815515655446004, 20
 HORIZON = 10
 
 
-def load(path):
-    """(phase, run) -> (windows, residuals[field, method, window], NaN where not judged)."""
+def load(path, hold=2):
+    """(phase, run) -> (windows, residuals[field, method, window], NaN where not judged);
+    `hold`: the newest history values left out of the tail quantile (persistence − 1)."""
     rows = collections.defaultdict(lambda: collections.defaultdict(list))
     for line in open(path):
         phase, run, w, field, method, stat, status = line.rstrip("\n").split("\t")
@@ -47,6 +51,10 @@ def load(path):
                     median = h[len(h) // 2]
                     dev = np.sort(np.abs(h - median))
                     sigma = max(1.4826 * dev[len(dev) // 2], 1.0)
+                    older = np.sort(history[:len(history) - hold])
+                    if len(older) >= TAIL_MIN_HISTORY:
+                        q = min(int(TAIL_QUANTILE * len(older)), len(older) - 1)
+                        sigma = max(sigma, (older[q] - median) / TAIL_Z)
                     r[FIELDS.index(field), METHODS.index(method), at[w]] = (z - median) / sigma
                 history.append(z)
         out[key] = (np.array(ws), r)
@@ -96,23 +104,26 @@ def evaluate(data, rule, methods=None):
     return 1000 * alarms / max(windows, 1), windows, shares
 
 
+# (name, rule, the stage's `persistence` for it: its calibration holds out persistence − 1).
 RULES = [
-    ("4σ in 3 windows (default)", persistence(3, 4.0)),
-    ("3σ in 3 windows", persistence(3, 3.0)),
-    ("4σ in 2 windows", persistence(2, 4.0)),
-    ("3σ in 2 windows", persistence(2, 3.0)),
-    ("6σ in 1 window", persistence(1, 6.0)),
-    ("4σ in 3 windows, or 6σ in 1", persistence(3, 4.0, 6.0)),
-    ("CUSUM clip 4σ, slack 1σ, h 6σ", cusum(4.0, 1.0, 6.0)),
+    ("4σ in 3 windows (default)", persistence(3, 4.0), 3),
+    ("3σ in 3 windows", persistence(3, 3.0), 3),
+    ("4σ in 2 windows", persistence(2, 4.0), 2),
+    ("3σ in 2 windows", persistence(2, 3.0), 2),
+    ("6σ in 1 window", persistence(1, 6.0), 1),
+    ("4σ in 3 windows, or 6σ in 1", persistence(3, 4.0, 6.0), 3),
+    ("CUSUM clip 4σ, slack 1σ, h 6σ", cusum(4.0, 1.0, 6.0), 1),
 ]
 
 if __name__ == "__main__":
-    data = load(sys.argv[1])
+    data = {}
     methods = sys.argv[2].split(",") if len(sys.argv) > 2 else None
     unknown = set(methods or []) - set(METHODS)
     if unknown:
         sys.exit(f"unknown method(s) {', '.join(sorted(unknown))}: the dump has {', '.join(METHODS)}")
-    for name, rule in RULES:
-        fa, n, shares = evaluate(data, rule, methods)
+    for name, rule, k in RULES:
+        if k not in data:
+            data[k] = load(sys.argv[1], hold=k - 1)
+        fa, n, shares = evaluate(data[k], rule, methods)
         cells = "  ".join(f"{p} {100 * s:.0f} %" for p, s in shares.items())
         print(f"{name:32s} false alarms {fa:4.1f}/1,000 ({n} windows)  {cells}")

@@ -597,7 +597,8 @@ impl Judge {
                     start_ms,
                     &refs,
                     &cur,
-                    history,
+                    // A pinned baseline's history holds none of the windows being judged.
+                    (history, if pin.is_some() { 0 } else { before }),
                     recent,
                     &samples,
                     embedded.is_some(),
@@ -712,7 +713,8 @@ pub(crate) fn seed(key: &SeriesKey, start_ms: i64, field: &str) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Calibrated {
     pub median: f64,
-    /// The history's robust spread: 1.4826 · MAD, never below 1 (the spread of an
+    /// The history's spread: 1.4826 · MAD, widened to the history's own upper tail where
+    /// that is heavier than normal ([`calibrated`]), never below 1 (the spread of an
     /// exchangeable null).
     pub sigma: f64,
     /// `(z − median) / sigma`.
@@ -722,13 +724,41 @@ pub struct Calibrated {
     pub p_value: f64,
 }
 
-pub fn calibrated(z: f64, history: &[f64]) -> Calibrated {
-    let mut h = history.to_vec();
-    h.sort_by(f64::total_cmp);
+/// The history quantile that bounds the spread from below: its distance above the median,
+/// over the standard normal's at the same quantile ([`TAIL_Z`]).
+pub const TAIL_QUANTILE: f64 = 0.9;
+/// The standard normal's 90th percentile.
+const TAIL_Z: f64 = 1.281_551_565_544_600_5;
+/// History values the quantile needs before it counts: of fewer, the 90th percentile is
+/// the largest or second largest, and one shifted window in the history (a shift that began
+/// while the series was still calibrating) would set the spread by itself.
+pub const TAIL_MIN_HISTORY: usize = 20;
+
+/// `z` against its `history` (oldest first). The spread is the larger of 1.4826 · MAD and
+/// (q90 − median) / 1.2816, both of which estimate σ when the history is normal. The MAD
+/// alone ignores the tail: where a few windows in ten are far out — session ids that cut
+/// conversations, so that one long conversation now and then fills a window's sample with
+/// its turns — it stays small and those windows come out at tens of σ, several running as
+/// the conversation goes on (on ShareGPT split into its parts, 15 false alarms per 1,000
+/// windows under the default rule, and 1.3 without session ids; with the tail term 1.3 and
+/// 0, and with one session id per conversation unchanged at 0 in 9,000). The newest `hold` values are left out of the
+/// quantile: they are the windows the persistence rule is judging together with this one,
+/// and a shift that began in them must not widen the spread that judges it.
+pub fn calibrated(z: f64, history: &[f64], hold: usize) -> Calibrated {
+    let sorted = |x: &[f64]| {
+        let mut v = x.to_vec();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let h = sorted(history);
     let median = h[h.len() / 2];
-    let mut dev: Vec<f64> = h.iter().map(|v| (v - median).abs()).collect();
-    dev.sort_by(f64::total_cmp);
-    let sigma = (1.4826 * dev[dev.len() / 2]).max(1.0);
+    let dev = sorted(&h.iter().map(|v| (v - median).abs()).collect::<Vec<_>>());
+    let mut sigma = (1.4826 * dev[dev.len() / 2]).max(1.0);
+    let older = sorted(&history[..history.len().saturating_sub(hold)]);
+    if older.len() >= TAIL_MIN_HISTORY {
+        let q = ((TAIL_QUANTILE * older.len() as f64) as usize).min(older.len() - 1);
+        sigma = sigma.max((older[q] - median) / TAIL_Z);
+    }
     let residual = (z - median) / sigma;
     Calibrated {
         median,
@@ -790,7 +820,7 @@ fn embedding_rows(
     start_ms: i64,
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
-    history: [Vec<f64>; METHODS],
+    (history, hold): ([Vec<f64>; METHODS], usize),
     recent: [Vec<Option<f64>>; METHODS],
     samples: &[&super::sample::Sampled],
     embedded: bool,
@@ -849,7 +879,7 @@ fn embedding_rows(
         if history[m].len() < cfg.calibration_windows {
             r.status = "calibrating";
         } else {
-            let c = calibrated(t.z, &history[m]);
+            let c = calibrated(t.z, &history[m], hold);
             r.threshold = Some(c.median + cfg.persistence_sigma * c.sigma);
             r.p_value = Some(c.p_value);
             r.drifted = persistent(cfg, c.residual, &recent[m]);
