@@ -565,10 +565,11 @@ impl Judge {
             // persists; once the reference is past its warm-up, they are held out of it.
             let before = self.cfg.persistence.saturating_sub(1);
             let recent_from = reference.windows.len().saturating_sub(before);
-            let lag = if pin.is_none()
-                && reference.windows.len() >= self.cfg.calibration_windows + before
-            {
-                before
+            // They are also held out of the calibration's tail quantile; a pinned baseline
+            // holds none of them.
+            let hold = if pin.is_none() { before } else { 0 };
+            let lag = if reference.windows.len() >= self.cfg.calibration_windows + before {
+                hold
             } else {
                 0
             };
@@ -597,8 +598,8 @@ impl Judge {
                     start_ms,
                     &refs,
                     &cur,
-                    // A pinned baseline's history holds none of the windows being judged.
-                    (history, if pin.is_some() { 0 } else { before }),
+                    history,
+                    hold,
                     recent,
                     &samples,
                     embedded.is_some(),
@@ -741,9 +742,10 @@ pub const TAIL_MIN_HISTORY: usize = 20;
 /// its turns — it stays small and those windows come out at tens of σ, several running as
 /// the conversation goes on (on ShareGPT split into its parts, 15 false alarms per 1,000
 /// windows under the default rule, and 1.3 without session ids; with the tail term 1.3 and
-/// 0, and with one session id per conversation unchanged at 0 in 9,000). The newest `hold` values are left out of the
-/// quantile: they are the windows the persistence rule is judging together with this one,
-/// and a shift that began in them must not widen the spread that judges it.
+/// 0, and with one session id per conversation unchanged at 0 in 9,000). The newest `hold`
+/// values are left out of the quantile: they are the windows the persistence rule is judging
+/// together with this one, and a shift that began in them must not widen the spread that
+/// judges it.
 pub fn calibrated(z: f64, history: &[f64], hold: usize) -> Calibrated {
     let sorted = |x: &[f64]| {
         let mut v = x.to_vec();
@@ -820,7 +822,8 @@ fn embedding_rows(
     start_ms: i64,
     reference: &[Vec<f32>],
     current: &[Vec<f32>],
-    (history, hold): ([Vec<f64>; METHODS], usize),
+    history: [Vec<f64>; METHODS],
+    hold: usize,
     recent: [Vec<Option<f64>>; METHODS],
     samples: &[&super::sample::Sampled],
     embedded: bool,
