@@ -30,10 +30,13 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
     );
     let log = dir.path().join("run.log");
     let root = dir.path().join("data");
-    // 90 minutes of traffic, the topic shift of the demo included; the first 50 minutes first.
-    let all: Vec<_> = TrafficGenerator::new(5, T_START, 90 * 60_000, 9_000)
+    // Two hours of traffic, the topic shift of the demo included; the first 50 minutes first.
+    // The shift begins at 66 minutes, after the series' hour of calibration, so that several
+    // windows are flagged before the end (with 90 minutes it began while calibrating and only
+    // the last closed window could be flagged, its outliers racing the stop).
+    let all: Vec<_> = TrafficGenerator::new(5, T_START, 120 * 60_000, 12_000)
         .malformed_every(None)
-        .take(9_000)
+        .take(12_000)
         .collect();
     broker.produce("drift", &all[..5_000]);
     let mut child = spawn_run(&pipeline, &log);
@@ -66,7 +69,20 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
     // Let the last minutes reach the drift stage, and the deferred scorer its jobs, before
     // stopping.
     std::thread::sleep(Duration::from_secs(2));
-    crate::quality::wait_deferred(&root, "drift", 9_000);
+    crate::quality::wait_deferred(&root, "drift", 12_000);
+    // The drift stage judges a replayed hour's windows at its test budget, well behind the
+    // metrics stage: wait until it has judged every window metrics closed, so that the
+    // flagged windows and their outliers are in before the stop.
+    let judged_all =
+        || closed(&state) >= closed(&root.join("_state/metrics/drift.json")) / WINDOW * WINDOW;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !judged_all() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        judged_all(),
+        "the drift stage did not catch up with metrics in 3 minutes"
+    );
     let status = terminate(&mut child);
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "exit {status}; log:\n{stderr}");
