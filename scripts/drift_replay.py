@@ -7,8 +7,8 @@
 
 Each dumped statistic is calibrated as the drift stage does it (residual against the median
 of the series' earlier windows over a spread: the larger of 1.4826 · MAD and (q90 − median)
-/ 1.2816, the quantile leaving out the windows the rule judges together with this one, never
-below 1, after 12 windows), then judged by each rule below. The first rule is the shipped
+/ 1.2816, never below 1, after 12 windows; all three leave out the windows the rule judges
+together with this one), then judged by each rule below. The first rule is the shipped
 default: its line matches the eval's own "any" column (false alarms per 1,000 stationary
 windows per series, input or output; share of shifted runs whose input drift is found
 within 3 windows).
@@ -28,7 +28,8 @@ HORIZON = 10
 
 def load(path, hold=2):
     """(phase, run) -> (windows, residuals[field, method, window], NaN where not judged);
-    `hold`: the newest history values left out of the tail quantile (persistence − 1)."""
+    `hold`: the newest history values left out of the median, MAD and tail quantile
+    (persistence − 1)."""
     rows = collections.defaultdict(lambda: collections.defaultdict(list))
     for line in open(path):
         phase, run, w, field, method, stat, status = line.rstrip("\n").split("\t")
@@ -47,11 +48,11 @@ def load(path, hold=2):
                 if math.isnan(z):
                     continue
                 if len(history) >= CALIBRATION_WINDOWS:
-                    h = np.sort(history)
+                    older = np.sort(history[:len(history) - hold])
+                    h = older if len(older) else np.sort(history)
                     median = h[len(h) // 2]
                     dev = np.sort(np.abs(h - median))
                     sigma = max(1.4826 * dev[len(dev) // 2], 1.0)
-                    older = np.sort(history[:len(history) - hold])
                     if len(older) >= TAIL_MIN_HISTORY:
                         q = min(int(TAIL_QUANTILE * len(older)), len(older) - 1)
                         sigma = max(sigma, (older[q] - median) / TAIL_Z)
@@ -69,6 +70,11 @@ def persistence(k, sigma, instant=math.inf):
         run = np.array([t + 1 >= k and above[t - k + 1:t + 1].all() for t in range(len(r))], bool)
         return run | (np.nan_to_num(r, nan=-np.inf) > instant)
     return rule
+
+
+def either(a, b):
+    """Flags where either rule does."""
+    return lambda r: a(r) | b(r)
 
 
 def cusum(clip, slack, threshold):
@@ -112,6 +118,7 @@ RULES = [
     ("3σ in 2 windows", persistence(2, 3.0), 2),
     ("6σ in 1 window", persistence(1, 6.0), 1),
     ("4σ in 3 windows, or 6σ in 1", persistence(3, 4.0, 6.0), 3),
+    ("4σ in 3 windows, or 8σ in 2", either(persistence(3, 4.0), persistence(2, 8.0)), 3),
     ("CUSUM clip 4σ, slack 1σ, h 6σ", cusum(4.0, 1.0, 6.0), 1),
 ]
 
