@@ -565,8 +565,8 @@ impl Judge {
             // persists; once the reference is past its warm-up, they are held out of it.
             let before = self.cfg.persistence.saturating_sub(1);
             let recent_from = reference.windows.len().saturating_sub(before);
-            // They are also held out of the calibration's tail quantile; a pinned baseline
-            // holds none of them.
+            // They are also held out of the calibration (its median, MAD and tail
+            // quantile); a pinned baseline holds none of them.
             let hold = if pin.is_none() { before } else { 0 };
             let lag = if reference.windows.len() >= self.cfg.calibration_windows + before {
                 hold
@@ -757,8 +757,14 @@ pub fn calibrated(z: f64, history: &[f64], hold: usize) -> Calibrated {
         v.sort_by(f64::total_cmp);
         v
     };
-    let older = &history[..history.len().saturating_sub(hold)];
-    let centre = sorted(if older.is_empty() { history } else { older });
+    let older = sorted(&history[..history.len().saturating_sub(hold)]);
+    let all;
+    let centre: &[f64] = if older.is_empty() {
+        all = sorted(history);
+        &all
+    } else {
+        &older
+    };
     let median = centre[centre.len() / 2];
     let dev = sorted(
         &centre
@@ -767,7 +773,6 @@ pub fn calibrated(z: f64, history: &[f64], hold: usize) -> Calibrated {
             .collect::<Vec<_>>(),
     );
     let mut sigma = (1.4826 * dev[dev.len() / 2]).max(1.0);
-    let older = sorted(older);
     if older.len() >= TAIL_MIN_HISTORY {
         let q = ((TAIL_QUANTILE * older.len() as f64) as usize).min(older.len() - 1);
         sigma = sigma.max((older[q] - median) / TAIL_Z);

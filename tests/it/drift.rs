@@ -42,6 +42,7 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
     let mut child = spawn_run(&pipeline, &log);
     broker.wait_caught_up("drift", "drift", partitions, Duration::from_secs(120));
     let state = root.join("_state/drift/drift.json");
+    let metrics_state = root.join("_state/metrics/drift.json");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !state.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -53,10 +54,7 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         v["closed_through_ms"].as_i64().unwrap()
     };
-    let (drift_closed, metrics_closed) = (
-        closed(&state),
-        closed(&root.join("_state/metrics/drift.json")),
-    );
+    let (drift_closed, metrics_closed) = (closed(&state), closed(&metrics_state));
     assert!(
         metrics_closed > drift_closed,
         "the kill left minutes closed by metrics and not yet judged by drift ({metrics_closed} vs {drift_closed})"
@@ -73,8 +71,7 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
     // The drift stage judges a replayed hour's windows at its test budget, well behind the
     // metrics stage: wait until it has judged every window metrics closed, so that the
     // flagged windows and their outliers are in before the stop.
-    let judged_all =
-        || closed(&state) >= closed(&root.join("_state/metrics/drift.json")) / WINDOW * WINDOW;
+    let judged_all = || closed(&state) >= closed(&metrics_state) / WINDOW * WINDOW;
     let deadline = Instant::now() + Duration::from_secs(180);
     while !judged_all() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
@@ -161,7 +158,7 @@ fn drift_windows_survive_kill_dash_nine_exactly_once() {
         "SELECT count(*) FROM (SELECT event_id, evaluation_name FROM scores GROUP BY 1, 2 HAVING count(*) > 1)",
     );
     assert_eq!(twice, 0);
-    let metrics_through = closed(&root.join("_state/metrics/drift.json"));
+    let metrics_through = closed(&metrics_state);
     let key = "app || '/' || environment || '/' || model || '/' || prompt_version || '@' || CAST(CAST(window_start AS BIGINT) AS VARCHAR)";
     let minute = "CAST(CAST(timestamp AS BIGINT) / 60000 * 60000 AS VARCHAR)";
     let ekey = format!(
